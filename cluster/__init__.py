@@ -1,0 +1,1 @@
+"""Topology, launcher, frontend, client, harness, planner, CLI. The only package that imports ray."""

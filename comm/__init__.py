@@ -1,0 +1,1 @@
+"""Process groups, expert dispatch/combine backends, the msgpack wire protocol."""

@@ -1,0 +1,1 @@
+"""Pure-Python scheduling: requests, pages, policy. Imports no torch and no ray."""

@@ -1,0 +1,233 @@
+"""V4 attention: sliding window + CSA (4:1, overlapping, lightning indexer) + HCA (128:1).
+
+Follows v4-model.md §2 in the order of the math. The projections run on the packed tokens
+of the whole batch; the per-sequence parts (compressors, indexer, core attention) loop over
+sequences, each carrying its own `LayerState`. Prefill, chunked prefill and decode are all
+the same call: a sequence contributes `n >= 1` new tokens at positions `p0 .. p0+n-1`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.layers import Linear, RMSNorm, linear, rms_normalize
+from engine.rope import apply_rope, inv_freq, rope_cos_sin
+
+
+@dataclass
+class CompressorState:
+    """What one compressor carries between calls for one sequence (all float32).
+
+    `entries` holds every finished compressed entry (normed, RoPE'd). Tokens of the current
+    unfinished window wait in `pend_kv/pend_gate`; for CSA, `prev_kv/prev_gate` keep the last
+    finished window (its first half feeds the next entry: the 4:1 overlap of §2.4).
+    """
+
+    entries: torch.Tensor  # [N, d]
+    pend_kv: torch.Tensor  # [n_pend < m, c*d]
+    pend_gate: torch.Tensor  # [n_pend, c*d] (ape not yet added)
+    prev_kv: torch.Tensor | None = None  # [m, c*d]
+    prev_gate: torch.Tensor | None = None  # [m, c*d] (ape added)
+
+    def clone(self) -> CompressorState:
+        c = lambda t: None if t is None else t.clone()  # noqa: E731
+        return CompressorState(self.entries.clone(), self.pend_kv.clone(), self.pend_gate.clone(),
+                               c(self.prev_kv), c(self.prev_gate))
+
+
+@dataclass
+class LayerState:
+    """One sequence's attention state in one layer: the window and the compressors' states."""
+
+    window: torch.Tensor  # [<= w-1, head_dim] KV of the latest tokens (post-RoPE)
+    comp: CompressorState | None = None
+    index: CompressorState | None = None
+    num_tokens: int = 0  # tokens this layer has seen
+
+    def clone(self) -> LayerState:
+        return LayerState(self.window.clone(), self.comp.clone() if self.comp else None,
+                          self.index.clone() if self.index else None, self.num_tokens)
+
+
+@dataclass
+class SeqSlice:
+    """One sequence inside a packed batch: its tokens are rows [start, start+n)."""
+
+    start: int
+    n: int
+    state: LayerState
+
+
+class Compressor(nn.Module):
+    """Gated pooling of `ratio` tokens into one KV entry (§2.4); CSA (ratio 4) overlaps windows."""
+
+    def __init__(self, cfg: ModelConfig, ratio: int, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.ratio, self.head_dim = ratio, head_dim
+        self.overlap = ratio == 4
+        width = (2 if self.overlap else 1) * head_dim
+        self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
+        # BF16 in the checkpoint, run in fp32 by the reference.
+        self.wkv = Linear(cfg.hidden_size, width, torch.float32)
+        self.wgate = Linear(cfg.hidden_size, width, torch.float32)
+        self.norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+        self.rope_dim = cfg.qk_rope_head_dim
+
+    def new_state(self, device: torch.device | str) -> CompressorState:
+        width = self.ape.shape[1]
+        z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
+        return CompressorState(z(0, self.head_dim), z(0, width), z(0, width))
+
+    def forward(self, x: torch.Tensor, p0: int, st: CompressorState, freqs: torch.Tensor) -> None:
+        """x [n, D] = normed inputs at positions p0..p0+n-1; appends finished entries to `st`."""
+        m, d = self.ratio, self.head_dim
+        n_old = st.entries.shape[0]
+        assert p0 == n_old * m + st.pend_kv.shape[0], "compressor state out of step with positions"
+        kv = torch.cat([st.pend_kv, linear(x.float(), self.wkv.weight)])  # [n_pend+n, c*d]
+        gate = torch.cat([st.pend_gate, linear(x.float(), self.wgate.weight)])
+        n_win = kv.shape[0] // m
+        st.pend_kv, st.pend_gate = kv[n_win * m:], gate[n_win * m:]
+        if n_win == 0:
+            return
+        kv = kv[: n_win * m].view(n_win, m, -1)
+        gate = gate[: n_win * m].view(n_win, m, -1) + self.ape  # ape[pos % m]: windows start at multiples of m
+        if self.overlap:
+            # Entry i pools 2m slots: first half [:d] of window i-1, then second half [d:] of window i.
+            prev_kv = torch.zeros(n_win, m, d, dtype=kv.dtype, device=kv.device)
+            prev_gate = torch.full((n_win, m, d), float("-inf"), dtype=gate.dtype, device=gate.device)
+            prev_kv[1:], prev_gate[1:] = kv[:-1, :, :d], gate[:-1, :, :d]
+            if st.prev_kv is not None:
+                prev_kv[0], prev_gate[0] = st.prev_kv[:, :d], st.prev_gate[:, :d]
+            st.prev_kv, st.prev_gate = kv[-1], gate[-1]
+            kv = torch.cat([prev_kv, kv[..., d:]], dim=1)  # [n_win, 2m, d]
+            gate = torch.cat([prev_gate, gate[..., d:]], dim=1)
+        entry = (kv * gate.softmax(dim=1)).sum(dim=1)  # per-channel softmax over the slots: [n_win, d]
+        entry = self.norm(entry)
+        # RoPE at the position of each window's first token.
+        pos = (torch.arange(n_win, device=x.device) + n_old) * m
+        cos, sin = rope_cos_sin(freqs, pos)
+        entry = apply_rope(entry, cos, sin)
+        st.entries = torch.cat([st.entries, entry])
+
+
+class Indexer(nn.Module):
+    """Lightning indexer (§2.5): picks the top-k compressed entries each CSA query attends to."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, dtype)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, torch.float32)
+        self.compressor = Compressor(cfg, 4, self.head_dim, dtype)
+
+    def select(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [n, D], qr [n, q_lora], keys [N, di] -> bool [n, N]: entry i chosen for query t.
+
+        score[t, i] = sum_h w[t, h] * ReLU(q[t, h] . K[i]) over entries visible to t (i < (t+1)//4).
+        """
+        n, N = x.shape[0], keys.shape[0]
+        visible = torch.arange(N, device=x.device)[None, :] < ((positions + 1) // 4)[:, None]  # [n, N]
+        if N == 0:
+            return visible
+        q = linear(qr, self.wq_b.weight).view(n, self.n_heads, self.head_dim)
+        q = apply_rope(q, cos, sin).float()
+        scores = F.relu(torch.einsum("nhd,kd->nhk", q, keys.float())) * self.head_dim**-0.5
+        w = linear(x.float(), self.weights_proj.weight) * self.n_heads**-0.5  # [n, Hi]
+        score = (scores * w.unsqueeze(-1)).sum(dim=1)  # [n, N]
+        score = score.masked_fill(~visible, float("-inf"))
+        k = min(self.topk, N)
+        idx = score.topk(k, dim=-1).indices  # [n, k]
+        chosen = torch.zeros(n, N, dtype=torch.bool, device=x.device)
+        chosen.scatter_(1, idx, True)
+        return chosen & visible
+
+
+class Attention(nn.Module):
+    """MQA with one shared 512-d K=V head, per-head sink, inverse RoPE, grouped output projection."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.cfg = cfg
+        self.n_heads, self.head_dim, self.window = h, hd, cfg.sliding_window
+        self.ratio = cfg.compress_ratio(layer_id)
+        self.scale = hd**-0.5
+        self.wq_a = Linear(d, cfg.q_lora_rank, dtype)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = Linear(cfg.q_lora_rank, h * hd, dtype)
+        self.wkv = Linear(d, hd, dtype)
+        self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.wo_a = Linear(h * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, dtype)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, d, dtype)
+        self.attn_sink = nn.Parameter(torch.zeros(h, dtype=torch.float32))
+        self.compressor = Compressor(cfg, self.ratio, hd, dtype) if self.ratio else None
+        self.indexer = Indexer(cfg, dtype) if self.ratio == 4 else None
+        # All RoPE in a compressed layer uses the YaRN'd compress schedule (§2.1).
+        self.register_buffer("freqs", inv_freq(cfg, compressed=self.ratio > 0), persistent=False)
+
+    def new_state(self, device: torch.device | str) -> LayerState:
+        dtype = self.wkv.weight.dtype
+        return LayerState(
+            window=torch.zeros(0, self.head_dim, dtype=dtype, device=device),
+            comp=self.compressor.new_state(device) if self.compressor else None,
+            index=self.indexer.compressor.new_state(device) if self.indexer else None,
+        )
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice]) -> torch.Tensor:
+        """x [T, D] (after attn_norm), positions [T] -> [T, D]; advances every sequence's state."""
+        T = x.shape[0]
+        h, hd = self.n_heads, self.head_dim
+        cos, sin = rope_cos_sin(self.freqs, positions)  # [T, r/2]
+        qr = self.q_norm(self.wq_a(x))  # [T, q_lora]
+        q = rms_normalize(self.wq_b(qr).view(T, h, hd), self.cfg.rms_norm_eps)  # per-head norm, no weight
+        q = apply_rope(q, cos, sin)  # [T, H, hd]
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, hd]: K = V
+        o = torch.empty(T, h, hd, dtype=x.dtype, device=x.device)
+        for s in seqs:
+            rows = slice(s.start, s.start + s.n)
+            o[rows] = self._attend(x[rows], qr[rows], q[rows], kv[rows], positions[rows],
+                                   cos[rows], sin[rows], s.state)
+        o = apply_rope(o, cos, sin, inverse=True)  # undo the rotation V carried (§2.2)
+        g = self.cfg.o_groups
+        wo_a = self.wo_a.weight.view(g, self.cfg.o_lora_rank, -1)  # [G, R, H*hd/G]
+        o = torch.einsum("tgk,grk->tgr", o.view(T, g, -1).to(wo_a.dtype), wo_a)  # [T, G, R]
+        return self.wo_b(o.flatten(1).to(x.dtype))
+
+    def _attend(self, x, qr, q, kv, pos, cos, sin, st: LayerState) -> torch.Tensor:
+        """One sequence: q [n, H, hd], kv [n, hd] at positions pos [n] -> o [n, H, hd]."""
+        n = q.shape[0]
+        p0 = st.num_tokens
+        assert int(pos[0]) == p0, f"positions start at {int(pos[0])}, cache holds {p0} tokens"
+        # ---- sliding window: keys at positions p0-len(window) .. p0+n-1; query t sees (t-w, t]
+        keys = torch.cat([st.window, kv])  # [Lw, hd]
+        key_pos = torch.arange(p0 - st.window.shape[0], p0 + n, device=q.device)
+        diff = pos[:, None] - key_pos[None, :]
+        visible = (diff >= 0) & (diff < self.window)  # [n, Lw]
+        # ---- compressed entries (CSA: indexer top-k; HCA: all finished ones)
+        if self.ratio:
+            self.compressor(x, p0, st.comp, self.freqs)
+            entries = st.comp.entries  # [N, hd]
+            if self.indexer is not None:
+                self.indexer.compressor(x, p0, st.index, self.freqs)
+                chosen = self.indexer.select(x, qr, pos, st.index.entries, cos, sin)
+            else:
+                chosen = torch.arange(entries.shape[0], device=q.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
+            keys = torch.cat([keys, entries.to(keys.dtype)])
+            visible = torch.cat([visible, chosen], dim=1)
+        # ---- core attention with the per-head sink in the denominator (§2.2)
+        scores = torch.einsum("nhd,ld->hnl", q.float(), keys.float()) * self.scale
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        sink = self.attn_sink.float().view(-1, 1, 1).expand(-1, n, 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+        o = torch.einsum("hnl,ld->nhd", probs, keys.float())
+        # ---- advance the window
+        keep = self.window - 1
+        st.window = torch.cat([st.window, kv])[-keep:] if keep > 0 else st.window[:0]
+        st.num_tokens = p0 + n
+        return o.to(q.dtype)

@@ -1,0 +1,124 @@
+"""The V4 MoE layer: sqrtsoftplus router (or hash routing), SwiGLU experts with clamp (v4-model.md §4).
+
+Routed experts are stored stacked (`w1/w3: [E_local, I, D]`, `w2: [E_local, D, I]`) for the
+experts this rank holds; `local_experts` lists their global (logical) ids.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.layers import Linear, linear
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(g, limit)) * clamp(u, -limit, limit) (§4.2), in the inputs' dtype."""
+    return F.silu(g.clamp(max=limit)) * u.clamp(min=-limit, max=limit)
+
+
+class Gate(nn.Module):
+    """Router: scores s = sqrt(softplus(x W^T)) in fp32; `s + bias` selects, unbiased `s` weighs (§4.1)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.topk = cfg.num_experts_per_tok
+        self.route_scale = cfg.routed_scaling_factor
+        self.norm_topk = cfg.norm_topk_prob
+        self.is_hash = cfg.is_hash_layer(layer_id)
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
+        if self.is_hash:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.int64))
+        else:
+            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D], input_ids [T] -> (topk_weights [T, k] f32, topk_idx [T, k] int64)."""
+        scores = torch.sqrt(F.softplus(linear(x.float(), self.weight)))  # [T, E]
+        if self.is_hash:
+            topk_idx = self.tid2eid[input_ids]  # hash layers: the token id picks the experts
+        else:
+            topk_idx = torch.topk(scores + self.bias, self.topk, dim=-1).indices
+        w = scores.gather(1, topk_idx)
+        if self.norm_topk:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.route_scale, topk_idx
+
+
+class Expert(nn.Module):
+    """One SwiGLU MLP (the shared expert): w2(swiglu(w1 x, w3 x))."""
+
+    def __init__(self, dim: int, inter: int, limit: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.limit = limit
+        self.w1 = Linear(dim, inter, dtype)
+        self.w2 = Linear(inter, dim, dtype)
+        self.w3 = Linear(dim, inter, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x).float(), self.w3(x).float(), self.limit).to(x.dtype))
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts a rank holds, stacked; `forward` runs the reference grouped loop."""
+
+    def __init__(self, cfg: ModelConfig, local_experts: list[int], dtype: torch.dtype) -> None:
+        super().__init__()
+        d, inter = cfg.hidden_size, cfg.moe_intermediate_size
+        e = len(local_experts)
+        self.limit = cfg.swiglu_limit
+        self.n_experts = cfg.n_routed_experts
+        self.local_experts = list(local_experts)
+        g2l = torch.full((cfg.n_routed_experts,), -1, dtype=torch.int64)
+        g2l[torch.tensor(self.local_experts, dtype=torch.int64)] = torch.arange(e)
+        self.register_buffer("g2l", g2l, persistent=False)
+        self.w1 = nn.Parameter(torch.zeros(e, inter, d, dtype=dtype))
+        self.w3 = nn.Parameter(torch.zeros(e, inter, d, dtype=dtype))
+        self.w2 = nn.Parameter(torch.zeros(e, d, inter, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """x [T, D]; topk_* [T, k] over global expert ids -> sum_k w_k * E_k(x) over local experts: [T, D].
+
+        The routing weight multiplies the SwiGLU output before w2, in fp32 (§4.2).
+        """
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        local = self.g2l[topk_idx]  # [T, k], -1 where the expert is not on this rank
+        flat = local.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat[flat >= 0], minlength=len(self.local_experts)).tolist()
+        start = int((flat < 0).sum())
+        k = topk_idx.shape[1]
+        for e, cnt in enumerate(counts):
+            if cnt == 0:
+                continue
+            sel = order[start:start + cnt]
+            start += cnt
+            tok = sel // k
+            xe = x[tok].to(self.w1.dtype)
+            a = swiglu(F.linear(xe, self.w1[e]).float(), F.linear(xe, self.w3[e]).float(), self.limit)
+            a = a * topk_weights.flatten()[sel, None]
+            out.index_add_(0, tok, F.linear(a.to(self.w2.dtype), self.w2[e]).float())
+        return out.to(x.dtype)
+
+
+class MoE(nn.Module):
+    """y = sum_k w_k Expert_{idx_k}(x) + SharedExpert(x); every layer of V4 is MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, local_experts: list[int], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate = Gate(cfg, layer_id)
+        self.experts = RoutedExperts(cfg, local_experts, dtype)
+        self.shared_experts = (
+            Expert(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.swiglu_limit, dtype)
+            if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, D] (after ffn_norm), input_ids [T] (hash layers route by token id) -> [T, D]."""
+        topk_weights, topk_idx = self.gate(x, input_ids)
+        y = self.experts(x, topk_weights, topk_idx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y

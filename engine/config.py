@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 VALID_RATIOS = (0, 4, 128)
 
@@ -119,8 +120,8 @@ class ModelConfig:
             raise bad("hc_eps" if self.hc_eps <= 0 else "rms_norm_eps", "must be positive")
         n_expected = self.num_hidden_layers + self.num_nextn_predict_layers
         if len(self.compress_ratios) != n_expected:
-            raise bad("compress_ratios", f"must have num_hidden_layers + num_nextn_predict_layers = {n_expected} entries, "
-                      f"got {len(self.compress_ratios)}")
+            raise bad("compress_ratios", f"must have num_hidden_layers + num_nextn_predict_layers = "
+                      f"{n_expected} entries, got {len(self.compress_ratios)}")
         for i, ratio in enumerate(self.compress_ratios):
             if ratio not in VALID_RATIOS:
                 raise bad("compress_ratios", f"entry {i} is {ratio!r}; each ratio must be one of {VALID_RATIOS}")
@@ -146,7 +147,7 @@ class ModelConfig:
 
     # ---- (de)serialisation -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -185,7 +186,7 @@ class ModelConfig:
             raise ConfigError(f"invalid config: {e}") from e
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"

@@ -7,8 +7,8 @@ checkpoint against this list before it loads anything; `megaserve manifest` prin
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from engine.config import ModelConfig
 

@@ -1,0 +1,127 @@
+"""Forward-pass throughput: megaserve's model vs transformers' DeepseekV4ForCausalLM, same checkpoint, one run.
+
+Workload: `--batch` prompts of `--prompt-len` random tokens prefilled together, then `--decode-steps`
+greedy decode steps of the whole batch. Each measurement is repeated `--repeats` times, alternating
+the two implementations; the JSON reports medians, min/max and the ratio ours / transformers.
+
+    python bench/forward.py --out out/forward.json [--preset small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.checkpoint import open_checkpoint  # noqa: E402
+from engine.config import get_preset  # noqa: E402
+from engine.loader import load_model  # noqa: E402
+from engine.make_checkpoint import write_checkpoint  # noqa: E402
+
+
+def _ours(model, prompts: torch.Tensor, steps: int) -> tuple[float, float]:
+    b, s = prompts.shape
+    with torch.inference_mode():
+        states = [model.new_state() for _ in range(b)]
+        t0 = time.perf_counter()
+        h = model(prompts.flatten(), states, [s] * b)
+        nxt = model.compute_logits(h.view(b, s, *h.shape[1:])[:, -1]).argmax(-1)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            nxt = model.compute_logits(model(nxt, states, [1] * b)).argmax(-1)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def _hf(model, prompts: torch.Tensor, steps: int) -> tuple[float, float]:
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        t0 = time.perf_counter()
+        out = model(prompts, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_ref import build_hf_model  # test-only dependency: transformers
+
+    cfg = get_preset(args.preset)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(cfg, tmp, seed=args.seed)
+        ours = load_model(tmp, dtype=torch.float32)
+        sd = dict(open_checkpoint(tmp).iter_weights(dtype=torch.float32))
+    theirs = build_hf_model(cfg, sd, dtype=torch.float32)
+    del sd
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(2, cfg.vocab_size, (args.batch, args.prompt_len), generator=g)
+
+    _ours(ours, prompts[:, :16], 2)  # warm-up both
+    _hf(theirs, prompts[:, :16], 2)
+    res: dict[str, dict[str, list[float]]] = {"ours": {"prefill": [], "decode": []},
+                                               "transformers": {"prefill": [], "decode": []}}
+    for _ in range(args.repeats):
+        for name, fn, model in (("ours", _ours, ours), ("transformers", _hf, theirs)):
+            tp, td = fn(model, prompts, args.decode_steps)
+            res[name]["prefill"].append(args.batch * args.prompt_len / tp)
+            res[name]["decode"].append(args.batch * args.decode_steps / td)
+    out = {
+        "benchmark": "forward",
+        "workload": {"preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len,
+                     "decode_steps": args.decode_steps, "repeats": args.repeats, "seed": args.seed,
+                     "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads()},
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                     "python": platform.python_version(), "machine": platform.machine()},
+        "ours": {k: _stats(v) for k, v in res["ours"].items()},
+        "transformers": {k: _stats(v) for k, v in res["transformers"].items()},
+    }
+    summary = {}
+    for phase in ("prefill", "decode"):
+        a, b = out["ours"][phase]["median"], out["transformers"][phase]["median"]
+        ratios = [x / y for x, y in zip(res["ours"][phase], res["transformers"][phase])]
+        summary[f"{phase}_tok_s_ours"] = round(a, 1)
+        summary[f"{phase}_tok_s_transformers"] = round(b, 1)
+        summary[f"{phase}_ratio"] = round(a / b, 3)
+        summary[f"{phase}_ratio_min_max"] = [round(min(ratios), 3), round(max(ratios), 3)]
+    out["summary"] = summary
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

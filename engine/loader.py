@@ -1,0 +1,26 @@
+"""Build a `Transformer` from a checkpoint directory (official or transformers-renamed layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Collection
+
+import torch
+
+from engine.checkpoint import open_checkpoint
+from engine.model import Transformer
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               experts: Collection[int] | None = None) -> Transformer:
+    """Validate the checkpoint against its manifest, then stream its tensors into a new model.
+
+    `experts`: the routed experts to load (a rank loads only its own); None loads all.
+    Raises `engine.checkpoint.CheckpointError` naming every bad tensor before anything is loaded.
+    """
+    ckpt = open_checkpoint(path)
+    ckpt.validate(experts=experts)
+    with torch.device(device):
+        model = Transformer(ckpt.config, dtype=dtype, local_experts=None if experts is None else sorted(experts))
+    model.load_weights(ckpt.iter_weights(dtype=dtype, device=device, experts=experts))
+    return model.eval()

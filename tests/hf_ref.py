@@ -15,9 +15,38 @@ from torch import Tensor
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 from transformers.cache_utils import DynamicCache
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, RopeScaling
 from engine.hf_names import official_to_hf_state_dict
 from engine.manifest import build_manifest
+
+# A second small test config with other features than TINY: layer kinds in another order (HCA, CSA, SWA),
+# one hash layer, window 16 (HF takes any window), 4 output groups, top-3 of 6 experts, an active SwiGLU
+# clamp (0.75), top-4 of the CSA entries, another YaRN setting and eps. 16 indexer heads avoid top-k ties.
+ALT = ModelConfig(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    head_dim=32,
+    qk_rope_head_dim=8,
+    q_lora_rank=32,
+    o_groups=4,
+    o_lora_rank=16,
+    n_routed_experts=6,
+    num_experts_per_tok=3,
+    moe_intermediate_size=32,
+    num_hash_layers=1,
+    routed_scaling_factor=2.5,
+    swiglu_limit=0.75,
+    sliding_window=16,
+    index_n_heads=16,
+    index_head_dim=16,
+    index_topk=4,
+    compress_ratios=(128, 4, 0, 0),
+    max_position_embeddings=1024,
+    rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=256),
+    rms_norm_eps=1e-5,
+)
 
 _LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 

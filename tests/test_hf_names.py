@@ -1,7 +1,5 @@
 """engine/hf_names.py: official names <-> transformers `DeepseekV4ForCausalLM` names, checked against HF itself."""
 
-import dataclasses
-
 import pytest
 import torch
 from transformers import DeepseekV4ForCausalLM
@@ -9,9 +7,7 @@ from transformers import DeepseekV4ForCausalLM
 from engine.config import TINY, V4_FLASH, V4_PRO
 from engine.hf_names import hf_to_official, is_hf_layout, official_to_hf_name, official_to_hf_state_dict
 from engine.manifest import build_manifest
-from tests.hf_ref import hf_config, random_official_state_dict
-
-ALT = dataclasses.replace(TINY, num_hidden_layers=3, compress_ratios=(128, 4, 0, 0), num_hash_layers=1)
+from tests.hf_ref import ALT, hf_config, random_official_state_dict
 
 
 def _hf_state_dict(cfg, device="cpu"):

@@ -2,7 +2,7 @@
 
 `hf_config` maps our ModelConfig to a `DeepseekV4Config`; `build_hf_model` loads official-layout
 dequantized weights into `DeepseekV4ForCausalLM` (eager attention and experts, strict load);
-`hf_prefill_logits` / `hf_decode_logits` / `hf_greedy` run it on one sequence;
+`hf_prefill_logits` / `hf_decode_logits` / `hf_chunked_logits` / `hf_greedy` run it on one sequence;
 `random_official_state_dict` makes random official-layout weights from the manifest.
 """
 
@@ -173,15 +173,23 @@ def hf_prefill_logits(model: DeepseekV4ForCausalLM, ids: list[int]) -> Tensor:
 
 
 @torch.no_grad()
+def hf_chunked_logits(model: DeepseekV4ForCausalLM, ids: list[int], chunks: list[int]) -> Tensor:
+    """Logits `[S, V]` of feeding `ids` in consecutive chunks of the given sizes through one cache."""
+    if sum(chunks) != len(ids) or min(chunks, default=1) < 1:
+        raise ValueError(f"chunk sizes {chunks} must be positive and sum to {len(ids)}")
+    cache = DynamicCache(config=model.config)
+    out, start = [], 0
+    for n in chunks:
+        out.append(model(input_ids=_ids(ids[start : start + n]), past_key_values=cache, use_cache=True).logits[0])
+        start += n
+    return torch.cat(out)
+
+
 def hf_decode_logits(model: DeepseekV4ForCausalLM, ids: list[int], n_prefill: int) -> Tensor:
     """Logits `[S, V]`: prefill `ids[:n_prefill]`, then the rest one token at a time through the cache."""
     if not 1 <= n_prefill <= len(ids):
         raise ValueError(f"n_prefill={n_prefill} must be in [1, {len(ids)}]")
-    cache = DynamicCache(config=model.config)
-    out = [model(input_ids=_ids(ids[:n_prefill]), past_key_values=cache, use_cache=True).logits[0]]
-    for t in ids[n_prefill:]:
-        out.append(model(input_ids=_ids([t]), past_key_values=cache, use_cache=True).logits[0])
-    return torch.cat(out)
+    return hf_chunked_logits(model, ids, [n_prefill] + [1] * (len(ids) - n_prefill))
 
 
 @torch.no_grad()

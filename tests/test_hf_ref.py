@@ -12,6 +12,7 @@ from tests.hf_ref import (
     ALT,
     NotExpressible,
     build_hf_model,
+    hf_chunked_logits,
     hf_config,
     hf_decode_logits,
     hf_greedy,
@@ -115,6 +116,8 @@ def test_prefill_vs_incremental_decode(cfg_model):
     inc = hf_decode_logits(model, ids, n_prefill=150)
     assert inc.shape == full.shape
     assert (full - inc).abs().max().item() <= 1e-4
+    # Chunked prefill with chunk boundaries off the 4/128 grid.
+    assert (full - hf_chunked_logits(model, ids, [37, 101, 5, 157])).abs().max().item() <= 1e-4
     # Causality: a prefix's logits do not depend on later tokens.
     assert (full[:150] - hf_prefill_logits(model, ids[:150])).abs().max().item() <= 1e-4
 

@@ -115,10 +115,15 @@ def unpack_fp4_codes(packed: Tensor) -> Tensor:
 
 
 def fp4_codes_to_float(codes: Tensor) -> Tensor:
-    """uint8 nibble codes [...] -> their e2m1 values as float32 [...]."""
-    mags = torch.tensor(FP4_VALUES, dtype=torch.float32, device=codes.device)
-    table = torch.cat((mags, -mags))
-    return table[codes.long()]
+    """uint8 nibble codes [...] -> their e2m1 values as float32 [...].
+
+    Arithmetic, not a table lookup (gather is slow on CPU): for magnitude code m = 2e + mant,
+    4 * value = (2 + mant) << e when e > 0, else 2 * mant (subnormal).
+    """
+    c = codes.to(torch.int32)
+    e, mant = (c >> 1) & 3, c & 1
+    quarters = torch.where(e > 0, (2 + mant) << e, 2 * mant)
+    return torch.where(c >= 8, -quarters, quarters).float() * 0.25
 
 
 def float_to_fp4_codes(x: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from tests.hf_ref import (
     hf_decode_logits,
     hf_greedy,
     hf_prefill_logits,
+    one_thread,
     random_official_state_dict,
 )
 
@@ -126,6 +127,7 @@ def test_greedy_matches_generate(cfg_model):
     cfg, model = cfg_model
     ids = _ids(cfg, 20, seed=2)
     got = hf_greedy(model, ids, max_new_tokens=8)
-    out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+    with one_thread():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)
     assert got == out[0, len(ids):].tolist()
     assert hf_greedy(model, ids, max_new_tokens=8, eos_token_id=got[2]) == got[:3]

@@ -151,7 +151,12 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
+        model_type = raw.get("model_type", "deepseek_v4")
+        if model_type != "deepseek_v4":
+            raise ConfigError(f"config key 'model_type': must be 'deepseek_v4' (got {model_type!r})")
         for key, value in raw.items():
+            if key in ("architectures", "model_type"):
+                continue  # written back by to_dict
             if key in known:
                 kwargs[key] = value
             else:

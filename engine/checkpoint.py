@@ -135,6 +135,11 @@ class Checkpoint:
         else:
             self._map_hf_names()
 
+    @property
+    def has_mtp(self) -> bool:
+        """Whether the checkpoint holds the MTP block(s) (a transformers-saved one does not)."""
+        return any(name.startswith("mtp.") for name in self._found)
+
     @cached_property
     def manifest(self) -> Manifest:
         return build_manifest(self.config)

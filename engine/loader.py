@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 import torch
 
@@ -21,6 +21,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     ckpt = open_checkpoint(path)
     ckpt.validate(experts=experts)
     with torch.device(device):
-        model = Transformer(ckpt.config, dtype=dtype, local_experts=None if experts is None else sorted(experts))
+        model = Transformer(ckpt.config, dtype=dtype, local_experts=None if experts is None else sorted(experts),
+                            with_mtp=ckpt.has_mtp)
     model.load_weights(ckpt.iter_weights(dtype=dtype, device=device, experts=experts))
     return model.eval()

@@ -108,10 +108,13 @@ class MTPBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """DeepSeek-V4 for causal LM. `local_experts`: the routed experts this rank holds (default: all)."""
+    """DeepSeek-V4 for causal LM. `local_experts`: the routed experts this rank holds (default: all).
+
+    `with_mtp=False` builds no MTP block (for checkpoints without one, e.g. saved by transformers).
+    """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                 local_experts: Sequence[int] | None = None) -> None:
+                 local_experts: Sequence[int] | None = None, with_mtp: bool = True) -> None:
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         experts = list(range(cfg.n_routed_experts)) if local_experts is None else sorted(local_experts)
@@ -121,7 +124,8 @@ class Transformer(nn.Module):
         self.final = HCHead(cfg)
         self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype)
         self.mtp = nn.ModuleList(
-            MTPBlock(cfg, cfg.num_hidden_layers + i, experts, dtype) for i in range(cfg.num_nextn_predict_layers)
+            MTPBlock(cfg, cfg.num_hidden_layers + i, experts, dtype)
+            for i in range(cfg.num_nextn_predict_layers if with_mtp else 0)
         )
 
     # ---- state ----------------------------------------------------------------------
@@ -169,6 +173,8 @@ class Transformer(nn.Module):
 
         The MTP block keeps its own window cache (layer `num_hidden_layers + depth` of each state).
         """
+        if depth >= len(self.mtp):
+            raise ValueError(f"no MTP block {depth}: this model has {len(self.mtp)} (its checkpoint had none?)")
         layer = self.cfg.num_hidden_layers + depth
         device = self.embed.weight.device
         next_ids = next_ids.to(device)
@@ -203,7 +209,7 @@ class Transformer(nn.Module):
                 continue
             names.add(self._official_name(pname))
         prefixes = [f"layers.{i}" for i in range(self.cfg.num_hidden_layers)]
-        prefixes += [f"mtp.{i}" for i in range(self.cfg.num_nextn_predict_layers)]
+        prefixes += [f"mtp.{i}" for i in range(len(self.mtp))]
         for p in prefixes:
             for e in self.local_experts:
                 names.update(f"{p}.ffn.experts.{e}.{w}.weight" for w in ("w1", "w2", "w3"))
@@ -237,6 +243,8 @@ class Transformer(nn.Module):
                 target = stacked[local]
             else:
                 pname = self._param_name(name)
+                if name.startswith("mtp.") and not self.mtp:
+                    continue  # built without MTP
                 if pname not in params:
                     raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
                 target = params[pname]

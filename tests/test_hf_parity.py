@@ -62,9 +62,9 @@ def test_prefill_parity_packed_batch(pair):
 def test_decode_parity_token_by_token(pair):
     """Prefill a prefix, then one token per step (several sequences decoding together) vs HF's cache decode."""
     cfg, ours, hf = pair
-    # decode steps cross positions 127/128 (window, HCA) and every multiple of 4 (CSA); HF decode is slow (~0.4 s/step)
-    prompts = [_ids(cfg, 152, seed=1), _ids(cfg, 48, seed=2)]
-    n0 = [122, 30]
+    # decode steps cross positions 127/128 and 255/256 (window, HCA) and every multiple of 4 (CSA)
+    prompts = [_ids(cfg, 270, seed=1), _ids(cfg, 140, seed=2)]
+    n0 = [100, 40]
     want = [hf_decode_logits(hf, p, n) for p, n in zip(prompts, n0)]
     with torch.inference_mode():
         states = [ours.new_state() for _ in prompts]

@@ -7,6 +7,7 @@ import torch
 
 from engine.config import TINY, ModelConfig
 
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA")

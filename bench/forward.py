@@ -1,8 +1,9 @@
 """Forward-pass throughput: megaserve's model vs transformers' DeepseekV4ForCausalLM, same checkpoint, one run.
 
-Workload: `--batch` prompts of `--prompt-len` random tokens prefilled together, then `--decode-steps`
-greedy decode steps of the whole batch. Each measurement is repeated `--repeats` times, alternating
-the two implementations; the JSON reports medians, min/max and the ratio ours / transformers.
+Two workloads: "batch" = `--batch` prompts of `--prompt-len` random tokens prefilled together, then
+`--decode-steps` greedy decode steps of the whole batch; "long" = one prompt of `--long-prompt-len`
+tokens, then `--decode-steps` steps. Each measurement is repeated `--repeats` times, alternating the
+two implementations; the JSON reports medians, min/max and the ratio ours / transformers.
 
     python bench/forward.py --out out/forward.json [--preset small]
 """
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--long-prompt-len", type=int, default=2048, help="0 skips the long workload")
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -87,35 +89,42 @@ def main(argv: list[str] | None = None) -> int:
     theirs = build_hf_model(cfg, sd, dtype=torch.float32)
     del sd
     g = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(2, cfg.vocab_size, (args.batch, args.prompt_len), generator=g)
+    workloads = {"batch": torch.randint(2, cfg.vocab_size, (args.batch, args.prompt_len), generator=g)}
+    if args.long_prompt_len:
+        workloads["long"] = torch.randint(2, cfg.vocab_size, (1, args.long_prompt_len), generator=g)
 
-    _ours(ours, prompts[:, :16], 2)  # warm-up both
-    _hf(theirs, prompts[:, :16], 2)
-    res: dict[str, dict[str, list[float]]] = {"ours": {"prefill": [], "decode": []},
-                                               "transformers": {"prefill": [], "decode": []}}
+    _ours(ours, workloads["batch"][:, :16], 2)  # warm-up both
+    _hf(theirs, workloads["batch"][:, :16], 2)
+    impls = (("ours", _ours, ours), ("transformers", _hf, theirs))
+    res = {w: {name: {"prefill": [], "decode": []} for name, _, _ in impls} for w in workloads}
     for _ in range(args.repeats):
-        for name, fn, model in (("ours", _ours, ours), ("transformers", _hf, theirs)):
-            tp, td = fn(model, prompts, args.decode_steps)
-            res[name]["prefill"].append(args.batch * args.prompt_len / tp)
-            res[name]["decode"].append(args.batch * args.decode_steps / td)
+        for w, prompts in workloads.items():
+            b, s = prompts.shape
+            for name, fn, model in impls:
+                tp, td = fn(model, prompts, args.decode_steps)
+                res[w][name]["prefill"].append(b * s / tp)
+                res[w][name]["decode"].append(b * args.decode_steps / td)
     out = {
         "benchmark": "forward",
         "workload": {"preset": args.preset, "batch": args.batch, "prompt_len": args.prompt_len,
-                     "decode_steps": args.decode_steps, "repeats": args.repeats, "seed": args.seed,
-                     "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads()},
+                     "long_prompt_len": args.long_prompt_len, "decode_steps": args.decode_steps,
+                     "repeats": args.repeats, "seed": args.seed, "dtype": "float32", "device": "cpu",
+                     "threads": torch.get_num_threads(), "unit": "tokens/s"},
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "python": platform.python_version(), "machine": platform.machine()},
-        "ours": {k: _stats(v) for k, v in res["ours"].items()},
-        "transformers": {k: _stats(v) for k, v in res["transformers"].items()},
+        "results": {w: {name: {k: _stats(v) for k, v in r.items()} for name, r in rw.items()}
+                    for w, rw in res.items()},
     }
     summary = {}
-    for phase in ("prefill", "decode"):
-        a, b = out["ours"][phase]["median"], out["transformers"][phase]["median"]
-        ratios = [x / y for x, y in zip(res["ours"][phase], res["transformers"][phase])]
-        summary[f"{phase}_tok_s_ours"] = round(a, 1)
-        summary[f"{phase}_tok_s_transformers"] = round(b, 1)
-        summary[f"{phase}_ratio"] = round(a / b, 3)
-        summary[f"{phase}_ratio_min_max"] = [round(min(ratios), 3), round(max(ratios), 3)]
+    for w, rw in res.items():
+        for phase in ("prefill", "decode"):
+            a_runs, b_runs = rw["ours"][phase], rw["transformers"][phase]
+            ratios = [x / y for x, y in zip(a_runs, b_runs)]
+            key = f"{w}_{phase}"
+            summary[f"{key}_tok_s_ours"] = round(statistics.median(a_runs), 1)
+            summary[f"{key}_tok_s_transformers"] = round(statistics.median(b_runs), 1)
+            summary[f"{key}_ratio"] = round(statistics.median(ratios), 3)
+            summary[f"{key}_ratio_min_max"] = [round(min(ratios), 3), round(max(ratios), 3)]
     out["summary"] = summary
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

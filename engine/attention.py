@@ -18,6 +18,8 @@ from engine.config import ModelConfig
 from engine.layers import Linear, RMSNorm, linear, rms_normalize
 from engine.rope import apply_rope, inv_freq, rope_cos_sin
 
+QUERY_BLOCK = 256  # queries per attention block in prefill
+
 
 @dataclass
 class CompressorState:
@@ -200,34 +202,52 @@ class Attention(nn.Module):
         return self.wo_b(o.flatten(1).to(x.dtype))
 
     def _attend(self, x, qr, q, kv, pos, cos, sin, st: LayerState) -> torch.Tensor:
-        """One sequence: q [n, H, hd], kv [n, hd] at positions pos [n] -> o [n, H, hd]."""
+        """One sequence: q [n, H, hd], kv [n, hd] at positions pos [n] -> o [n, H, hd].
+
+        Queries go in blocks of QUERY_BLOCK; a block reads only its window band and the compressed
+        entries visible to it, so prefill costs O(n * (w + entries)), not O(n^2).
+        """
         n = q.shape[0]
         p0 = st.num_tokens
         assert int(pos[0]) == p0, f"positions start at {int(pos[0])}, cache holds {p0} tokens"
-        # ---- sliding window: keys at positions p0-len(window) .. p0+n-1; query t sees (t-w, t]
-        keys = torch.cat([st.window, kv])  # [Lw, hd]
-        key_pos = torch.arange(p0 - st.window.shape[0], p0 + n, device=q.device)
-        diff = pos[:, None] - key_pos[None, :]
-        visible = (diff >= 0) & (diff < self.window)  # [n, Lw]
-        # ---- compressed entries (CSA: indexer top-k; HCA: all finished ones)
-        if self.ratio:
+        win = torch.cat([st.window, kv])  # KV at positions win_start .. p0+n-1
+        win_start = p0 - st.window.shape[0]
+        if self.ratio:  # compress the new tokens first: an entry is visible from its window's last token on
             self.compressor(x, p0, st.comp, self.freqs)
-            entries = st.comp.entries  # [N, hd]
             if self.indexer is not None:
                 self.indexer.compressor(x, p0, st.index, self.freqs)
-                chosen = self.indexer.select(x, qr, pos, st.index.entries, cos, sin)
-            else:
-                chosen = torch.arange(entries.shape[0], device=q.device)[None, :] < ((pos + 1) // self.ratio)[:, None]
-            keys = torch.cat([keys, entries.to(keys.dtype)])
-            visible = torch.cat([visible, chosen], dim=1)
-        # ---- core attention with the per-head sink in the denominator (§2.2)
+        o = torch.empty_like(q)
+        for a in range(0, n, QUERY_BLOCK):
+            b = min(n, a + QUERY_BLOCK)
+            qpos = pos[a:b]
+            # ---- sliding window: query t sees keys at positions (t-w, t]
+            lo = max(win_start, p0 + a - self.window + 1)
+            keys = win[lo - win_start: p0 + b - win_start]
+            diff = qpos[:, None] - torch.arange(lo, p0 + b, device=q.device)[None, :]
+            visible = (diff >= 0) & (diff < self.window)
+            # ---- compressed entries: entry i is visible to t iff i < (t+1)//m (§2.4)
+            if self.ratio:
+                n_vis = (p0 + b) // self.ratio
+                entries = st.comp.entries[:n_vis]
+                if self.indexer is not None:  # CSA: the indexer's top-k among the visible entries
+                    chosen = self.indexer.select(x[a:b], qr[a:b], qpos, st.index.entries[:n_vis],
+                                                 cos[a:b], sin[a:b])
+                else:  # HCA: all of them
+                    chosen = torch.arange(n_vis, device=q.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
+                keys = torch.cat([keys, entries.to(keys.dtype)])
+                visible = torch.cat([visible, chosen], dim=1)
+            o[a:b] = self._core(q[a:b], keys, visible)
+        # ---- advance the window
+        keep = self.window - 1
+        st.window = win[-keep:] if keep > 0 else win[:0]
+        st.num_tokens = p0 + n
+        return o
+
+    def _core(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """q [n, H, hd], keys [L, hd] (K = V), visible [n, L] -> [n, H, hd]; the sink joins the denominator (§2.2)."""
+        n = q.shape[0]
         scores = torch.einsum("nhd,ld->hnl", q.float(), keys.float()) * self.scale
         scores = scores.masked_fill(~visible[None], float("-inf"))
         sink = self.attn_sink.float().view(-1, 1, 1).expand(-1, n, 1)
         probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
-        o = torch.einsum("hnl,ld->nhd", probs, keys.float())
-        # ---- advance the window
-        keep = self.window - 1
-        st.window = torch.cat([st.window, kv])[-keep:] if keep > 0 else st.window[:0]
-        st.num_tokens = p0 + n
-        return o.to(q.dtype)
+        return torch.einsum("hnl,ld->nhd", probs, keys.float()).to(q.dtype)

@@ -17,43 +17,9 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.layers import Linear, RMSNorm, linear, rms_normalize
 from engine.rope import apply_rope, inv_freq, rope_cos_sin
+from engine.seq_state import CompressorState, DenseEntries, LayerSnapshot, LayerState
 
 QUERY_BLOCK = 256  # queries per attention block in prefill
-
-
-@dataclass
-class CompressorState:
-    """What one compressor carries between calls for one sequence (all float32).
-
-    `entries` holds every finished compressed entry (normed, RoPE'd). Tokens of the current
-    unfinished window wait in `pend_kv/pend_gate`; for CSA, `prev_kv/prev_gate` keep the last
-    finished window (its first half feeds the next entry: the 4:1 overlap of §2.4).
-    """
-
-    entries: torch.Tensor  # [N, d]
-    pend_kv: torch.Tensor  # [n_pend < m, c*d]
-    pend_gate: torch.Tensor  # [n_pend, c*d] (ape not yet added)
-    prev_kv: torch.Tensor | None = None  # [m, c*d]
-    prev_gate: torch.Tensor | None = None  # [m, c*d] (ape added)
-
-    def clone(self) -> CompressorState:
-        c = lambda t: None if t is None else t.clone()  # noqa: E731
-        return CompressorState(self.entries.clone(), self.pend_kv.clone(), self.pend_gate.clone(),
-                               c(self.prev_kv), c(self.prev_gate))
-
-
-@dataclass
-class LayerState:
-    """One sequence's attention state in one layer: the window and the compressors' states."""
-
-    window: torch.Tensor  # [<= w-1, head_dim] KV of the latest tokens (post-RoPE)
-    comp: CompressorState | None = None
-    index: CompressorState | None = None
-    num_tokens: int = 0  # tokens this layer has seen
-
-    def clone(self) -> LayerState:
-        return LayerState(self.window.clone(), self.comp.clone() if self.comp else None,
-                          self.index.clone() if self.index else None, self.num_tokens)
 
 
 @dataclass
@@ -80,24 +46,31 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.rope_dim = cfg.qk_rope_head_dim
 
-    def new_state(self, device: torch.device | str) -> CompressorState:
+    def new_state(self, device: torch.device | str, store=None) -> CompressorState:
+        """A fresh state; entries go to `store` (default: a dense tensor)."""
         width = self.ape.shape[1]
         z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
-        return CompressorState(z(0, self.head_dim), z(0, width), z(0, width))
+        return CompressorState(store or DenseEntries(self.head_dim, device), z(0, width), z(0, width))
 
-    def forward(self, x: torch.Tensor, p0: int, st: CompressorState, freqs: torch.Tensor) -> None:
-        """x [n, D] = normed inputs at positions p0..p0+n-1; appends finished entries to `st`."""
+    def forward(self, x: torch.Tensor, p0: int, st: CompressorState, freqs: torch.Tensor,
+                snapshot_at: list[int] = ()) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """x [n, D] = normed inputs at positions p0..p0+n-1; appends finished entries to `st.store`.
+
+        Returns, for each boundary b in `snapshot_at` (multiples of m), the raw (kv, gate) of the
+        window [b-m, b): what the CSA overlap needs to continue from b.
+        """
         m, d = self.ratio, self.head_dim
-        n_old = st.entries.shape[0]
+        n_old = st.store.n
         assert p0 == n_old * m + st.pend_kv.shape[0], "compressor state out of step with positions"
         kv = torch.cat([st.pend_kv, linear(x.float(), self.wkv.weight)])  # [n_pend+n, c*d]
         gate = torch.cat([st.pend_gate, linear(x.float(), self.wgate.weight)])
         n_win = kv.shape[0] // m
         st.pend_kv, st.pend_gate = kv[n_win * m:], gate[n_win * m:]
         if n_win == 0:
-            return
+            return {}
         kv = kv[: n_win * m].view(n_win, m, -1)
         gate = gate[: n_win * m].view(n_win, m, -1) + self.ape  # ape[pos % m]: windows start at multiples of m
+        snaps = {b: (kv[b // m - n_old - 1].clone(), gate[b // m - n_old - 1].clone()) for b in snapshot_at}
         if self.overlap:
             # Entry i pools 2m slots: first half [:d] of window i-1, then second half [d:] of window i.
             prev_kv = torch.zeros(n_win, m, d, dtype=kv.dtype, device=kv.device)
@@ -113,8 +86,8 @@ class Compressor(nn.Module):
         # RoPE at the position of each window's first token.
         pos = (torch.arange(n_win, device=x.device) + n_old) * m
         cos, sin = rope_cos_sin(freqs, pos)
-        entry = apply_rope(entry, cos, sin)
-        st.entries = torch.cat([st.entries, entry])
+        st.store.append(apply_rope(entry, cos, sin))
+        return snaps
 
 
 class Indexer(nn.Module):
@@ -173,13 +146,23 @@ class Attention(nn.Module):
         # All RoPE in a compressed layer uses the YaRN'd compress schedule (§2.1).
         self.register_buffer("freqs", inv_freq(cfg, compressed=self.ratio > 0), persistent=False)
 
-    def new_state(self, device: torch.device | str) -> LayerState:
+    def new_state(self, device: torch.device | str, comp_store=None, index_store=None) -> LayerState:
+        """A fresh state; compressed entries go to the given stores (default: dense tensors)."""
         dtype = self.wkv.weight.dtype
         return LayerState(
             window=torch.zeros(0, self.head_dim, dtype=dtype, device=device),
-            comp=self.compressor.new_state(device) if self.compressor else None,
-            index=self.indexer.compressor.new_state(device) if self.indexer else None,
+            comp=self.compressor.new_state(device, comp_store) if self.compressor else None,
+            index=self.indexer.compressor.new_state(device, index_store) if self.indexer else None,
         )
+
+    def restore(self, snap: LayerSnapshot, b: int, comp_store=None, index_store=None) -> LayerState:
+        """The state at boundary b from a snapshot; the stores already hold the entries before b."""
+        st = self.new_state(snap.window.device, comp_store, index_store)
+        st.window, st.num_tokens = snap.window.clone(), b
+        for cs, prev in ((st.comp, snap.comp_prev), (st.index, snap.index_prev)):
+            if cs is not None and prev is not None:
+                cs.prev_kv, cs.prev_gate = prev[0].clone(), prev[1].clone()
+        return st
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice]) -> torch.Tensor:
         """x [T, D] (after attn_norm), positions [T] -> [T, D]; advances every sequence's state."""
@@ -212,10 +195,18 @@ class Attention(nn.Module):
         assert int(pos[0]) == p0, f"positions start at {int(pos[0])}, cache holds {p0} tokens"
         win = torch.cat([st.window, kv])  # KV at positions win_start .. p0+n-1
         win_start = p0 - st.window.shape[0]
+        snap_at = st.snapshot_at
+        comp_prev, index_prev = {}, {}
         if self.ratio:  # compress the new tokens first: an entry is visible from its window's last token on
-            self.compressor(x, p0, st.comp, self.freqs)
+            comp_prev = self.compressor(x, p0, st.comp, self.freqs, snap_at)
             if self.indexer is not None:
-                self.indexer.compressor(x, p0, st.index, self.freqs)
+                index_prev = self.indexer.compressor(x, p0, st.index, self.freqs, snap_at)
+        keep = self.window - 1
+        for b in snap_at:  # state at page boundary b, for the prefix cache
+            assert p0 < b <= p0 + n and b % max(self.ratio, 1) == 0, f"bad snapshot boundary {b}"
+            w0 = max(win_start, b - keep) if keep > 0 else b
+            st.snapshots[b] = LayerSnapshot(win[w0 - win_start: b - win_start].clone(),
+                                            comp_prev.get(b) if self.ratio == 4 else None, index_prev.get(b))
         o = torch.empty_like(q)
         for a in range(0, n, QUERY_BLOCK):
             b = min(n, a + QUERY_BLOCK)
@@ -228,9 +219,9 @@ class Attention(nn.Module):
             # ---- compressed entries: entry i is visible to t iff i < (t+1)//m (§2.4)
             if self.ratio:
                 n_vis = (p0 + b) // self.ratio
-                entries = st.comp.entries[:n_vis]
+                entries = st.comp.store.read(n_vis)
                 if self.indexer is not None:  # CSA: the indexer's top-k among the visible entries
-                    chosen = self.indexer.select(x[a:b], qr[a:b], qpos, st.index.entries[:n_vis],
+                    chosen = self.indexer.select(x[a:b], qr[a:b], qpos, st.index.store.read(n_vis),
                                                  cos[a:b], sin[a:b])
                 else:  # HCA: all of them
                     chosen = torch.arange(n_vis, device=q.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
@@ -238,9 +229,9 @@ class Attention(nn.Module):
                 visible = torch.cat([visible, chosen], dim=1)
             o[a:b] = self._core(q[a:b], keys, visible)
         # ---- advance the window
-        keep = self.window - 1
         st.window = win[-keep:] if keep > 0 else win[:0]
         st.num_tokens = p0 + n
+        st.snapshot_at = []
         return o
 
     def _core(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

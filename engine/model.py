@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.attention import Attention, LayerState, SeqSlice
+from engine.attention import Attention, SeqSlice
 from engine.config import ModelConfig
 from engine.layers import Linear, RMSNorm
 from engine.mhc import hc_head, hc_post, hc_pre
 from engine.moe import MoE
+from engine.seq_state import LayerState
 
 
 @dataclass
@@ -32,9 +33,6 @@ class SequenceState:
     @property
     def num_tokens(self) -> int:
         return self.layers[0].num_tokens
-
-    def clone(self) -> SequenceState:
-        return SequenceState([s.clone() for s in self.layers])
 
 
 class Block(nn.Module):

@@ -1,0 +1,111 @@
+"""Per-sequence attention state: where compressed entries live, and the state at a page boundary.
+
+Compressed entries go through an `EntryStore`: `DenseEntries` (a growing tensor, for the model used
+on its own) or `PagedEntries` (slots in a page pool shared by all sequences; the scheduler hands out
+the page ids). The window and the compressors' partial windows are per-sequence tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class EntryStore:
+    """Append-only list of compressed entries `[d]` of one sequence in one layer."""
+
+    n: int
+
+    def append(self, entries: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def read(self, n: int) -> torch.Tensor:
+        """The first n entries: [n, d]."""
+        raise NotImplementedError
+
+
+class DenseEntries(EntryStore):
+    def __init__(self, d: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+        self.data = torch.zeros(0, d, dtype=dtype, device=device)
+        self.n = 0
+
+    def append(self, entries: torch.Tensor) -> None:
+        self.data = torch.cat([self.data, entries.to(self.data.dtype)])
+        self.n = self.data.shape[0]
+
+    def read(self, n: int) -> torch.Tensor:
+        return self.data[:n]
+
+
+class PagedEntries(EntryStore):
+    """Entries in `pool: [num_pages, per_page, d]`; entry i sits in page `page_ids[i // per_page]`.
+
+    `page_ids` is the request's page table (shared list, extended by the runner as pages arrive).
+    `n` starts at the number of entries already in the pages (a prefix-cache hit).
+    """
+
+    def __init__(self, pool: torch.Tensor, page_ids: list[int], n: int = 0) -> None:
+        self.pool, self.page_ids, self.n = pool, page_ids, n
+        self.per_page = pool.shape[1]
+
+    def append(self, entries: torch.Tensor) -> None:
+        k = entries.shape[0]
+        if k == 0:
+            return
+        idx = torch.arange(self.n, self.n + k)
+        need = int(idx[-1]) // self.per_page + 1
+        if need > len(self.page_ids):
+            raise RuntimeError(f"entry {int(idx[-1])} needs page {need - 1}; only {len(self.page_ids)} allocated")
+        pages = torch.tensor(self.page_ids, dtype=torch.long)[idx // self.per_page].to(self.pool.device)
+        self.pool[pages, (idx % self.per_page).to(self.pool.device)] = entries.to(self.pool.dtype)
+        self.n += k
+
+    def read(self, n: int) -> torch.Tensor:
+        if n == 0:
+            return self.pool.new_zeros(0, self.pool.shape[2])
+        n_pages = (n - 1) // self.per_page + 1
+        pages = torch.tensor(self.page_ids[:n_pages], dtype=torch.long, device=self.pool.device)
+        return self.pool[pages].flatten(0, 1)[:n]
+
+
+@dataclass
+class CompressorState:
+    """What one compressor carries between calls for one sequence (partial windows in float32).
+
+    Finished entries (normed, RoPE'd) go to `store`. Tokens of the current unfinished window wait
+    in `pend_kv/pend_gate`; for CSA, `prev_kv/prev_gate` keep the last finished window (its first
+    half feeds the next entry: the 4:1 overlap of §2.4).
+    """
+
+    store: EntryStore
+    pend_kv: torch.Tensor  # [n_pend < m, c*d]
+    pend_gate: torch.Tensor  # [n_pend, c*d] (ape not yet added)
+    prev_kv: torch.Tensor | None = None  # [m, c*d]
+    prev_gate: torch.Tensor | None = None  # [m, c*d] (ape added)
+
+
+@dataclass
+class LayerSnapshot:
+    """A layer's state at a page boundary b (b a multiple of every ratio): what a prefix hit restores.
+
+    The entries before b stay in the shared pages; the partial windows are empty at b.
+    """
+
+    window: torch.Tensor  # [<= w-1, head_dim]: KV of the tokens before b
+    comp_prev: tuple[torch.Tensor, torch.Tensor] | None = None  # CSA: raw (kv, gate) of window [b-4, b)
+    index_prev: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class LayerState:
+    """One sequence's attention state in one layer: the window and the compressors' states."""
+
+    window: torch.Tensor  # [<= w-1, head_dim] KV of the latest tokens (post-RoPE)
+    comp: CompressorState | None = None
+    index: CompressorState | None = None
+    num_tokens: int = 0  # tokens this layer has seen
+    # Set by the runner for one forward: boundaries b in (num_tokens, num_tokens + n] to snapshot;
+    # the attention fills `snapshots[b]`.
+    snapshot_at: list[int] = field(default_factory=list)
+    snapshots: dict[int, LayerSnapshot] = field(default_factory=dict)

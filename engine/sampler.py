@@ -8,7 +8,9 @@ computed on the top-k-renormalised distribution) -> draw. The draw is an exponen
 Reproducibility: a row with its own `torch.Generator` (a request with `seed`; the runner creates
 `torch.Generator(device).manual_seed(seed)` once per request and passes it every step) draws its noise
 from that generator alone, V values per sampled step, so its tokens do not depend on the rest of the
-batch. Greedy rows consume no randomness. Rows without a generator share the sampler's own generator.
+batch. (The probabilities are computed batched, row by row; the only cross-row coupling is the length of
+the sorted prefix (max top-k in the batch), which could at most move a top-p cut whose mass lies within an
+ulp of top_p.) Greedy rows consume no randomness. Rows without a generator share the sampler's own generator.
 
 Device-agnostic: works on CPU or CUDA logits. Request generators must live on the logits' device
 (`torch.Generator(device=logits.device)`); the sampler's own generators are created per device from `seed`.
@@ -96,8 +98,13 @@ class Sampler:
         if all(k == vocab for k in top_k) and all(p >= 1.0 for p in top_p):
             return torch.softmax(logits, dim=-1)
 
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab, device=device)[None, :]
+        # Only the max(top_k) largest can survive: a partial sort when every row has a top-k.
+        k_max = max(top_k)
+        if k_max < vocab:
+            sorted_logits, order = logits.topk(k_max, dim=-1, sorted=True)
+        else:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(sorted_logits.shape[-1], device=device)[None, :]
         k = torch.tensor(top_k, device=device)[:, None]
         sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
         sorted_probs = torch.softmax(sorted_logits, dim=-1)

@@ -52,9 +52,15 @@ class Compressor(nn.Module):
         z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
         return CompressorState(store or DenseEntries(self.head_dim, device), z(0, width), z(0, width))
 
-    def forward(self, x: torch.Tensor, p0: int, st: CompressorState, freqs: torch.Tensor,
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] (all packed tokens at once) -> C, Z: [T, c*d] float32 (ape is added per window)."""
+        xf = x.float()
+        return linear(xf, self.wkv.weight), linear(xf, self.wgate.weight)
+
+    def forward(self, kv: torch.Tensor, gate: torch.Tensor, p0: int, st: CompressorState, freqs: torch.Tensor,
                 snapshot_at: list[int] = ()) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """x [n, D] = normed inputs at positions p0..p0+n-1; appends finished entries to `st.store`.
+        """kv, gate [n, c*d] = `project` of one sequence's tokens at positions p0..p0+n-1; appends the
+        finished entries to `st.store`.
 
         Returns, for each boundary b in `snapshot_at` (multiples of m), the raw (kv, gate) of the
         window [b-m, b): what the CSA overlap needs to continue from b.
@@ -62,8 +68,8 @@ class Compressor(nn.Module):
         m, d = self.ratio, self.head_dim
         n_old = st.store.n
         assert p0 == n_old * m + st.pend_kv.shape[0], "compressor state out of step with positions"
-        kv = torch.cat([st.pend_kv, linear(x.float(), self.wkv.weight)])  # [n_pend+n, c*d]
-        gate = torch.cat([st.pend_gate, linear(x.float(), self.wgate.weight)])
+        kv = torch.cat([st.pend_kv, kv])  # [n_pend+n, c*d]
+        gate = torch.cat([st.pend_gate, gate])
         n_win = kv.shape[0] // m
         st.pend_kv, st.pend_gate = kv[n_win * m:], gate[n_win * m:]
         if n_win == 0:
@@ -84,7 +90,7 @@ class Compressor(nn.Module):
         entry = (kv * gate.softmax(dim=1)).sum(dim=1)  # per-channel softmax over the slots: [n_win, d]
         entry = self.norm(entry)
         # RoPE at the position of each window's first token.
-        pos = (torch.arange(n_win, device=x.device) + n_old) * m
+        pos = (torch.arange(n_win, device=kv.device) + n_old) * m
         cos, sin = rope_cos_sin(freqs, pos)
         st.store.append(apply_rope(entry, cos, sin))
         return snaps
@@ -100,25 +106,27 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(cfg.hidden_size, self.n_heads, torch.float32)
         self.compressor = Compressor(cfg, 4, self.head_dim, dtype)
 
-    def select(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
-               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [n, D], qr [n, q_lora], keys [N, di] -> bool [n, N]: entry i chosen for query t.
+    def project(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All packed tokens at once: x [T, D], qr [T, q_lora] -> q [T, Hi, di] (RoPE'd, f32), w [T, Hi] f32."""
+        q = linear(qr, self.wq_b.weight).view(qr.shape[0], self.n_heads, self.head_dim)
+        w = linear(x.float(), self.weights_proj.weight) * self.n_heads**-0.5
+        return apply_rope(q, cos, sin).float(), w
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """q [n, Hi, di], w [n, Hi] (from `project`), keys [N, di] -> bool [n, N]: entry i chosen for query t.
 
         score[t, i] = sum_h w[t, h] * ReLU(q[t, h] . K[i]) over entries visible to t (i < (t+1)//4).
         """
-        n, N = x.shape[0], keys.shape[0]
-        visible = torch.arange(N, device=x.device)[None, :] < ((positions + 1) // 4)[:, None]  # [n, N]
+        n, N = q.shape[0], keys.shape[0]
+        visible = torch.arange(N, device=q.device)[None, :] < ((positions + 1) // 4)[:, None]  # [n, N]
         if N == 0:
             return visible
-        q = linear(qr, self.wq_b.weight).view(n, self.n_heads, self.head_dim)
-        q = apply_rope(q, cos, sin).float()
         scores = F.relu(torch.einsum("nhd,kd->nhk", q, keys.float())) * self.head_dim**-0.5
-        w = linear(x.float(), self.weights_proj.weight) * self.n_heads**-0.5  # [n, Hi]
         score = (scores * w.unsqueeze(-1)).sum(dim=1)  # [n, N]
         score = score.masked_fill(~visible, float("-inf"))
-        k = min(self.topk, N)
-        idx = score.topk(k, dim=-1).indices  # [n, k]
-        chosen = torch.zeros(n, N, dtype=torch.bool, device=x.device)
+        idx = score.topk(min(self.topk, N), dim=-1).indices  # [n, k]
+        chosen = torch.zeros(n, N, dtype=torch.bool, device=q.device)
         chosen.scatter_(1, idx, True)
         return chosen & visible
 
@@ -173,19 +181,29 @@ class Attention(nn.Module):
         q = rms_normalize(self.wq_b(qr).view(T, h, hd), self.cfg.rms_norm_eps)  # per-head norm, no weight
         q = apply_rope(q, cos, sin)  # [T, H, hd]
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, hd]: K = V
+        # Projections of the compressors and the indexer run once for all packed tokens.
+        proj = {}
+        if self.compressor is not None:
+            proj["comp"] = self.compressor.project(x)
+        if self.indexer is not None:
+            proj["index"] = self.indexer.compressor.project(x)
+            proj["iq"] = self.indexer.project(x, qr, cos, sin)
         o = torch.empty(T, h, hd, dtype=x.dtype, device=x.device)
         for s in seqs:
             rows = slice(s.start, s.start + s.n)
-            o[rows] = self._attend(x[rows], qr[rows], q[rows], kv[rows], positions[rows],
-                                   cos[rows], sin[rows], s.state)
+            o[rows] = self._attend(q[rows], kv[rows], positions[rows],
+                                   {k: (a[rows], b[rows]) for k, (a, b) in proj.items()}, s.state)
         o = apply_rope(o, cos, sin, inverse=True)  # undo the rotation V carried (§2.2)
         g = self.cfg.o_groups
         wo_a = self.wo_a.weight.view(g, self.cfg.o_lora_rank, -1)  # [G, R, H*hd/G]
         o = torch.einsum("tgk,grk->tgr", o.view(T, g, -1).to(wo_a.dtype), wo_a)  # [T, G, R]
         return self.wo_b(o.flatten(1).to(x.dtype))
 
-    def _attend(self, x, qr, q, kv, pos, cos, sin, st: LayerState) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor,
+                proj: dict[str, tuple[torch.Tensor, torch.Tensor]], st: LayerState) -> torch.Tensor:
         """One sequence: q [n, H, hd], kv [n, hd] at positions pos [n] -> o [n, H, hd].
+
+        `proj`: this sequence's rows of the compressor/indexer projections.
 
         Queries go in blocks of QUERY_BLOCK; a block reads only its window band and the compressed
         entries visible to it, so prefill costs O(n * (w + entries)), not O(n^2).
@@ -198,9 +216,9 @@ class Attention(nn.Module):
         snap_at = st.snapshot_at
         comp_prev, index_prev = {}, {}
         if self.ratio:  # compress the new tokens first: an entry is visible from its window's last token on
-            comp_prev = self.compressor(x, p0, st.comp, self.freqs, snap_at)
+            comp_prev = self.compressor(*proj["comp"], p0, st.comp, self.freqs, snap_at)
             if self.indexer is not None:
-                index_prev = self.indexer.compressor(x, p0, st.index, self.freqs, snap_at)
+                index_prev = self.indexer.compressor(*proj["index"], p0, st.index, self.freqs, snap_at)
         keep = self.window - 1
         for b in snap_at:  # state at page boundary b, for the prefix cache
             assert p0 < b <= p0 + n and b % max(self.ratio, 1) == 0, f"bad snapshot boundary {b}"
@@ -221,8 +239,8 @@ class Attention(nn.Module):
                 n_vis = (p0 + b) // self.ratio
                 entries = st.comp.store.read(n_vis)
                 if self.indexer is not None:  # CSA: the indexer's top-k among the visible entries
-                    chosen = self.indexer.select(x[a:b], qr[a:b], qpos, st.index.store.read(n_vis),
-                                                 cos[a:b], sin[a:b])
+                    iq, iw = proj["iq"]
+                    chosen = self.indexer.select(iq[a:b], iw[a:b], qpos, st.index.store.read(n_vis))
                 else:  # HCA: all of them
                     chosen = torch.arange(n_vis, device=q.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
                 keys = torch.cat([keys, entries.to(keys.dtype)])

@@ -1,0 +1,113 @@
+"""Offline throughput: our engine (`engine.LLM`) vs transformers' `generate`, same checkpoint, one run.
+
+The standard workload: 32 prompts x 128 random tokens -> 64 new tokens each, greedy, ignore_eos,
+float32, the `small` preset. Output tokens/s of each (median over `--repeats`, alternating), the ratio
+(`summary.speedup_vs_transformers`), and the scheduler's own time per step with 1,000 running requests.
+
+    python bench/offline.py --out out/offline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.scheduler_step import measure as measure_scheduler  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.checkpoint import open_checkpoint  # noqa: E402
+from engine.config import get_preset  # noqa: E402
+from engine.make_checkpoint import write_checkpoint  # noqa: E402
+
+
+def _ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    return dt, sum(len(o.token_ids) for o in outs)
+
+
+def _hf(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
+    ids = torch.tensor(prompts)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=0)
+    dt = time.perf_counter() - t0
+    return dt, int((out.shape[1] - ids.shape[1]) * ids.shape[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "tests"))
+
+    cfg = get_preset(args.preset)
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(2, cfg.vocab_size, (args.num_prompts, args.prompt_len), generator=g).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(cfg, tmp, seed=args.seed)
+        llm = LLM(tmp, max_num_seqs=args.num_prompts, max_num_batched_tokens=8192, page_tokens=128)
+        hf = None
+        if not args.skip_transformers:
+            from hf_ref import build_hf_model  # test-only dependency
+
+            hf = build_hf_model(cfg, open_checkpoint(tmp).state_dict(torch.float32))
+    _ours(llm, prompts[:2], 2)
+    if hf is not None:
+        _hf(hf, prompts[:2], 2)
+    runs: dict[str, list[float]] = {"ours": [], "transformers": []}
+    for _ in range(args.repeats):
+        dt, n = _ours(llm, prompts, args.new_tokens)
+        runs["ours"].append(n / dt)
+        if hf is not None:
+            dt, n = _hf(hf, prompts, args.new_tokens)
+            runs["transformers"].append(n / dt)
+    sched = measure_scheduler(1000, 200)
+    summary: dict = {"output_tok_s_ours": round(statistics.median(runs["ours"]), 1)}
+    if hf is not None:
+        ratios = [a / b for a, b in zip(runs["ours"], runs["transformers"])]
+        summary.update({
+            "output_tok_s_transformers": round(statistics.median(runs["transformers"]), 1),
+            "speedup_vs_transformers": round(statistics.median(ratios), 2),
+            "speedup_min_max": [round(min(ratios), 2), round(max(ratios), 2)],
+        })
+    summary["scheduler_step_ms_1000_running"] = sched["summary"]["step_ms_median"]
+    out = {
+        "benchmark": "offline",
+        "workload": {"preset": args.preset, "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
+                     "new_tokens": args.new_tokens, "greedy": True, "ignore_eos": True, "dtype": "float32",
+                     "device": "cpu", "repeats": args.repeats, "seed": args.seed, "threads": torch.get_num_threads()},
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "transformers": None if hf is None else __import__("transformers").__version__},
+        "runs_output_tok_s": runs,
+        "scheduler": sched,
+        "summary": summary,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

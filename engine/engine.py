@@ -1,0 +1,95 @@
+"""The per-rank engine: the step loop `schedule -> execute -> update` over a loaded model."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from scheduler.config import SchedulerConfig
+from scheduler.scheduler import Scheduler
+
+from engine.cache_accounting import plan_cache
+from engine.kv_cache import PagedKVCache
+from engine.loader import load_model
+from engine.runner import ModelRunner
+from engine.sampler import Sampler
+from scheduler.request import Request, RequestOutput
+from scheduler.sampling import SamplingParams
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024  # the token budget of one step
+    page_tokens: int = 256  # tokens per cache page (a multiple of every compress ratio)
+    cache_budget_bytes: int = 512 * 2**20  # sizes the page pool (engine.cache_accounting.plan_cache)
+    num_pages: int | None = None  # overrides the budget (tests: force preemption)
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    seed: int = 0  # for requests without their own seed
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for key in ("max_num_seqs", "max_num_batched_tokens", "page_tokens", "cache_budget_bytes"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)!r}")
+        if self.num_pages is not None and self.num_pages <= 0:
+            raise ValueError(f"num_pages must be positive, got {self.num_pages!r}")
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None) -> None:
+        c = config or EngineConfig()
+        self.config = c
+        dtype = _DTYPES[c.dtype]
+        self.model = load_model(model_dir, dtype=dtype, device=c.device)
+        cfg = self.model.cfg
+        self.model_config = cfg
+        num_pages = c.num_pages
+        if num_pages is None:
+            plan = plan_cache(cfg, c.cache_budget_bytes, c.page_tokens, c.max_num_seqs,
+                              cache_dtype=c.dtype, with_snapshot=c.enable_prefix_caching)
+            num_pages = plan.num_pages
+        self.cache = PagedKVCache(cfg, num_pages, c.page_tokens, dtype, c.device)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+            page_tokens=c.page_tokens, num_pages=num_pages, enable_prefix_caching=c.enable_prefix_caching,
+            max_model_len=c.max_model_len or cfg.max_position_embeddings,
+        ))
+        self.runner = ModelRunner(self.model, self.cache, Sampler(seed=c.seed))
+        self._ids = itertools.count()
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    req_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        rid = req_id if req_id is not None else f"req-{next(self._ids)}"
+        self.scheduler.add_request(Request(rid, [int(t) for t in prompt_token_ids], params, time.monotonic(),
+                                           eos_token_id=self.model_config.eos_token_id))
+        return rid
+
+    def abort_request(self, req_id: str) -> bool:
+        return self.scheduler.abort_request(req_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """One step: schedule, run the packed batch, update; returns the new tokens and finished requests."""
+        so = self.scheduler.schedule()
+        ro = self.runner.execute(so)
+        return self.scheduler.update_from_output(so, ro)
+
+    def stats(self) -> dict:
+        return self.scheduler.stats()

@@ -1,0 +1,72 @@
+"""The V4 hybrid cache of one rank (v4-model.md §2.7; DESIGN.md "KV cache").
+
+Compressed entries live in page pools, one per compressed layer (and one for each CSA layer's
+indexer keys); a page holds the entries of `page_tokens` consecutive tokens, so one page id
+addresses the same token range in every layer. The scheduler hands out the page ids. Windows and
+the compressors' partial windows are per-sequence tensors (the "slots"). For prefix caching, the
+state at the end of a full page is stored with the page (`snapshots`), so a hit restores it exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.config import ModelConfig
+from engine.model import SequenceState, Transformer
+from engine.seq_state import LayerSnapshot, PagedEntries
+
+
+class PagedKVCache:
+    def __init__(self, cfg: ModelConfig, num_pages: int, page_tokens: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        ratios = {r for r in cfg.compress_ratios[:cfg.num_hidden_layers] if r}
+        bad = [r for r in ratios if page_tokens % r]
+        if page_tokens <= 0 or bad:
+            raise ValueError(f"page_tokens={page_tokens} must be a positive multiple of every compress ratio "
+                             f"in use {sorted(ratios)}")
+        self.cfg, self.num_pages, self.page_tokens = cfg, num_pages, page_tokens
+        self.comp_pools: dict[int, torch.Tensor] = {}  # layer -> [num_pages, page_tokens/m, head_dim]
+        self.index_pools: dict[int, torch.Tensor] = {}  # CSA layer -> [num_pages, page_tokens/4, index_head_dim]
+        for layer, ratio in enumerate(cfg.compress_ratios[:cfg.num_hidden_layers]):
+            if ratio:
+                self.comp_pools[layer] = torch.zeros(num_pages, page_tokens // ratio, cfg.head_dim,
+                                                     dtype=dtype, device=device)
+            if ratio == 4:
+                self.index_pools[layer] = torch.zeros(num_pages, page_tokens // 4, cfg.index_head_dim,
+                                                      dtype=dtype, device=device)
+        # page id -> the state of every main layer at the end of that page (prefix caching)
+        self.snapshots: dict[int, list[LayerSnapshot]] = {}
+
+    def pool_bytes(self) -> int:
+        pools = [*self.comp_pools.values(), *self.index_pools.values()]
+        return sum(p.numel() * p.element_size() for p in pools)
+
+    def _stores(self, layer: int, page_ids: list[int], num_tokens: int) -> tuple[PagedEntries | None, ...]:
+        ratio = self.cfg.compress_ratios[layer]
+        comp = PagedEntries(self.comp_pools[layer], page_ids, num_tokens // ratio) if ratio else None
+        index = PagedEntries(self.index_pools[layer], page_ids, num_tokens // 4) if ratio == 4 else None
+        return comp, index
+
+    def new_sequence(self, model: Transformer, page_ids: list[int], num_computed: int) -> SequenceState:
+        """A sequence whose compressed entries go to `page_ids` (the request's page table, extended in
+        place as pages arrive). `num_computed` > 0: a prefix hit of that many tokens (a page boundary)."""
+        device = model.embed.weight.device
+        snap = None
+        if num_computed:
+            if num_computed % self.page_tokens:
+                raise ValueError(f"a prefix hit must end at a page boundary, got {num_computed} tokens")
+            snap = self.snapshots[page_ids[num_computed // self.page_tokens - 1]]
+        layers = []
+        for i, block in enumerate(model.layers):
+            comp, index = self._stores(i, page_ids, num_computed)
+            if snap is None:
+                layers.append(block.attn.new_state(device, comp, index))
+            else:
+                layers.append(block.attn.restore(snap[i], num_computed, comp, index))
+        layers += [m.block.attn.new_state(device) for m in model.mtp]  # MTP: not run by the runner yet
+        return SequenceState(layers)
+
+    def store_snapshot(self, page_id: int, state: SequenceState, boundary: int) -> None:
+        """Keep the state at `boundary` (the end of page `page_id`) captured during the last forward."""
+        n_main = self.cfg.num_hidden_layers
+        self.snapshots[page_id] = [state.layers[i].snapshots.pop(boundary) for i in range(n_main)]

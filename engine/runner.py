@@ -1,0 +1,108 @@
+"""The model runner: executes one `SchedulerOutput` as a single packed batch and samples.
+
+Prefill chunks and decode tokens of many requests run in one forward, back to back, with no
+padding. The runner keeps, per request, its tokens, its sequence state (window, compressor state,
+paged entries) and its sampling generator; the scheduler owns everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_cache import PagedKVCache
+from engine.model import SequenceState, Transformer
+from engine.sampler import Sampler
+from scheduler.output import ModelRunnerOutput, SchedulerOutput
+from scheduler.sampling import SamplingParams
+
+
+@dataclass
+class RunnerRequest:
+    req_id: str
+    tokens: list[int]  # prompt + generated, as far as the runner knows
+    params: SamplingParams
+    page_ids: list[int]  # the page table; PagedEntries of every layer read this same list
+    state: SequenceState
+    num_sampled: int  # tokens sampled so far (the seeded generator's step index)
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: PagedKVCache, sampler: Sampler) -> None:
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.device = model.embed.weight.device
+        self.reqs: dict[str, RunnerRequest] = {}
+
+    def _generator(self, r: RunnerRequest) -> torch.Generator | None:
+        """Seeded requests draw token i from a generator seeded by (seed, i): reproducible across
+        batch composition and preemption."""
+        if r.params.seed is None or r.params.greedy:
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed((r.params.seed * 1_000_003 + r.num_sampled) % (2**63))
+        return g
+
+    def _apply_diffs(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids | so.preempted_req_ids:
+            self.reqs.pop(rid, None)
+        for nr in so.new_reqs:
+            page_ids = list(nr.page_ids)
+            state = self.cache.new_sequence(self.model, page_ids, nr.num_computed_tokens)
+            self.reqs[nr.req_id] = RunnerRequest(nr.req_id, list(nr.prompt_token_ids) + list(nr.output_token_ids),
+                                                 nr.sampling_params, page_ids, state, nr.num_sampled_before)
+        cr = so.cached_reqs
+        for rid, new_pages, n_computed in zip(cr.req_ids, cr.new_page_ids, cr.num_computed_tokens, strict=True):
+            r = self.reqs[rid]
+            r.page_ids.extend(new_pages)  # in place: the layers' PagedEntries share this list
+            assert r.state.num_tokens == n_computed, f"{rid}: runner at {r.state.num_tokens}, scheduler {n_computed}"
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self._apply_diffs(so)
+        req_ids = list(so.num_scheduled_tokens)
+        if not req_ids:
+            return ModelRunnerOutput([], [])
+        reqs = [self.reqs[rid] for rid in req_ids]
+        lens = [so.num_scheduled_tokens[rid] for rid in req_ids]
+        ids, sample_rows, row = [], [], 0
+        for r, n in zip(reqs, lens):
+            start = r.state.num_tokens
+            ids.extend(r.tokens[start:start + n])
+            row += n
+            if start + n == len(r.tokens):  # reached the end of what it knows: sample its next token
+                sample_rows.append(row - 1)
+        snaps = self._plan_snapshots(so)
+        h = self.model(torch.tensor(ids, dtype=torch.long), [r.state for r in reqs], lens)
+
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, tuple[float, dict[int, float]] | None] = {}
+        if sample_rows:
+            rows = torch.tensor(sample_rows, device=h.device)
+            to_sample = [r for r, n in zip(reqs, lens) if r.state.num_tokens == len(r.tokens)]
+            out = self.sampler(self.model.compute_logits(h[rows]), [r.params for r in to_sample],
+                               [self._generator(r) for r in to_sample])
+            for r, tok, lp in zip(to_sample, out.token_ids, out.logprobs, strict=True):
+                r.tokens.append(tok)
+                r.num_sampled += 1
+                sampled[r.req_id], logprobs[r.req_id] = tok, lp
+        for page_id, (r, b) in snaps.items():
+            self.cache.store_snapshot(page_id, r.state, b)
+        any_lp = any(r.params.logprobs is not None for r in reqs)
+        return ModelRunnerOutput(
+            req_ids=req_ids,
+            sampled_token_ids=[[sampled[rid]] if rid in sampled else [] for rid in req_ids],
+            logprobs=[[logprobs[rid]] if logprobs.get(rid) is not None else None for rid in req_ids]
+            if any_lp else None,
+        )
+
+    def _plan_snapshots(self, so: SchedulerOutput) -> dict[int, tuple[RunnerRequest, int]]:
+        """page id -> (request, boundary position): tell each layer where to capture its state."""
+        plan = {}
+        for page_id, rid in so.pages_to_snapshot.items():
+            r = self.reqs[rid]
+            b = (r.page_ids.index(page_id) + 1) * self.cache.page_tokens
+            plan[page_id] = (r, b)
+            for layer in r.state.layers[: self.model.cfg.num_hidden_layers]:
+                layer.snapshot_at.append(b)
+        return plan

@@ -57,6 +57,11 @@ class Request:
     num_preemptions: int = field(default=0, init=False)
     finish_reason: FinishReason | None = field(default=None, init=False)
     stop_token_id: int | None = field(default=None, init=False)  # the stop_token_ids entry that ended it
+    # Stop rules precomputed at add_request (the per-token check is hot): tokens that may end the request
+    # (eos unless ignore_eos, plus stop_token_ids), and the most outputs it may have (max_tokens, and what
+    # max_model_len leaves after the prompt).
+    stop_ids: frozenset[int] = field(default=frozenset(), init=False)
+    max_output_tokens: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

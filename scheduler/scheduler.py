@@ -16,6 +16,7 @@ prefix-cache lookup; a waiting request never preempts anyone. The engine calls, 
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
 
 from scheduler.config import SchedulerConfig
 from scheduler.output import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -59,6 +60,10 @@ class Scheduler:
                 f"request {req.req_id!r}: prompt of {n} tokens needs {pages} pages of "
                 f"{self.config.page_tokens} tokens, the cache has num_pages={self.config.num_pages}"
             )
+        sp = req.sampling_params
+        eos = () if req.eos_token_id is None or sp.ignore_eos else (req.eos_token_id,)
+        req.stop_ids = frozenset((*eos, *sp.stop_token_ids))
+        req.max_output_tokens = min(sp.max_tokens, self.max_len - n)
         req.status = RequestStatus.WAITING
         self.requests[req.req_id] = req
         self.waiting.append(req)
@@ -93,14 +98,22 @@ class Scheduler:
 
         # ======================= running requests, in order of admission =======================
         running = self.running
+        add_id, add_pages, add_computed = (
+            cached.req_ids.append,
+            cached.new_page_ids.append,
+            cached.num_computed_tokens.append,
+        )
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed_tokens
-            n = min(req.num_tokens - computed, budget)
-            need = -(-(computed + n) // p) - len(req.page_ids)
+            n = len(req.prompt_token_ids) + len(req.output_token_ids) - computed  # num_tokens, inlined (hot)
+            if n > budget:
+                n = budget
+            end = computed + n
             new_pages: list[int] = []
-            if need > 0:
+            if end > len(req.page_ids) * p:
+                need = -(-end // p) - len(req.page_ids)
                 got = self.pages.allocate(need)
                 while got is None:  # preempt from the back until the pages fit
                     victim = running.pop()
@@ -114,11 +127,11 @@ class Scheduler:
                 req.page_ids.extend(got)
                 new_pages = got
             num_scheduled[req.req_id] = n
-            cached.req_ids.append(req.req_id)
-            cached.new_page_ids.append(new_pages)
-            cached.num_computed_tokens.append(computed)
-            if caching:
-                for j in range(computed // p, (computed + n) // p):
+            add_id(req.req_id)
+            add_pages(new_pages)
+            add_computed(computed)
+            if caching and end // p != computed // p:
+                for j in range(computed // p, end // p):
                     snapshots[req.page_ids[j]] = req.req_id
             budget -= n
             i += 1
@@ -180,48 +193,50 @@ class Scheduler:
 
         Returns one delta per request that got tokens or finished (aborts since the last call included)."""
         outputs, self._abort_outputs = self._abort_outputs, []
-        row = {req_id: k for k, req_id in enumerate(runner_out.req_ids)}
-        sampled_rows = runner_out.sampled_token_ids
-        logprob_rows = runner_out.logprobs
+        num_sched = sched_out.num_scheduled_tokens
+        ids, rows, lp_rows = runner_out.req_ids, runner_out.sampled_token_ids, runner_out.logprobs
+        if not len(ids) == len(rows) == len(num_sched) or (lp_rows is not None and len(lp_rows) != len(ids)):
+            raise RuntimeError(f"runner output rows ({len(ids)}, {len(rows)}) != {len(num_sched)} scheduled requests")
+        requests = self.requests
         p = self.config.page_tokens
         caching = self.config.enable_prefix_caching
         any_finished = False
-        for req_id, n in sched_out.num_scheduled_tokens.items():
-            req = self.requests.get(req_id)
+        for req_id, sampled, lp in zip(ids, rows, lp_rows if lp_rows is not None else repeat(None)):
+            n = num_sched.get(req_id)
+            if n is None:
+                raise RuntimeError(f"the runner returned {req_id!r}, which was not scheduled")
+            req = requests.get(req_id)
             if req is None or req.status is not RUNNING:
                 continue  # aborted since schedule()
-            k = row.get(req_id)
-            if k is None:
-                raise RuntimeError(f"the runner output lacks scheduled request {req_id!r}")
             before = req.num_computed_tokens
             req.num_computed_tokens = after = before + n
-            if caching and after // p > before // p:
+            if caching and after // p != before // p:
                 self._register_pages(req, before // p, after // p)
-            sampled = sampled_rows[k]
             if not sampled:
                 continue  # a prefill chunk short of the end of its tokens
-            taken = 0
+            outs = req.output_token_ids
+            taken, finished = 0, False
             for tok in sampled:
-                req.output_token_ids.append(tok)
+                outs.append(tok)
                 taken += 1
-                if self._check_stop(req, tok):
+                if tok in req.stop_ids or len(outs) >= req.max_output_tokens:
+                    self._finish_stopped(req, tok)
+                    finished = True
                     break
-            lp = logprob_rows[k] if logprob_rows is not None else None
-            finished = req.status.is_finished
             outputs.append(
                 RequestOutput(
-                    req_id=req_id,
-                    new_token_ids=list(sampled[:taken]),
-                    finished=finished,
-                    finish_reason=req.finish_reason,
-                    new_logprobs=None if lp is None else lp[:taken],
-                    num_cached_tokens=req.num_cached_tokens,
+                    req_id,
+                    sampled[:taken],  # a new list, also when taken == len(sampled)
+                    finished,
+                    req.finish_reason,
+                    None if lp is None else lp[:taken],
+                    req.num_cached_tokens,
                 )
             )
             if finished:
                 any_finished = True
                 self._free_pages(req)
-                del self.requests[req_id]
+                del requests[req_id]
                 self._finished_ids.add(req_id)
         if any_finished:
             self.running = [r for r in self.running if r.status is RUNNING]
@@ -273,16 +288,14 @@ class Scheduler:
             parent = keys[j - 1] if j else None
             keys.append(self.pages.register(req.page_ids[j], parent, req.token_slice(j * p, (j + 1) * p)))
 
-    def _check_stop(self, req: Request, tok: int) -> bool:
-        """Apply the stop rules after appending tok; sets status and finish_reason when it stops."""
+    def _finish_stopped(self, req: Request, tok: int) -> None:
+        """Set why req stopped after appending tok; the rules apply in order: eos (unless ignore_eos),
+        stop_token_ids, max_tokens, max_model_len (the last two folded into max_output_tokens)."""
         sp = req.sampling_params
         if tok == req.eos_token_id and not sp.ignore_eos:
             req.status, req.finish_reason = RequestStatus.FINISHED_STOPPED, "stop"
         elif tok in sp.stop_token_ids:
             req.status, req.finish_reason = RequestStatus.FINISHED_STOPPED, "stop"
             req.stop_token_id = tok
-        elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_len:
-            req.status, req.finish_reason = RequestStatus.FINISHED_LENGTH, "length"
         else:
-            return False
-        return True
+            req.status, req.finish_reason = RequestStatus.FINISHED_LENGTH, "length"

@@ -236,6 +236,17 @@ def test_abort_between_schedule_and_update():
     assert s.pages.num_free == s.config.num_pages
 
 
+def test_runner_output_must_match_the_schedule():
+    s = make(page_tokens=4)
+    s.add_request(req("a", 3))
+    s.add_request(req("b", 3))
+    out = s.schedule()
+    with pytest.raises(RuntimeError, match="2 scheduled"):
+        s.update_from_output(out, ModelRunnerOutput(["a"], [[7]]))
+    with pytest.raises(RuntimeError, match="not scheduled"):
+        s.update_from_output(out, ModelRunnerOutput(["a", "zz"], [[7], [7]]))
+
+
 # ---------------------------------------------------------------- stop conditions
 @pytest.mark.parametrize(
     "sp, tokens, n_out, reason, stop_id",

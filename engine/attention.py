@@ -130,6 +130,24 @@ class Indexer(nn.Module):
         chosen.scatter_(1, idx, True)
         return chosen & visible
 
+    def select_batched(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Decode: one query per sequence. q [B, Hi, di], w [B, Hi], keys [B, N, di] (padded), valid [B, N]
+        (the entries each query may see) -> bool [B, N]: the top-k among the valid entries."""
+        scores = F.relu(torch.einsum("bhd,bnd->bhn", q, keys.float())) * self.head_dim**-0.5
+        score = (scores * w.unsqueeze(-1)).sum(dim=1).masked_fill(~valid, float("-inf"))  # [B, N]
+        idx = score.topk(min(self.topk, score.shape[1]), dim=-1).indices
+        chosen = torch.zeros_like(valid)
+        chosen.scatter_(1, idx, True)
+        return chosen & valid
+
+
+def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n_i, d] tensors -> zero-padded [B, max n_i, d] and the mask of real rows [B, max n_i]."""
+    lens = torch.tensor([r.shape[0] for r in rows])
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    mask = torch.arange(padded.shape[1])[None, :] < lens[:, None]
+    return padded, mask.to(padded.device)
+
 
 class Attention(nn.Module):
     """MQA with one shared 512-d K=V head, per-head sink, inverse RoPE, grouped output projection."""
@@ -188,11 +206,14 @@ class Attention(nn.Module):
         if self.indexer is not None:
             proj["index"] = self.indexer.compressor.project(x)
             proj["iq"] = self.indexer.project(x, qr, cos, sin)
-        o = torch.empty(T, h, hd, dtype=x.dtype, device=x.device)
-        for s in seqs:
-            rows = slice(s.start, s.start + s.n)
-            o[rows] = self._attend(q[rows], kv[rows], positions[rows],
-                                   {k: (a[rows], b[rows]) for k, (a, b) in proj.items()}, s.state)
+        if all(s.n == 1 and not s.state.snapshot_at for s in seqs):
+            o = self._attend_decode(q, kv, positions, proj, [s.state for s in seqs])
+        else:
+            o = torch.empty(T, h, hd, dtype=x.dtype, device=x.device)
+            for s in seqs:
+                rows = slice(s.start, s.start + s.n)
+                o[rows] = self._attend(q[rows], kv[rows], positions[rows],
+                                       {k: (a[rows], b[rows]) for k, (a, b) in proj.items()}, s.state)
         o = apply_rope(o, cos, sin, inverse=True)  # undo the rotation V carried (§2.2)
         g = self.cfg.o_groups
         wo_a = self.wo_a.weight.view(g, self.cfg.o_lora_rank, -1)  # [G, R, H*hd/G]
@@ -251,6 +272,43 @@ class Attention(nn.Module):
         st.num_tokens = p0 + n
         st.snapshot_at = []
         return o
+
+    def _attend_decode(self, q: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor,
+                       proj: dict[str, tuple[torch.Tensor, torch.Tensor]], states: list[LayerState]) -> torch.Tensor:
+        """A decode step (one token per sequence), batched: q [B, H, hd], kv [B, hd] -> o [B, H, hd].
+
+        Same math as `_attend`: the per-sequence state still advances one sequence at a time, but the
+        indexer and the core attention run once over keys padded to the longest sequence.
+        """
+        keep = self.window - 1
+        wins, ents, ikeys = [], [], []
+        for i, st in enumerate(states):
+            assert int(pos[i]) == st.num_tokens, f"position {int(pos[i])}, cache holds {st.num_tokens} tokens"
+            win = torch.cat([st.window, kv[i:i + 1]])  # the window includes the current token
+            wins.append(win)
+            st.window = win[-keep:] if keep > 0 else win[:0]
+            if self.ratio:
+                row = slice(i, i + 1)
+                self.compressor(proj["comp"][0][row], proj["comp"][1][row], st.num_tokens, st.comp, self.freqs)
+                ents.append(st.comp.store.read(st.comp.store.n))  # all finished entries are visible
+                if self.indexer is not None:
+                    self.indexer.compressor(proj["index"][0][row], proj["index"][1][row], st.num_tokens,
+                                            st.index, self.freqs)
+                    ikeys.append(st.index.store.read(st.index.store.n))
+            st.num_tokens += 1
+        keys, visible = _pad(wins)  # [B, Lw, hd], [B, Lw]
+        if self.ratio:
+            entries, valid = _pad(ents)  # [B, N, hd]
+            if self.indexer is not None and entries.shape[1]:
+                iq, iw = proj["iq"]
+                valid = self.indexer.select_batched(iq, iw, _pad(ikeys)[0], valid)
+            keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
+            visible = torch.cat([visible, valid], dim=1)
+        scores = torch.einsum("bhd,bld->bhl", q.float(), keys.float()) * self.scale  # [B, H, L]
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        sink = self.attn_sink.float().view(1, -1, 1).expand(q.shape[0], -1, 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+        return torch.einsum("bhl,bld->bhd", probs, keys.float()).to(q.dtype)
 
     def _core(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """q [n, H, hd], keys [L, hd] (K = V), visible [n, L] -> [n, H, hd]; the sink joins the denominator (§2.2)."""

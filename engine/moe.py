@@ -81,16 +81,24 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
         """x [T, D]; topk_* [T, k] over global expert ids -> sum_k w_k * E_k(x) over local experts: [T, D].
 
-        The routing weight multiplies the SwiGLU output before w2, in fp32 (§4.2).
+        The routing weight multiplies the SwiGLU output before w2, in fp32 (§4.2). Decode-sized
+        batches, where most experts get a few tokens each, go through one padded bmm per weight
+        (`_forward_bmm`); otherwise experts run one after another (`_forward_loop`, the reference).
         """
+        local = self.g2l[topk_idx].flatten()  # [T*k], -1 where the expert is not on this rank
+        counts = torch.bincount(local[local >= 0], minlength=len(self.local_experts))
+        n_active = int((counts > 0).sum())
+        if n_active * 4 >= 3 * len(self.local_experts) and int(counts.max()) * n_active <= 2 * int(counts.sum()):
+            return self._forward_bmm(x, topk_weights, local, counts)
+        return self._forward_loop(x, topk_weights, local, counts)
+
+    def _forward_loop(self, x: torch.Tensor, topk_weights: torch.Tensor, local: torch.Tensor,
+                      counts: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        local = self.g2l[topk_idx]  # [T, k], -1 where the expert is not on this rank
-        flat = local.flatten()
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat[flat >= 0], minlength=len(self.local_experts)).tolist()
-        start = int((flat < 0).sum())
-        k = topk_idx.shape[1]
-        for e, cnt in enumerate(counts):
+        order = torch.argsort(local, stable=True)
+        start = int((local < 0).sum())
+        k = topk_weights.shape[1]
+        for e, cnt in enumerate(counts.tolist()):
             if cnt == 0:
                 continue
             sel = order[start:start + cnt]
@@ -100,6 +108,27 @@ class RoutedExperts(nn.Module):
             a = swiglu(F.linear(xe, self.w1[e]).float(), F.linear(xe, self.w3[e]).float(), self.limit)
             a = a * topk_weights.flatten()[sel, None]
             out.index_add_(0, tok, F.linear(a.to(self.w2.dtype), self.w2[e]).float())
+        return out.to(x.dtype)
+
+    def _forward_bmm(self, x: torch.Tensor, topk_weights: torch.Tensor, local: torch.Tensor,
+                     counts: torch.Tensor) -> torch.Tensor:
+        """Tokens gathered into [E, max_count, D] (zero rows pad), three bmm's over the stacked weights."""
+        k = topk_weights.shape[1]
+        sel = torch.nonzero(local >= 0).flatten()
+        sel = sel[torch.argsort(local[sel], stable=True)]  # assignments grouped by expert
+        expert = local[sel]
+        offsets = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(sel.numel(), device=x.device) - offsets[expert]
+        xb = torch.zeros(len(self.local_experts), int(counts.max()), x.shape[1], dtype=self.w1.dtype, device=x.device)
+        xb[expert, slot] = x[sel // k].to(self.w1.dtype)
+        a = swiglu(torch.bmm(xb, self.w1.transpose(1, 2)).float(), torch.bmm(xb, self.w3.transpose(1, 2)).float(),
+                   self.limit)  # [E, C, I]
+        a = a[expert, slot] * topk_weights.flatten()[sel, None]  # [n_assign, I]
+        ab = torch.zeros_like(xb[..., :1]).expand(-1, -1, a.shape[1]).contiguous()
+        ab[expert, slot] = a.to(ab.dtype)
+        y = torch.bmm(ab, self.w2.transpose(1, 2))[expert, slot].float()  # [n_assign, D]
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        out.index_add_(0, sel // k, y)
         return out.to(x.dtype)
 
 

@@ -11,8 +11,6 @@ two implementations; the JSON reports medians, min/max and the ratio ours / tran
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import versions, write_result  # noqa: E402
 from engine.checkpoint import open_checkpoint  # noqa: E402
 from engine.config import get_preset  # noqa: E402
 from engine.loader import load_model  # noqa: E402
@@ -110,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                      "long_prompt_len": args.long_prompt_len, "decode_steps": args.decode_steps,
                      "repeats": args.repeats, "seed": args.seed, "dtype": "float32", "device": "cpu",
                      "threads": torch.get_num_threads(), "unit": "tokens/s"},
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "python": platform.python_version(), "machine": platform.machine()},
+        "versions": versions(),
         "results": {w: {name: {k: _stats(v) for k, v in r.items()} for name, r in rw.items()}
                     for w, rw in res.items()},
     }
@@ -126,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             summary[f"{key}_ratio"] = round(statistics.median(ratios), 3)
             summary[f"{key}_ratio_min_max"] = [round(min(ratios), 3), round(max(ratios), 3)]
     out["summary"] = summary
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps(summary, indent=2))
+    write_result(args.out, out)
     return 0
 
 

@@ -10,8 +10,6 @@ float32, the `small` preset. Output tokens/s of each (median over `--repeats`, a
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import versions, write_result  # noqa: E402
 from bench.scheduler_step import measure as measure_scheduler  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.checkpoint import open_checkpoint  # noqa: E402
@@ -97,15 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         "workload": {"preset": args.preset, "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
                      "new_tokens": args.new_tokens, "greedy": True, "ignore_eos": True, "dtype": "float32",
                      "device": "cpu", "repeats": args.repeats, "seed": args.seed, "threads": torch.get_num_threads()},
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "transformers": None if hf is None else __import__("transformers").__version__},
+        "versions": versions(with_transformers=hf is not None),
         "runs_output_tok_s": runs,
         "scheduler": sched,
         "summary": summary,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(json.dumps(summary, indent=2))
+    write_result(args.out, out)
     return 0
 
 

@@ -97,4 +97,6 @@ class LLMEngine:
         return self.scheduler.update_from_output(so, ro)
 
     def stats(self) -> dict:
-        return self.scheduler.stats()
+        """Scheduler figures (running, waiting, pages, prefix hits, preemptions) and the cache's size."""
+        return {**self.scheduler.stats(), "cache_pool_bytes": self.cache.pool_bytes(),
+                "cache_snapshots": len(self.cache.snapshots)}

@@ -247,26 +247,26 @@ class Attention(nn.Module):
             st.snapshots[b] = LayerSnapshot(win[w0 - win_start: b - win_start].clone(),
                                             comp_prev.get(b) if self.ratio == 4 else None, index_prev.get(b))
         o = torch.empty_like(q)
-        for a in range(0, n, QUERY_BLOCK):
-            b = min(n, a + QUERY_BLOCK)
-            qpos = pos[a:b]
+        for q0 in range(0, n, QUERY_BLOCK):
+            q1 = min(n, q0 + QUERY_BLOCK)
+            qpos = pos[q0:q1]
             # ---- sliding window: query t sees keys at positions (t-w, t]
-            lo = max(win_start, p0 + a - self.window + 1)
-            keys = win[lo - win_start: p0 + b - win_start]
-            diff = qpos[:, None] - torch.arange(lo, p0 + b, device=q.device)[None, :]
+            lo = max(win_start, p0 + q0 - self.window + 1)
+            keys = win[lo - win_start: p0 + q1 - win_start]
+            diff = qpos[:, None] - torch.arange(lo, p0 + q1, device=q.device)[None, :]
             visible = (diff >= 0) & (diff < self.window)
             # ---- compressed entries: entry i is visible to t iff i < (t+1)//m (§2.4)
             if self.ratio:
-                n_vis = (p0 + b) // self.ratio
+                n_vis = (p0 + q1) // self.ratio
                 entries = st.comp.store.read(n_vis)
                 if self.indexer is not None:  # CSA: the indexer's top-k among the visible entries
                     iq, iw = proj["iq"]
-                    chosen = self.indexer.select(iq[a:b], iw[a:b], qpos, st.index.store.read(n_vis))
+                    chosen = self.indexer.select(iq[q0:q1], iw[q0:q1], qpos, st.index.store.read(n_vis))
                 else:  # HCA: all of them
                     chosen = torch.arange(n_vis, device=q.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
                 keys = torch.cat([keys, entries.to(keys.dtype)])
                 visible = torch.cat([visible, chosen], dim=1)
-            o[a:b] = self._core(q[a:b], keys, visible)
+            o[q0:q1] = self._core(q[q0:q1], keys, visible)
         # ---- advance the window
         st.window = win[-keep:] if keep > 0 else win[:0]
         st.num_tokens = p0 + n

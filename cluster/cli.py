@@ -86,10 +86,61 @@ def _manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bench serve -------------------------------------------------------------------------------------
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks; `bench serve` load-tests an OpenAI-compatible server")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    s = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (vLLM's metric definitions)")
+    s.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    s.add_argument("--model", required=True, help="model name sent in each request")
+    s.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    s.add_argument("--dataset", choices=["random", "sharegpt", "trace"], default="random")
+    s.add_argument("--dataset-path", help="ShareGPT JSON or trace JSONL (timestamp, input_len, output_len)")
+    s.add_argument("--num-prompts", type=int, default=1000)
+    s.add_argument("--random-input-len", type=int, default=1024)
+    s.add_argument("--random-output-len", type=int, default=128)
+    s.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="lengths uniform in [L*(1-r), L*(1+r)] (vLLM semantics; 0 = fixed)")
+    s.add_argument("--random-token-ids", action="store_true", help="send prompts as token-id lists (completions)")
+    s.add_argument("--vocab-size", type=int, default=32000, help="token-id range for --random-token-ids")
+    s.add_argument("--sharegpt-output-len", type=int, default=None, help="fix the output length of ShareGPT")
+    s.add_argument("--trace-timestamp-unit", choices=["s", "ms"], default="s")
+    s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default inf: all at once)")
+    s.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals (1 = Poisson)")
+    s.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    s.add_argument("--ramp-up", "--ramp-up-strategy", dest="ramp_up", choices=["linear", "exponential"],
+                   default=None, help="ramp the rate from --ramp-up-start-rps to --ramp-up-end-rps over the run")
+    s.add_argument("--ramp-up-start-rps", type=float, default=None)
+    s.add_argument("--ramp-up-end-rps", type=float, default=None)
+    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS", help="SLOs, e.g. ttft:200 tpot:50")
+    s.add_argument("--percentiles", default="99", help="comma-separated, e.g. 50,90,99")
+    s.add_argument("--api-key-env", default=None, help="environment variable holding the API key (Bearer)")
+    s.add_argument("--out", default=None, metavar="FILE", help="result JSON (a .requests.csv and plots beside it)")
+    s.add_argument("--no-plots", action="store_true")
+    s.add_argument("--no-progress", dest="progress", action="store_false")
+    s.set_defaults(func=_bench_serve)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from cluster.loadtest.runner import run_benchmark
+
+    a = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}
+    try:
+        result = run_benchmark(a)
+    except (ValueError, OSError) as e:
+        print(f"megaserve bench serve: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if result["completed"] > 0 else 1
+
+
 # ---- entry point -------------------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_make_checkpoint,
     _add_manifest,
+    _add_bench,
 ]
 
 

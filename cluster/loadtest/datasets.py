@@ -1,0 +1,122 @@
+"""Request specs for the load generator: `random`, `sharegpt` (vLLM's filters) and timed `trace` replay.
+
+Every dataset yields `RequestSpec(prompt, prompt_len, output_len, send_time)`. `prompt` is a string, or a list of
+token ids when the server accepts them (`/v1/completions` with `--random-token-ids`). Without a tokenizer, text
+lengths are counted with `approx_token_count` (about 4 characters per token); pass `count_tokens` to do better.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+# Lowercase words: one word plus its leading space is one token in most BPE vocabularies.
+_WORDS = ("the of and to in is was for on as with by at from that this are be or an it not have has but which "
+          "time year people way day man thing woman life child world school state family student group country "
+          "problem hand part place case week company system program question work number night point home water "
+          "room mother area money story fact month lot right study book eye job word business issue side kind head "
+          "house service friend father power hour game line end member law car city community name president team "
+          "minute idea kid body information back parent face others level office door health person art war "
+          "history party result change morning reason research girl guy moment air teacher force education").split()
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    prompt: str | list[int]
+    prompt_len: int
+    output_len: int
+    send_time: float | None = None  # seconds after the start (trace replay); None: the arrival process decides
+
+
+def approx_token_count(text: str) -> int:
+    """A tokenizer-free estimate: about 4 characters per token (at least 1 for non-empty text)."""
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+def range_bounds(length: int, range_ratio: float) -> tuple[int, int]:
+    """vLLM's `--random-range-ratio r`: lengths uniform over integers in [floor(L(1-r)), ceil(L(1+r))]; r=0 fixes L."""
+    if not 0.0 <= range_ratio < 1.0:
+        raise ValueError(f"random range ratio must be in [0, 1), got {range_ratio}")
+    return math.floor(length * (1 - range_ratio)), math.ceil(length * (1 + range_ratio))
+
+
+def random_dataset(num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0, seed: int = 0,
+                   token_ids: bool = False, vocab_size: int = 32000) -> list[RequestSpec]:
+    """`random`: input/output lengths uniform in vLLM's range; prompts of random words, or of random token ids."""
+    rng = random.Random(seed)
+    in_lo, in_hi = range_bounds(input_len, range_ratio)
+    out_lo, out_hi = range_bounds(output_len, range_ratio)
+    out_lo = max(out_lo, 1)
+    specs = []
+    for _ in range(num_prompts):
+        n_in = rng.randint(in_lo, in_hi)
+        n_out = rng.randint(out_lo, max(out_hi, out_lo))
+        if token_ids:
+            prompt: str | list[int] = [rng.randrange(100, vocab_size) for _ in range(n_in)]  # low ids: specials
+        else:
+            prompt = "".join(" " + rng.choice(_WORDS) for _ in range(n_in)).lstrip()
+        specs.append(RequestSpec(prompt, n_in, n_out))
+    return specs
+
+
+def sharegpt_dataset(path: str | Path, num_prompts: int, seed: int = 0, fixed_output_len: int | None = None,
+                     count_tokens: Callable[[str], int] = approx_token_count) -> list[RequestSpec]:
+    """`sharegpt`: first human turn = prompt, first gpt turn's length = output length; vLLM's filters.
+
+    Dropped: fewer than 2 turns, prompt < 4 tokens, output < 4 tokens (unless `fixed_output_len`),
+    prompt > 1024 tokens, prompt + output > 2048 tokens. Conversations are shuffled with `seed`.
+    """
+    data = json.loads(Path(path).read_text())
+    convs = []
+    for entry in data:
+        turns = entry.get("conversations") or entry.get("conversation") or []
+        human = next((t.get("value", "") for t in turns if t.get("from") == "human"), None)
+        gpt = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), None)
+        if len(turns) >= 2 and human is not None and gpt is not None:
+            convs.append((human, gpt))
+    random.Random(seed).shuffle(convs)
+    specs = []
+    for prompt, completion in convs:
+        if len(specs) == num_prompts:
+            break
+        p_len = count_tokens(prompt)
+        o_len = fixed_output_len if fixed_output_len is not None else count_tokens(completion)
+        if p_len < 4 or (fixed_output_len is None and o_len < 4):
+            continue
+        if p_len > 1024 or p_len + o_len > 2048:
+            continue
+        specs.append(RequestSpec(prompt, p_len, o_len))
+    return specs
+
+
+def trace_dataset(path: str | Path, num_prompts: int | None = None, seed: int = 0, timestamp_unit: str = "s",
+                  token_ids: bool = False, vocab_size: int = 32000) -> list[RequestSpec]:
+    """`trace`: JSONL lines with `timestamp`, `input_len`, `output_len` (or `input_length`/`output_length`).
+
+    Send times are the timestamps relative to the first line, in seconds (`timestamp_unit="ms"` for
+    Mooncake-style traces). Prompts are random text (or token ids) of the given input length.
+    """
+    scale = {"s": 1.0, "ms": 1e-3}[timestamp_unit]
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows.append((float(r["timestamp"]) * scale, int(r.get("input_len", r.get("input_length"))),
+                         int(r.get("output_len", r.get("output_length")))))
+    rows.sort(key=lambda r: r[0])
+    if num_prompts is not None:
+        rows = rows[:num_prompts]
+    rng = random.Random(seed)
+    t0 = rows[0][0] if rows else 0.0
+    specs = []
+    for ts, n_in, n_out in rows:
+        if token_ids:
+            prompt: str | list[int] = [rng.randrange(100, vocab_size) for _ in range(n_in)]
+        else:
+            prompt = "".join(" " + rng.choice(_WORDS) for _ in range(n_in)).lstrip()
+        specs.append(RequestSpec(prompt, n_in, max(n_out, 1), send_time=ts - t0))
+    return specs

@@ -1,0 +1,269 @@
+"""`run_benchmark(args) -> dict`: dataset -> send times -> concurrent streaming requests -> metrics -> files.
+
+Writes the result JSON (`--out`, metrics with vLLM's keys plus everything needed to reproduce the run), a
+per-request CSV next to it, PNG plots when matplotlib is importable, prints a summary table, and keeps a live
+progress line (completed / failed / output tok/s) on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+import platform
+import sys
+import time
+from argparse import Namespace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cluster.loadtest import arrival, datasets
+from cluster.loadtest.client import ClientConfig, RequestRecord, api_key_from_env, send_request
+from cluster.loadtest.metrics import compute_metrics, parse_goodput, parse_percentiles, request_tpot
+
+DEFAULTS = dict(endpoint="completions", dataset="random", dataset_path=None, num_prompts=1000,
+                random_input_len=1024, random_output_len=128, random_range_ratio=0.0, random_token_ids=False,
+                vocab_size=32000, sharegpt_output_len=None, trace_timestamp_unit="s", request_rate=math.inf,
+                burstiness=1.0, max_concurrency=None, ramp_up=None, ramp_up_start_rps=None, ramp_up_end_rps=None,
+                ignore_eos=False, temperature=0.0, seed=0, goodput=None, percentiles="99", api_key_env=None,
+                out=None, no_plots=False, progress=True, timeout_s=6 * 3600.0)
+
+
+def load_specs(a: Namespace) -> list[datasets.RequestSpec]:
+    if a.dataset == "random":
+        return datasets.random_dataset(a.num_prompts, a.random_input_len, a.random_output_len, a.random_range_ratio,
+                                       seed=a.seed, token_ids=a.random_token_ids, vocab_size=a.vocab_size)
+    if not a.dataset_path:
+        raise ValueError(f"--dataset {a.dataset} needs --dataset-path")
+    if a.dataset == "sharegpt":
+        return datasets.sharegpt_dataset(a.dataset_path, a.num_prompts, seed=a.seed,
+                                         fixed_output_len=a.sharegpt_output_len)
+    if a.dataset == "trace":
+        return datasets.trace_dataset(a.dataset_path, a.num_prompts, seed=a.seed,
+                                      timestamp_unit=a.trace_timestamp_unit, token_ids=a.random_token_ids,
+                                      vocab_size=a.vocab_size)
+    raise ValueError(f"unknown dataset {a.dataset!r}")
+
+
+def _dataset_semantics(a: Namespace) -> dict:
+    if a.dataset == "random":
+        return {"name": "random", "input_len": a.random_input_len, "output_len": a.random_output_len,
+                "range_ratio": a.random_range_ratio,
+                "range_ratio_semantics": "vLLM: uniform integers in [floor(L*(1-r)), ceil(L*(1+r))]",
+                "prompt": "token ids" if a.random_token_ids else "random words (~1 token each)"}
+    if a.dataset == "sharegpt":
+        return {"name": "sharegpt", "path": str(a.dataset_path), "fixed_output_len": a.sharegpt_output_len,
+                "filters": "vLLM: drop prompt<4, output<4 (unless fixed), prompt>1024, prompt+output>2048",
+                "token_counting": "approx: ceil(chars/4)"}
+    return {"name": "trace", "path": str(a.dataset_path), "timestamp_unit": a.trace_timestamp_unit}
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, t0: float):
+        self.total, self.enabled, self.t0 = total, enabled, t0
+        self.done = self.failed = self.tokens = 0
+        self.last_print = 0.0
+
+    def update(self, rec: RequestRecord) -> None:
+        self.done += 1
+        self.failed += not rec.success
+        self.tokens += rec.output_tokens if rec.success else 0
+        now = time.perf_counter()
+        if self.enabled and (now - self.last_print > 0.2 or self.done == self.total):
+            self.last_print = now
+            el = max(now - self.t0, 1e-9)
+            sys.stderr.write(f"\r[bench] {self.done - self.failed}/{self.total} completed, {self.failed} failed, "
+                             f"{self.tokens / el:,.1f} output tok/s, {el:,.1f}s")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+async def _run(specs: list[datasets.RequestSpec], times: list[float], cfg: ClientConfig,
+               max_concurrency: int | None, progress: bool) -> tuple[list[RequestRecord], float]:
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    t0 = time.perf_counter()
+    prog = _Progress(len(specs), progress, t0)
+
+    async def one(i: int) -> RequestRecord:
+        delay = times[i] - (time.perf_counter() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if sem is None:
+            rec = await send_request(cfg, specs[i], i, t0)
+        else:
+            async with sem:
+                rec = await send_request(cfg, specs[i], i, t0)
+        prog.update(rec)
+        return rec
+
+    records = await asyncio.gather(*(one(i) for i in range(len(specs))))
+    return list(records), time.perf_counter() - t0
+
+
+def run_benchmark(args: Namespace | dict) -> dict:
+    """Run the load test described by `args` (CLI namespace or dict; missing fields take DEFAULTS)."""
+    a = Namespace(**{**DEFAULTS, **(vars(args) if isinstance(args, Namespace) else args)})
+    percentiles = parse_percentiles(str(a.percentiles))
+    slos = parse_goodput(a.goodput if not isinstance(a.goodput, str) else [a.goodput])
+    specs = load_specs(a)
+    if not specs:
+        raise ValueError("the dataset produced no requests")
+    if a.dataset == "trace":
+        times = [s.send_time or 0.0 for s in specs]
+    else:
+        times = arrival.send_times(len(specs), float(a.request_rate), a.burstiness, seed=a.seed, ramp_up=a.ramp_up,
+                                   ramp_start_rps=a.ramp_up_start_rps, ramp_end_rps=a.ramp_up_end_rps)
+    cfg = ClientConfig(base_url=a.base_url, model=a.model, endpoint=a.endpoint, api_key=api_key_from_env(a.api_key_env),
+                       ignore_eos=a.ignore_eos, temperature=a.temperature, timeout_s=a.timeout_s)
+    started = datetime.now(timezone.utc).isoformat()
+    records, duration = asyncio.run(_run(specs, times, cfg, a.max_concurrency, a.progress))
+    result = compute_metrics(records, duration, percentiles, slos or None)
+    rate = float(a.request_rate)
+    result.update({
+        "date": started,
+        "backend": "openai-chat" if a.endpoint == "chat" else "openai",
+        "base_url": a.base_url,
+        "endpoint": ENDPOINT_PATHS[a.endpoint],
+        "model_id": a.model,
+        "num_prompts": len(specs),
+        "request_rate": "inf" if math.isinf(rate) else rate,
+        "burstiness": a.burstiness,
+        "max_concurrency": a.max_concurrency,
+        "ramp_up_strategy": a.ramp_up,
+        "ramp_up_start_rps": a.ramp_up_start_rps,
+        "ramp_up_end_rps": a.ramp_up_end_rps,
+        "arrival": "trace timestamps" if a.dataset == "trace" else
+                   "gamma(shape=burstiness, scale=1/(rate*burstiness)), rescaled to span N/rate",
+        "seed": a.seed,
+        "ignore_eos": a.ignore_eos,
+        "temperature": a.temperature,
+        "dataset": _dataset_semantics(a),
+        "percentiles": percentiles,
+        "goodput_slos_ms": slos or None,
+        "api_key_env": a.api_key_env,
+        "versions": _versions(),
+        "input_lens": [r.prompt_len for r in records],
+        "output_lens": [r.output_tokens if r.success else 0 for r in records],
+        "ttfts": [r.ttft if r.success else 0.0 for r in records],
+        "itls": [r.itl for r in records],
+        "errors": [r.error for r in records],
+    })
+    print_summary(result, percentiles)
+    if a.out:
+        write_outputs(result, records, Path(a.out), plots=not a.no_plots)
+    return result
+
+
+ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    v = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("megaserve",):
+        try:
+            v[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            v[pkg] = None
+    return v
+
+
+def print_summary(m: dict, percentiles: list[float], file=None) -> None:
+    file = file or sys.stdout
+    w = 50
+    rows = [("Successful requests:", m["completed"]), ("Failed requests:", m["failed"]),
+            ("Benchmark duration (s):", f"{m['duration']:.2f}"),
+            ("Total input tokens:", m["total_input_tokens"]), ("Total generated tokens:", m["total_output_tokens"]),
+            ("Request throughput (req/s):", f"{m['request_throughput']:.2f}")]
+    if m.get("request_goodput") is not None:
+        rows.append(("Request goodput (req/s):", f"{m['request_goodput']:.2f}"))
+    rows += [("Output token throughput (tok/s):", f"{m['output_throughput']:.2f}"),
+             ("Peak output token throughput (tok/s):", f"{m['max_output_tokens_per_s']:.2f}"),
+             ("Peak concurrent requests:", m["max_concurrent_requests"]),
+             ("Total token throughput (tok/s):", f"{m['total_token_throughput']:.2f}")]
+    lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=w, c="=")]
+    lines += [f"{k:<40}{v:<10}" for k, v in rows]
+    titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
+              "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
+    from cluster.loadtest.metrics import percentile_key
+
+    for name, title in titles.items():
+        lines.append("{s:{c}^{n}}".format(s=f" {title} ", n=w, c="-"))
+        lines.append(f"{f'Mean {name.upper()} (ms):':<40}{m[f'mean_{name}_ms']:<10.2f}")
+        lines.append(f"{f'Median {name.upper()} (ms):':<40}{m[f'median_{name}_ms']:<10.2f}")
+        for p in percentiles:
+            k = percentile_key(p)
+            lines.append(f"{f'P{k} {name.upper()} (ms):':<40}{m[f'p{k}_{name}_ms']:<10.2f}")
+    lines.append("=" * w)
+    print("\n".join(lines), file=file)
+
+
+CSV_FIELDS = ("index", "start_s", "success", "prompt_len", "output_len_requested", "output_tokens",
+              "output_tokens_from_usage", "prompt_tokens_server", "ttft_ms", "tpot_ms", "e2el_ms", "num_chunks",
+              "mean_itl_ms", "error")
+
+
+def write_outputs(result: dict, records: list[RequestRecord], out: Path, plots: bool = True) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    csv_path = out.with_suffix(".requests.csv")
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for r in records:
+            tpot = request_tpot(r) if r.success else None
+            w.writerow([r.index, f"{r.start:.6f}", r.success, r.prompt_len, r.output_len_requested, r.output_tokens,
+                        r.output_tokens_from_usage, r.prompt_tokens_server,
+                        f"{r.ttft * 1e3:.3f}" if r.success else "", f"{tpot * 1e3:.3f}" if tpot is not None else "",
+                        f"{r.e2el * 1e3:.3f}" if r.success else "", len(r.chunk_times),
+                        f"{1e3 * sum(r.itl) / len(r.itl):.3f}" if r.itl else "", r.error])
+    print(f"wrote {out} and {csv_path}")
+    if plots:
+        write_plots(records, out)
+
+
+def write_plots(records: list[RequestRecord], out: Path) -> list[Path]:
+    """TTFT and TPOT histograms, output throughput and in-flight requests over time (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return []
+    ok = [r for r in records if r.success]
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].hist([r.ttft * 1e3 for r in ok], bins=50)
+    axes[0].set(title="TTFT", xlabel="ms", ylabel="requests")
+    axes[1].hist([t * 1e3 for r in ok if (t := request_tpot(r)) is not None], bins=50)
+    axes[1].set(title="TPOT", xlabel="ms", ylabel="requests")
+    fig.tight_layout()
+    p = out.with_suffix(".latency.png")
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+    end = max((r.start + r.e2el for r in ok), default=0.0)
+    n = int(end) + 1
+    tok = [0.0] * n
+    for r in ok:
+        for t in r.chunk_times:
+            tok[int(t)] += r.output_tokens / len(r.chunk_times)
+    xs = [i * 0.1 for i in range(int(end * 10) + 1)]
+    conc = [sum(1 for r in records if r.start <= x < r.start + (r.e2el if r.success else 0.0)) for x in xs]
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    axes[0].step(range(n), tok, where="post")
+    axes[0].set(title="Output throughput (1 s buckets)", ylabel="tok/s")
+    axes[1].plot(xs, conc)
+    axes[1].set(title="Requests in flight", xlabel="s since start", ylabel="requests")
+    fig.tight_layout()
+    p = out.with_suffix(".throughput.png")
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+    print("wrote " + ", ".join(map(str, paths)))
+    return paths

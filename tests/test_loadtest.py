@@ -1,0 +1,299 @@
+"""cluster/loadtest: `megaserve bench serve` against a scripted fake OpenAI server on 127.0.0.1.
+
+The fake server streams SSE with known first-token and inter-token delays (scheduled on absolute times, so sleep
+overshoot does not accumulate); the reported metrics must match what it injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+import multiprocessing
+import queue
+import statistics
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from cluster.cli import main
+from cluster.loadtest import arrival, datasets
+from cluster.loadtest.metrics import parse_goodput
+from cluster.loadtest.runner import run_benchmark
+
+
+@dataclass
+class Plan:
+    status: int = 200
+    first_s: float = 0.2
+    inter_s: float = 0.04
+    tokens: int = 10
+    usage: bool = True
+
+
+class FakeServer:
+    """An OpenAI-compatible streaming server in a forked process (its timing is not disturbed by the client's
+    event loop); `script(n, body) -> Plan` decides each request (n counts from 0). `log()` returns what it saw."""
+
+    def __init__(self, script):
+        self.script = script
+        ctx = multiprocessing.get_context("fork")
+        self._q = ctx.Queue()
+        self._proc = ctx.Process(target=self._serve, daemon=True)
+        self._proc.start()
+        self.url = f"http://127.0.0.1:{self._q.get(timeout=10)}"
+        self.bodies: list[dict] = []
+        self.headers: list[dict] = []
+        self.max_inflight = 0
+
+    def log(self) -> FakeServer:
+        while True:
+            try:
+                headers, body, inflight = self._q.get(timeout=0.05)
+            except queue.Empty:
+                return self
+            self.headers.append(headers)
+            self.bodies.append(body)
+            self.max_inflight = max(self.max_inflight, inflight)
+
+    def close(self):
+        self._proc.kill()
+        self._proc.join(5)
+
+    def _serve(self):
+        self.count = self.inflight = 0
+
+        async def go():
+            server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self._q.put(server.sockets[0].getsockname()[1])
+            await asyncio.Event().wait()
+
+        asyncio.run(go())
+
+    async def _handle(self, reader, writer):
+        t0 = time.perf_counter()  # delays count from the connection, as the client's clock does
+        self.inflight += 1
+        try:
+            request_line = await reader.readline()
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                k, _, v = line.decode().partition(":")
+                headers[k.strip().lower()] = v.strip()
+            body = json.loads(await reader.readexactly(int(headers["content-length"])))
+            n = self.count
+            self.count += 1
+            self._q.put((headers, body, self.inflight))
+            plan = self.script(n, body)
+            chat = request_line.split()[1] == b"/v1/chat/completions"
+            if plan.status != 200:
+                msg = b'{"error": "boom"}'
+                writer.write(b"HTTP/1.1 %d Internal Server Error\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (plan.status, len(msg), msg))
+                await writer.drain()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                         b"Connection: close\r\n\r\n")
+
+            async def send(obj):
+                data = f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                await writer.drain()
+
+            for i in range(plan.tokens):
+                await asyncio.sleep(max(0.0, t0 + plan.first_s + i * plan.inter_s - time.perf_counter()))
+                choice = {"index": 0, "delta": {"content": f" t{i}"}} if chat else {"index": 0, "text": f" t{i}"}
+                await send({"id": "x", "choices": [choice]})
+            if plan.usage:
+                await send({"id": "x", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": plan.tokens,
+                                                                "total_tokens": 7 + plan.tokens}})
+            await send("[DONE]")
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        finally:
+            self.inflight -= 1
+            writer.close()
+
+
+@pytest.fixture
+def fake_server():
+    servers = []
+
+    def make(script=lambda n, body: Plan()):
+        s = FakeServer(script)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def _args(url, **kw):
+    base = dict(base_url=url, model="fake", dataset="random", num_prompts=8, random_input_len=16,
+                random_output_len=10, request_rate=math.inf, progress=False, no_plots=True)
+    return {**base, **kw}
+
+
+def _close(x, want, rel=0.05):
+    return abs(x - want) <= rel * want
+
+
+def test_timings_match_injected_delays(fake_server, tmp_path):
+    srv = fake_server()
+    out = tmp_path / "res.json"
+    m = run_benchmark(_args(srv.url, max_concurrency=4, out=str(out), percentiles="50,90,99"))
+    assert m["completed"] == 8 and m["failed"] == 0, m["errors"]
+    assert m["total_output_tokens"] == 80 and m["total_input_tokens"] == 8 * 16
+    # injected: first token 200 ms after the connection, then one token every 40 ms (10 tokens)
+    assert _close(m["mean_ttft_ms"], 200), m["mean_ttft_ms"]
+    assert _close(m["median_ttft_ms"], 200) and _close(m["p99_ttft_ms"], 200)
+    assert _close(m["mean_tpot_ms"], 40) and _close(m["p99_tpot_ms"], 40), m["mean_tpot_ms"]
+    assert _close(m["mean_itl_ms"], 40) and _close(m["median_itl_ms"], 40), m["mean_itl_ms"]
+    assert _close(m["mean_e2el_ms"], 200 + 9 * 40) and _close(m["p99_e2el_ms"], 200 + 9 * 40), m["mean_e2el_ms"]
+    assert {"p50_tpot_ms", "p90_itl_ms", "p99_e2el_ms", "std_ttft_ms"} <= set(m)
+    assert m["request_goodput"] is None
+    assert math.isclose(m["request_throughput"], 8 / m["duration"])
+    assert math.isclose(m["output_throughput"], 80 / m["duration"])
+    assert math.isclose(m["total_token_throughput"], (80 + 128) / m["duration"])
+    srv.log()
+    assert srv.max_inflight == 4  # --max-concurrency held (8 requests sent at once)
+    # the request asked for usage and streaming; the JSON and CSV were written with the reproduction fields
+    assert srv.bodies[0]["stream"] is True and srv.bodies[0]["stream_options"] == {"include_usage": True}
+    assert srv.bodies[0]["max_tokens"] == 10 and isinstance(srv.bodies[0]["prompt"], str)
+    saved = json.loads(out.read_text())
+    assert saved["seed"] == 0 and saved["max_concurrency"] == 4 and saved["request_rate"] == "inf"
+    assert saved["dataset"]["name"] == "random" and saved["model_id"] == "fake" and saved["base_url"] == srv.url
+    rows = list(csv.DictReader(out.with_suffix(".requests.csv").open()))
+    assert len(rows) == 8 and all(r["success"] == "True" and r["output_tokens"] == "10" for r in rows)
+
+
+def test_failed_requests_are_counted_and_excluded(fake_server):
+    srv = fake_server(lambda n, body: Plan(status=500) if n % 3 == 2 else Plan(first_s=0.01, inter_s=0.002))
+    m = run_benchmark(_args(srv.url, num_prompts=9))
+    assert m["completed"] == 6 and m["failed"] == 3
+    assert m["total_output_tokens"] == 60 and m["total_input_tokens"] == 6 * 16
+    assert sum("HTTP 500" in e for e in m["errors"]) == 3
+    assert math.isclose(m["request_throughput"], 6 / m["duration"])
+
+
+def test_chat_endpoint_without_usage_counts_chunks_and_sends_api_key(fake_server, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sekrit")
+    srv = fake_server(lambda n, body: Plan(first_s=0.01, inter_s=0.002, tokens=5, usage=False))
+    m = run_benchmark(_args(srv.url, num_prompts=3, endpoint="chat", api_key_env="MY_KEY", ignore_eos=True))
+    assert m["completed"] == 3 and m["total_output_tokens"] == 15
+    srv.log()
+    assert srv.headers[0]["authorization"] == "Bearer sekrit"
+    assert srv.bodies[0]["messages"][0]["role"] == "user" and srv.bodies[0]["ignore_eos"] is True
+    assert m["endpoint"] == "/v1/chat/completions"
+
+
+def test_goodput_counts_exactly_the_requests_under_the_slos(fake_server):
+    def script(n, body):
+        if n % 3 == 0:
+            return Plan(first_s=0.25, inter_s=0.005)  # TTFT misses 150 ms
+        if n % 3 == 1:
+            return Plan(first_s=0.02, inter_s=0.045)  # TPOT misses 30 ms
+        return Plan(first_s=0.02, inter_s=0.005)  # good
+
+    srv = fake_server(script)
+    m = run_benchmark(_args(srv.url, num_prompts=9, goodput=["ttft:150", "tpot:30"]))
+    assert m["completed"] == 9 and m["good_requests"] == 3
+    assert math.isclose(m["request_goodput"], 3 / m["duration"])
+    srv2 = fake_server(script)
+    assert run_benchmark(_args(srv2.url, num_prompts=9, goodput=["ttft:150"]))["good_requests"] == 6
+    srv3 = fake_server(script)
+    assert run_benchmark(_args(srv3.url, num_prompts=9, goodput=["e2el:200"]))["good_requests"] == 3
+
+
+def test_parse_goodput():
+    assert parse_goodput(["ttft:200", "tpot:50"]) == {"ttft": 200.0, "tpot": 50.0}
+    assert parse_goodput(["e2el:1000 ttft:5"]) == {"e2el": 1000.0, "ttft": 5.0}
+    with pytest.raises(ValueError):
+        parse_goodput(["itl:5"])
+
+
+@pytest.mark.parametrize("burstiness", [0.5, 1.0, 4.0])
+def test_arrival_rate_and_gamma_shape(burstiness):
+    rate = 20.0
+    times = arrival.send_times(5000, rate, burstiness, seed=1)
+    gaps = arrival.inter_arrivals(times)
+    mean = statistics.fmean(gaps)
+    assert abs(mean - 1 / rate) <= 0.03 / rate
+    cv = statistics.pstdev(gaps) / mean
+    assert abs(cv - 1 / math.sqrt(burstiness)) <= 0.05 / math.sqrt(burstiness), cv
+    assert times == arrival.send_times(5000, rate, burstiness, seed=1)
+    assert math.isclose(times[-1], 5000 / rate)
+
+
+def test_arrival_infinite_rate_and_ramp_up():
+    assert arrival.send_times(5, math.inf) == [0.0] * 5
+    times = arrival.send_times(4000, ramp_up="linear", ramp_start_rps=5, ramp_end_rps=50, seed=0)
+    gaps = arrival.inter_arrivals(times)
+    first, last = statistics.fmean(gaps[:400]), statistics.fmean(gaps[-400:])
+    assert abs(1 / first - 5 * 1.05) < 1.5 and abs(1 / last - 50 * 0.995) < 5  # rates over the first/last 10%
+    assert arrival.ramp_rate(0, 3, "exponential", 1, 100) == 1 and math.isclose(
+        arrival.ramp_rate(1, 3, "exponential", 1, 100), 10)
+
+
+def test_random_dataset_range_ratio():
+    fixed = datasets.random_dataset(50, 100, 20, 0.0, seed=0)
+    assert {s.prompt_len for s in fixed} == {100} and {s.output_len for s in fixed} == {20}
+    assert all(len(s.prompt.split()) == 100 for s in fixed)
+    specs = datasets.random_dataset(4000, 100, 20, 0.5, seed=0)
+    ins = [s.prompt_len for s in specs]
+    outs = [s.output_len for s in specs]
+    assert min(ins) == 50 and max(ins) == 150 and abs(statistics.fmean(ins) - 100) < 2
+    assert min(outs) == 10 and max(outs) == 30
+    assert datasets.range_bounds(10, 0.25) == (7, 13)  # floor(7.5), ceil(12.5)
+    ids = datasets.random_dataset(5, 33, 4, 0.0, seed=3, token_ids=True, vocab_size=1000)
+    assert all(len(s.prompt) == 33 and all(100 <= t < 1000 for t in s.prompt) for s in ids)
+    with pytest.raises(ValueError):
+        datasets.random_dataset(1, 10, 10, 1.0)
+
+
+def test_sharegpt_filters(tmp_path):
+    long = "word " * 2000
+    data = [
+        {"conversations": [{"from": "human", "value": "tell me a long story please"},
+                           {"from": "gpt", "value": "once upon a time there was a test"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there my friend"}]},
+        {"conversations": [{"from": "human", "value": "a good question here"}, {"from": "gpt", "value": "ok"}]},
+        {"conversations": [{"from": "human", "value": long}, {"from": "gpt", "value": "fine answer here"}]},
+        {"conversations": [{"from": "human", "value": "only one turn in this one"}]},
+    ]
+    p = tmp_path / "sg.json"
+    p.write_text(json.dumps(data))
+    specs = datasets.sharegpt_dataset(p, 10)
+    assert [s.prompt for s in specs] == ["tell me a long story please"]
+    assert specs[0].output_len == datasets.approx_token_count("once upon a time there was a test")
+    fixed = datasets.sharegpt_dataset(p, 10, fixed_output_len=8)
+    assert sorted(s.prompt for s in fixed) == ["a good question here", "tell me a long story please"]
+
+
+def test_trace_replayed_on_time(fake_server, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(json.dumps({"timestamp": 1000 + 150 * i, "input_len": 5 + i, "output_len": 3})
+                               for i in range(4)) + "\n")
+    srv = fake_server(lambda n, body: Plan(first_s=0.005, inter_s=0.001, tokens=3))
+    out = tmp_path / "trace.json"
+    m = run_benchmark(_args(srv.url, dataset="trace", dataset_path=str(trace), trace_timestamp_unit="ms",
+                            num_prompts=None, out=str(out)))
+    assert m["completed"] == 4 and m["input_lens"] == [5, 6, 7, 8]
+    starts = [float(r["start_s"]) for r in csv.DictReader(out.with_suffix(".requests.csv").open())]
+    assert all(abs(s - 0.15 * i) < 0.03 for i, s in enumerate(starts)), starts
+
+
+def test_cli_bench_serve(fake_server, tmp_path, capsys):
+    srv = fake_server(lambda n, body: Plan(first_s=0.005, inter_s=0.001, tokens=4))
+    out = tmp_path / "cli.json"
+    rc = main(["bench", "serve", "--base-url", srv.url, "--model", "fake", "--num-prompts", "6",
+               "--random-input-len", "8", "--random-output-len", "4", "--request-rate", "200", "--burstiness", "2",
+               "--max-concurrency", "3", "--seed", "7", "--goodput", "ttft:1000", "--percentiles", "50,99.9",
+               "--out", str(out), "--no-plots"])
+    assert rc == 0
+    saved = json.loads(out.read_text())
+    assert saved["completed"] == 6 and saved["request_rate"] == 200 and saved["burstiness"] == 2
+    assert saved["good_requests"] == 6 and "p99.9_ttft_ms" in saved and "p50_itl_ms" in saved
+    assert "Serving Benchmark Result" in capsys.readouterr().out

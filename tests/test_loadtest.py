@@ -297,3 +297,23 @@ def test_cli_bench_serve(fake_server, tmp_path, capsys):
     assert saved["completed"] == 6 and saved["request_rate"] == 200 and saved["burstiness"] == 2
     assert saved["good_requests"] == 6 and "p99.9_ttft_ms" in saved and "p50_itl_ms" in saved
     assert "Serving Benchmark Result" in capsys.readouterr().out
+
+
+def test_plots_when_matplotlib_is_importable(fake_server, tmp_path):
+    pytest.importorskip("matplotlib")
+    srv = fake_server(lambda n, body: Plan(first_s=0.005, inter_s=0.001, tokens=4))
+    out = tmp_path / "p.json"
+    run_benchmark(_args(srv.url, num_prompts=6, request_rate=100, out=str(out), no_plots=False))
+    assert out.with_suffix(".latency.png").stat().st_size > 0
+    assert out.with_suffix(".throughput.png").stat().st_size > 0
+
+
+def test_cli_ramp_up_and_bad_args(fake_server, tmp_path):
+    srv = fake_server(lambda n, body: Plan(first_s=0.002, inter_s=0.001, tokens=2))
+    out = tmp_path / "ramp.json"
+    assert main(["bench", "serve", "--base-url", srv.url, "--model", "m", "--num-prompts", "5", "--random-input-len",
+                 "4", "--random-output-len", "2", "--ramp-up", "linear", "--ramp-up-start-rps", "50",
+                 "--ramp-up-end-rps", "200", "--out", str(out), "--no-plots", "--no-progress"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["ramp_up_strategy"] == "linear" and saved["ramp_up_end_rps"] == 200 and saved["completed"] == 5
+    assert main(["bench", "serve", "--base-url", srv.url, "--model", "m", "--dataset", "sharegpt"]) == 2

@@ -248,16 +248,17 @@ def write_plots(records: list[RequestRecord], out: Path) -> list[Path]:
     plt.close(fig)
     paths.append(p)
     end = max((r.start + r.e2el for r in ok), default=0.0)
-    n = int(end) + 1
-    tok = [0.0] * n
+    width = 1.0 if end >= 20 else max(end / 20, 0.05)  # 1 s buckets, finer for short runs
+    n = int(end / width) + 1
+    tok = [0.0] * (n + 1)
     for r in ok:
         for t in r.chunk_times:
-            tok[int(t)] += r.output_tokens / len(r.chunk_times)
+            tok[int(t / width)] += r.output_tokens / len(r.chunk_times) / width
     xs = [i * 0.1 for i in range(int(end * 10) + 1)]
     conc = [sum(1 for r in records if r.start <= x < r.start + (r.e2el if r.success else 0.0)) for x in xs]
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    axes[0].step(range(n), tok, where="post")
-    axes[0].set(title="Output throughput (1 s buckets)", ylabel="tok/s")
+    axes[0].step([i * width for i in range(n + 1)], tok, where="post")
+    axes[0].set(title=f"Output throughput ({width:.3g} s buckets)", ylabel="tok/s")
     axes[1].plot(xs, conc)
     axes[1].set(title="Requests in flight", xlabel="s since start", ylabel="requests")
     fig.tight_layout()

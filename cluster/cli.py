@@ -105,6 +105,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--vocab-size", type=int, default=32000, help="token-id range for --random-token-ids")
     s.add_argument("--sharegpt-output-len", type=int, default=None, help="fix the output length of ShareGPT")
     s.add_argument("--trace-timestamp-unit", choices=["s", "ms"], default="s")
+    s.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to count ShareGPT tokens (default chars/4)")
     s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default inf: all at once)")
     s.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals (1 = Poisson)")
     s.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")

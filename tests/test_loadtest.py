@@ -317,3 +317,21 @@ def test_cli_ramp_up_and_bad_args(fake_server, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["ramp_up_strategy"] == "linear" and saved["ramp_up_end_rps"] == 200 and saved["completed"] == 5
     assert main(["bench", "serve", "--base-url", srv.url, "--model", "m", "--dataset", "sharegpt"]) == 2
+
+
+def test_sharegpt_counts_with_a_tokenizer_file(tmp_path):
+    from argparse import Namespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from cluster.loadtest.runner import DEFAULTS, load_specs
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    conv = {"conversations": [{"from": "human", "value": "w " * 30}, {"from": "gpt", "value": "x " * 12}]}
+    (tmp_path / "sg.json").write_text(json.dumps([conv]))
+    a = Namespace(**{**DEFAULTS, "dataset": "sharegpt", "dataset_path": str(tmp_path / "sg.json"),
+                     "tokenizer": str(tmp_path / "tokenizer.json"), "num_prompts": 5})
+    specs = load_specs(a)
+    assert [(s.prompt_len, s.output_len) for s in specs] == [(30, 12)]

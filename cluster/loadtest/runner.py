@@ -27,7 +27,7 @@ DEFAULTS = dict(endpoint="completions", dataset="random", dataset_path=None, num
                 vocab_size=32000, sharegpt_output_len=None, trace_timestamp_unit="s", request_rate=math.inf,
                 burstiness=1.0, max_concurrency=None, ramp_up=None, ramp_up_start_rps=None, ramp_up_end_rps=None,
                 ignore_eos=False, temperature=0.0, seed=0, goodput=None, percentiles="99", api_key_env=None,
-                out=None, no_plots=False, progress=True, timeout_s=6 * 3600.0)
+                tokenizer=None, out=None, no_plots=False, progress=True, timeout_s=6 * 3600.0)
 
 
 def load_specs(a: Namespace) -> list[datasets.RequestSpec]:
@@ -38,12 +38,22 @@ def load_specs(a: Namespace) -> list[datasets.RequestSpec]:
         raise ValueError(f"--dataset {a.dataset} needs --dataset-path")
     if a.dataset == "sharegpt":
         return datasets.sharegpt_dataset(a.dataset_path, a.num_prompts, seed=a.seed,
-                                         fixed_output_len=a.sharegpt_output_len)
+                                         fixed_output_len=a.sharegpt_output_len, count_tokens=token_counter(a))
     if a.dataset == "trace":
         return datasets.trace_dataset(a.dataset_path, a.num_prompts, seed=a.seed,
                                       timestamp_unit=a.trace_timestamp_unit, token_ids=a.random_token_ids,
                                       vocab_size=a.vocab_size)
     raise ValueError(f"unknown dataset {a.dataset!r}")
+
+
+def token_counter(a: Namespace):
+    """Token counting for text datasets: a `tokenizers` tokenizer.json with --tokenizer, else ceil(chars/4)."""
+    if not a.tokenizer:
+        return datasets.approx_token_count
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(a.tokenizer))
+    return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
 
 
 def _dataset_semantics(a: Namespace) -> dict:
@@ -55,7 +65,7 @@ def _dataset_semantics(a: Namespace) -> dict:
     if a.dataset == "sharegpt":
         return {"name": "sharegpt", "path": str(a.dataset_path), "fixed_output_len": a.sharegpt_output_len,
                 "filters": "vLLM: drop prompt<4, output<4 (unless fixed), prompt>1024, prompt+output>2048",
-                "token_counting": "approx: ceil(chars/4)"}
+                "token_counting": f"tokenizer {a.tokenizer}" if a.tokenizer else "approx: ceil(chars/4)"}
     return {"name": "trace", "path": str(a.dataset_path), "timestamp_unit": a.trace_timestamp_unit}
 
 

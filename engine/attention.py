@@ -266,7 +266,7 @@ class Attention(nn.Module):
                     chosen = torch.arange(n_vis, device=q.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
                 keys = torch.cat([keys, entries.to(keys.dtype)])
                 visible = torch.cat([visible, chosen], dim=1)
-            o[q0:q1] = self._core(q[q0:q1], keys, visible)
+            o[q0:q1] = self._core(q[None, q0:q1], keys[None], visible[None])[0]
         # ---- advance the window
         st.window = win[-keep:] if keep > 0 else win[:0]
         st.num_tokens = p0 + n
@@ -304,17 +304,16 @@ class Attention(nn.Module):
                 valid = self.indexer.select_batched(iq, iw, _pad(ikeys)[0], valid)
             keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
             visible = torch.cat([visible, valid], dim=1)
-        scores = torch.einsum("bhd,bld->bhl", q.float(), keys.float()) * self.scale  # [B, H, L]
-        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-        sink = self.attn_sink.float().view(1, -1, 1).expand(q.shape[0], -1, 1)
-        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
-        return torch.einsum("bhl,bld->bhd", probs, keys.float()).to(q.dtype)
+        return self._core(q[:, None], keys, visible[:, None])[:, 0]
 
     def _core(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """q [n, H, hd], keys [L, hd] (K = V), visible [n, L] -> [n, H, hd]; the sink joins the denominator (§2.2)."""
-        n = q.shape[0]
-        scores = torch.einsum("nhd,ld->hnl", q.float(), keys.float()) * self.scale
-        scores = scores.masked_fill(~visible[None], float("-inf"))
-        sink = self.attn_sink.float().view(-1, 1, 1).expand(-1, n, 1)
+        """q [B, n, H, hd], keys [B, L, hd] (K = V), visible [B, n, L] -> [B, n, H, hd].
+
+        Softmax over the visible keys with the per-head sink in the denominator (§2.2).
+        """
+        b, n = q.shape[:2]
+        scores = torch.einsum("bnhd,bld->bhnl", q.float(), keys.float()) * self.scale
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        sink = self.attn_sink.float().view(1, -1, 1, 1).expand(b, -1, n, 1)
         probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
-        return torch.einsum("hnl,ld->nhd", probs, keys.float()).to(q.dtype)
+        return torch.einsum("bhnl,bld->bnhd", probs, keys.float()).to(q.dtype)

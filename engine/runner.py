@@ -65,21 +65,21 @@ class ModelRunner:
             return ModelRunnerOutput([], [])
         reqs = [self.reqs[rid] for rid in req_ids]
         lens = [so.num_scheduled_tokens[rid] for rid in req_ids]
-        ids, sample_rows, row = [], [], 0
+        ids, sample_rows, to_sample, row = [], [], [], 0
         for r, n in zip(reqs, lens):
             start = r.state.num_tokens
             ids.extend(r.tokens[start:start + n])
             row += n
             if start + n == len(r.tokens):  # reached the end of what it knows: sample its next token
                 sample_rows.append(row - 1)
+                to_sample.append(r)
         snaps = self._plan_snapshots(so)
         h = self.model(torch.tensor(ids, dtype=torch.long), [r.state for r in reqs], lens)
 
         sampled: dict[str, int] = {}
         logprobs: dict[str, tuple[float, dict[int, float]] | None] = {}
-        if sample_rows:
+        if to_sample:
             rows = torch.tensor(sample_rows, device=h.device)
-            to_sample = [r for r, n in zip(reqs, lens) if r.state.num_tokens == len(r.tokens)]
             out = self.sampler(self.model.compute_logits(h[rows]), [r.params for r in to_sample],
                                [self._generator(r) for r in to_sample])
             for r, tok, lp in zip(to_sample, out.token_ids, out.logprobs, strict=True):

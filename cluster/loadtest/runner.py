@@ -252,11 +252,7 @@ def write_plots(records: list[RequestRecord], out: Path) -> list[Path]:
     axes[0].set(title="TTFT", xlabel="ms", ylabel="requests")
     axes[1].hist([t * 1e3 for r in ok if (t := request_tpot(r)) is not None], bins=50)
     axes[1].set(title="TPOT", xlabel="ms", ylabel="requests")
-    fig.tight_layout()
-    p = out.with_suffix(".latency.png")
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(plt, fig, out.with_suffix(".latency.png")))
     end = max((r.start + r.e2el for r in ok), default=0.0)
     width = 1.0 if end >= 20 else max(end / 20, 0.05)  # 1 s buckets, finer for short runs
     n = int(end / width) + 1
@@ -271,10 +267,13 @@ def write_plots(records: list[RequestRecord], out: Path) -> list[Path]:
     axes[0].set(title=f"Output throughput ({width:.3g} s buckets)", ylabel="tok/s")
     axes[1].plot(xs, conc)
     axes[1].set(title="Requests in flight", xlabel="s since start", ylabel="requests")
-    fig.tight_layout()
-    p = out.with_suffix(".throughput.png")
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(plt, fig, out.with_suffix(".throughput.png")))
     print("wrote " + ", ".join(map(str, paths)))
     return paths
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -90,6 +90,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def idle(self) -> bool:
+        """True when a step would do nothing (the rank worker then waits for input instead of stepping)."""
+        return not self.scheduler.has_unfinished()
+
     def step(self) -> list[RequestOutput]:
         """One step: schedule, run the packed batch, update; returns the new tokens and finished requests."""
         so = self.scheduler.schedule()

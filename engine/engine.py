@@ -13,6 +13,7 @@ import torch
 from engine.cache_accounting import plan_cache
 from engine.kv_cache import PagedKVCache
 from engine.loader import load_model
+from engine.model import Transformer
 from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from scheduler.config import SchedulerConfig
@@ -47,11 +48,17 @@ class EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None) -> None:
+    """One rank's step loop. `model`: an already loaded model to serve instead of loading `model_dir`
+    whole (the EP engine passes the model holding only this rank's experts)."""
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, *,
+                 model: Transformer | None = None) -> None:
         c = config or EngineConfig()
         self.config = c
         dtype = _DTYPES[c.dtype]
-        self.model = load_model(model_dir, dtype=dtype, device=c.device)
+        if model is not None and model.dtype != dtype:
+            raise ValueError(f"model has dtype {model.dtype}, config.dtype is {c.dtype!r}")
+        self.model = model if model is not None else load_model(model_dir, dtype=dtype, device=c.device)
         cfg = self.model.cfg
         self.model_config = cfg
         num_pages = c.num_pages

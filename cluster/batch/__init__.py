@@ -1,0 +1,1 @@
+"""Batch jobs (the OpenAI Batch API): durable store, runner, HTTP routes."""

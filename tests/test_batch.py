@@ -323,3 +323,76 @@ def test_runner_resumes_after_crash_exactly_once(tmp_path):
     assert rerun == set(cids) - set(written)  # only unfinished lines ran again (r19 included: its record was torn)
     assert {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"] for r in out} == \
         {c: c.upper() for c in cids}
+
+
+# ---- HTTP routes (an aiohttp app with only the batch routes, on the fake service) ----
+
+class _Settings:
+    def __init__(self, state_dir, max_batch_file_bytes=4096, batch_concurrency=2):
+        self.state_dir, self.max_batch_file_bytes, self.batch_concurrency = state_dir, max_batch_file_bytes, \
+            batch_concurrency
+
+
+def test_routes_files_and_batches(tmp_path):
+    from aiohttp import FormData, web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from cluster.batch.routes import add_batch_routes
+
+    async def main():
+        app = web.Application()
+        add_batch_routes(app, FakeService(), _Settings(tmp_path))
+        async with TestClient(TestServer(app)) as c:
+            def form(data: bytes, purpose="batch"):
+                fd = FormData()
+                if purpose is not None:
+                    fd.add_field("purpose", purpose)
+                fd.add_field("file", data, filename="in.jsonl", content_type="application/jsonl")
+                return fd
+
+            data = ("\n".join([_req("a", "x"), "oops", _req("b", "y")]) + "\n").encode()
+            r = await c.post("/v1/files", data=form(data))
+            f = await r.json()
+            assert r.status == 200 and f["object"] == "file" and f["bytes"] == len(data) and f["purpose"] == "batch"
+            assert (await (await c.get(f"/v1/files/{f['id']}/content")).read()) == data
+            for bad, status, needle in [(form(b"x" * 5000), 413, "limit of 4096 bytes"),
+                                        (form(data, "fine-tune"), 400, "purpose must be 'batch'"),
+                                        (form(data, None), 400, "missing form field 'purpose'")]:
+                r = await c.post("/v1/files", data=bad)
+                assert r.status == status and needle in (await r.json())["error"]["message"]
+            assert len(list((tmp_path / "files").iterdir())) == 1  # refused uploads leave nothing behind
+            r = await c.post("/v1/batches", json={"input_file_id": f["id"], "endpoint": "/v1/embeddings",
+                                                   "completion_window": "24h"})
+            assert r.status == 400 and (await r.json())["error"]["param"] == "endpoint"
+            r = await c.post("/v1/batches", json={"input_file_id": "file-nope", "endpoint": "/v1/chat/completions"})
+            assert r.status == 404 and (await r.json())["error"]["param"] == "input_file_id"
+            r = await c.post("/v1/batches", data=b"{bad json", headers={"Content-Type": "application/json"})
+            assert r.status == 400 and "not valid JSON" in (await r.json())["error"]["message"]
+            r = await c.post("/v1/batches", json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
+                                                   "completion_window": "24h", "metadata": {"run": "1"}})
+            b = await r.json()
+            assert r.status == 200 and b["object"] == "batch" and b["status"] == "validating"
+            assert b["metadata"] == {"run": "1"}
+            for _ in range(500):
+                b = await (await c.get(f"/v1/batches/{b['id']}")).json()
+                if b["status"] == "completed":
+                    break
+                await asyncio.sleep(0.01)
+            assert b["status"] == "completed" and b["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+            out = (await (await c.get(f"/v1/files/{b['output_file_id']}/content")).text()).splitlines()
+            assert sorted(json.loads(x)["custom_id"] for x in out) == ["a", "b"]
+            err = json.loads(await (await c.get(f"/v1/files/{b['error_file_id']}/content")).text())
+            assert "line 2: not valid JSON" in err["error"]["message"]
+            r = await c.post(f"/v1/batches/{b['id']}/cancel")
+            assert r.status == 409 and "completed and cannot be cancelled" in (await r.json())["error"]["message"]
+            assert (await c.get("/v1/batches/batch_nope")).status == 404
+            page = await (await c.get("/v1/batches?limit=1")).json()
+            assert page["object"] == "list" and page["data"][0]["id"] == b["id"] and not page["has_more"]
+            assert (await c.get("/v1/batches?limit=0")).status == 400
+            files = await (await c.get("/v1/files?purpose=batch_output")).json()
+            assert {x["id"] for x in files["data"]} == {b["output_file_id"], b["error_file_id"]}
+            r = await c.delete(f"/v1/files/{f['id']}")
+            assert (await r.json()) == {"id": f["id"], "object": "file", "deleted": True}
+            assert (await c.get(f"/v1/files/{f['id']}")).status == 404
+
+    _run(main())

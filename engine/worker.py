@@ -88,6 +88,7 @@ class RankWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server_ready = threading.Event()
         self._conns: dict[int, _Conn] = {}
+        self._handlers: set[asyncio.Task] = set()
         self._cids = itertools.count()
         # step-thread state
         self._owner: dict[str, int] = {}  # live req_id -> connection id
@@ -146,11 +147,15 @@ class RankWorker:
             for conn in list(self._conns.values()):
                 conn.closed = True
                 conn.writer.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(next(self._cids), writer)
         self._conns[conn.cid] = conn
+        self._handlers.add(asyncio.current_task())
         try:
             while not self._stop.is_set():
                 try:
@@ -166,12 +171,9 @@ class RankWorker:
         finally:
             conn.closed = True
             self._conns.pop(conn.cid, None)
+            self._handlers.discard(asyncio.current_task())
             self._post(("drop", conn.cid))
-            try:
-                await writer.drain()
-                writer.close()
-            except (ConnectionError, RuntimeError):
-                pass
+            writer.close()  # the transport flushes what is buffered (e.g. the Error above), then closes
 
     def _on_message(self, conn: _Conn, msg: Any) -> None:
         if isinstance(msg, wire.AddRequest):

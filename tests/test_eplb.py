@@ -257,3 +257,18 @@ def test_eplb_from_measured_load_improves_balancedness():
     phy2log, _, logcnt = rebalance_experts(load, 20, 1, 1, 4)
     tuned = balancedness(load, _Tables(phy2log, logcnt, 4))[0]["balancedness"]
     assert static < 0.45 and tuned > 0.75  # measured: about 0.33 and 0.79
+
+
+def test_balancedness_with_placement_tables():
+    from comm.placement import Placement
+
+    load = torch.tensor([[30, 10, 5, 15], [1, 1, 1, 1]])
+    placement = Placement.from_phy2log(torch.tensor([[0, 1, 2, 3], [0, 2, 1, 3]]), ep_size=2)
+    rows = balancedness(load, placement)
+    assert [r["max_tokens_per_rank"] for r in rows] == [40.0, 2.0]
+    # EPLB's tables are accepted as a Placement as they are.
+    phy2log, log2phy, logcnt = rebalance_experts(README_WEIGHT, 16, 4, 2, 8)
+    eplb = Placement.from_phy2log(phy2log, ep_size=8, num_experts=12)
+    assert torch.equal(eplb.logcnt, logcnt)
+    assert balancedness(README_WEIGHT, eplb)[0]["balancedness"] > balancedness(
+        README_WEIGHT, Placement.static(2, 12, 8, redundant=4))[0]["balancedness"]

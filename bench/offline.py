@@ -1,8 +1,9 @@
 """Offline throughput: our engine (`engine.LLM`) vs transformers' `generate`, same checkpoint, one run.
 
-The standard workload: 32 prompts x 128 random tokens -> 64 new tokens each, greedy, ignore_eos,
-float32, the `small` preset. Output tokens/s of each (median over `--repeats`, alternating), the ratio
-(`summary.speedup_vs_transformers`), and the scheduler's own time per step with 1,000 running requests.
+The standard workload (cluster/loadtest/offline.py, shared with `megaserve bench offline`): 32 prompts x 128
+random tokens -> 64 new tokens each, greedy, ignore_eos, float32, the `small` preset. Output tokens/s of each
+(median over `--repeats`, alternating), the ratio (`summary.speedup_vs_transformers`), and the scheduler's own
+time per step with 1,000 running requests.
 
     python bench/offline.py --out out/offline.json
 """
@@ -23,18 +24,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import versions, write_result  # noqa: E402
 from bench.scheduler_step import measure as measure_scheduler  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from cluster.loadtest.offline import OfflineWorkload, engine_args, make_prompts, timed_generate  # noqa: E402
+from engine import LLM  # noqa: E402
 from engine.checkpoint import open_checkpoint  # noqa: E402
 from engine.config import get_preset  # noqa: E402
 from engine.make_checkpoint import write_checkpoint  # noqa: E402
-
-
-def _ours(llm: LLM, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    dt = time.perf_counter() - t0
-    return dt, sum(len(o.token_ids) for o in outs)
 
 
 def _hf(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
@@ -61,22 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
 
     cfg = get_preset(args.preset)
-    g = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(2, cfg.vocab_size, (args.num_prompts, args.prompt_len), generator=g).tolist()
+    workload = OfflineWorkload(args.num_prompts, args.prompt_len, args.new_tokens, args.seed)
+    prompts = make_prompts(cfg.vocab_size, workload)
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(cfg, tmp, seed=args.seed)
-        llm = LLM(tmp, max_num_seqs=args.num_prompts, max_num_batched_tokens=8192, page_tokens=128)
+        llm = LLM(tmp, **engine_args(workload))
         hf = None
         if not args.skip_transformers:
             from hf_ref import build_hf_model  # test-only dependency
 
             hf = build_hf_model(cfg, open_checkpoint(tmp).state_dict(torch.float32))
-    _ours(llm, prompts[:2], 2)
+    timed_generate(llm, prompts[:2], 2)
     if hf is not None:
         _hf(hf, prompts[:2], 2)
     runs: dict[str, list[float]] = {"ours": [], "transformers": []}
     for _ in range(args.repeats):
-        dt, n = _ours(llm, prompts, args.new_tokens)
+        dt, n = timed_generate(llm, prompts, args.new_tokens)
         runs["ours"].append(n / dt)
         if hf is not None:
             dt, n = _hf(hf, prompts, args.new_tokens)

@@ -86,16 +86,15 @@ def _manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- bench serve -------------------------------------------------------------------------------------
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks; `bench serve` load-tests an OpenAI-compatible server")
-    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    s = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (vLLM's metric definitions)")
+# ---- bench serve / sweep / offline -------------------------------------------------------------------
+def _add_serve_options(s: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """The options of `bench serve`; `bench sweep` takes the same, less the rate, ramp-up and trace replay."""
     s.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     s.add_argument("--model", required=True, help="model name sent in each request")
     s.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    s.add_argument("--dataset", choices=["random", "sharegpt", "trace"], default="random")
-    s.add_argument("--dataset-path", help="ShareGPT JSON or trace JSONL (timestamp, input_len, output_len)")
+    s.add_argument("--dataset", choices=["random", "sharegpt"] + ([] if sweep else ["trace"]), default="random")
+    s.add_argument("--dataset-path", help="ShareGPT JSON" + ("" if sweep else " or trace JSONL (timestamp, "
+                                                                           "input_len, output_len)"))
     s.add_argument("--num-prompts", type=int, default=1000)
     s.add_argument("--random-input-len", type=int, default=1024)
     s.add_argument("--random-output-len", type=int, default=128)
@@ -104,25 +103,67 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--random-token-ids", action="store_true", help="send prompts as token-id lists (completions)")
     s.add_argument("--vocab-size", type=int, default=32000, help="token-id range for --random-token-ids")
     s.add_argument("--sharegpt-output-len", type=int, default=None, help="fix the output length of ShareGPT")
-    s.add_argument("--trace-timestamp-unit", choices=["s", "ms"], default="s")
+    if not sweep:
+        s.add_argument("--trace-timestamp-unit", choices=["s", "ms"], default="s")
     s.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to count ShareGPT tokens (default chars/4)")
-    s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default inf: all at once)")
+    if not sweep:
+        s.add_argument("--request-rate", type=float, default=float("inf"),
+                       help="requests/s (default inf: all at once)")
     s.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals (1 = Poisson)")
     s.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
-    s.add_argument("--ramp-up", "--ramp-up-strategy", dest="ramp_up", choices=["linear", "exponential"],
-                   default=None, help="ramp the rate from --ramp-up-start-rps to --ramp-up-end-rps over the run")
-    s.add_argument("--ramp-up-start-rps", type=float, default=None)
-    s.add_argument("--ramp-up-end-rps", type=float, default=None)
+    if not sweep:
+        s.add_argument("--ramp-up", "--ramp-up-strategy", dest="ramp_up", choices=["linear", "exponential"],
+                       default=None, help="ramp the rate from --ramp-up-start-rps to --ramp-up-end-rps over the run")
+        s.add_argument("--ramp-up-start-rps", type=float, default=None)
+        s.add_argument("--ramp-up-end-rps", type=float, default=None)
     s.add_argument("--ignore-eos", action="store_true")
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS", help="SLOs, e.g. ttft:200 tpot:50")
+    s.add_argument("--goodput", nargs="+", default=None, required=sweep, metavar="METRIC:MS",
+                   help="SLOs, e.g. ttft:200 tpot:50 (ms; a request is good iff it meets all)")
     s.add_argument("--percentiles", default="99", help="comma-separated, e.g. 50,90,99")
     s.add_argument("--api-key-env", default=None, help="environment variable holding the API key (Bearer)")
-    s.add_argument("--out", default=None, metavar="FILE", help="result JSON (a .requests.csv and plots beside it)")
-    s.add_argument("--no-plots", action="store_true")
+    if sweep:
+        s.add_argument("--out", default=None, metavar="FILE", help="the sweep JSON (every point)")
+    else:
+        s.add_argument("--out", default=None, metavar="FILE",
+                       help="result JSON (a .requests.csv and plots beside it)")
+        s.add_argument("--no-plots", action="store_true")
     s.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: serve (load test), sweep (rates vs SLOs), offline (offline API)")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    s = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (vLLM's metric definitions)")
+    _add_serve_options(s)
     s.set_defaults(func=_bench_serve)
+
+    w = bench_sub.add_parser("sweep", help="bench serve at each request rate; prints the highest rate meeting the "
+                                           "goodput SLOs")
+    _add_serve_options(w, sweep=True)
+    w.add_argument("--rates", required=True, help="comma-separated request rates (req/s), e.g. 1,2,4,8 (inf allowed)")
+    w.add_argument("--slo-attainment", type=float, default=0.9,
+                   help="a rate meets the SLOs when good_requests / (completed + failed) >= this (default 0.9)")
+    w.add_argument("--keep-going", action="store_true", help="run every rate, even after one misses the SLOs")
+    w.set_defaults(func=_bench_sweep, no_plots=True)
+
+    o = bench_sub.add_parser("offline", help="offline-API throughput (bench/offline.py's workload)")
+    group = o.add_mutually_exclusive_group()
+    group.add_argument("--model", metavar="DIR", help="a checkpoint directory")
+    group.add_argument("--preset", help="write a random checkpoint of this preset to a temporary directory "
+                                        "(default: small)")
+    o.add_argument("--num-prompts", type=int, default=32)
+    o.add_argument("--prompt-len", type=int, default=128)
+    o.add_argument("--new-tokens", type=int, default=64)
+    o.add_argument("--repeats", type=int, default=3, help="timed runs; the summary is their median")
+    o.add_argument("--seed", type=int, default=0, help="prompt ids (and the random checkpoint's weights)")
+    o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    o.add_argument("--device", default="cpu")
+    o.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    o.add_argument("--page-tokens", type=int, default=128)
+    o.add_argument("--out", default=None, metavar="FILE", help="result JSON")
+    o.set_defaults(func=_bench_offline)
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
@@ -135,6 +176,51 @@ def _bench_serve(args: argparse.Namespace) -> int:
         print(f"megaserve bench serve: error: {e}", file=sys.stderr)
         return 2
     return 0 if result["completed"] > 0 else 1
+
+
+def _bench_sweep(args: argparse.Namespace) -> int:
+    """Exit status 0 when some rate meets the SLOs, 1 when none does, 2 for bad arguments."""
+    from cluster.loadtest.sweep import run_sweep
+
+    a = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}
+    try:
+        sweep = run_sweep(a)
+    except (ValueError, OSError) as e:
+        print(f"megaserve bench sweep: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if sweep["best_rate"] is not None else 1
+
+
+def _bench_offline(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from cluster.loadtest.offline import OfflineWorkload, print_offline_summary, run_offline
+
+    try:
+        workload = OfflineWorkload(args.num_prompts, args.prompt_len, args.new_tokens, args.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = args.model
+            if model_dir is None:
+                from engine.make_checkpoint import write_checkpoint
+
+                preset = args.preset or "small"
+                write_checkpoint(get_preset(preset), tmp, seed=args.seed)
+                model_dir = tmp
+            result = run_offline(model_dir, workload, args.repeats, dtype=args.dtype, device=args.device,
+                                 max_num_batched_tokens=args.max_num_batched_tokens, page_tokens=args.page_tokens)
+            if args.model is None:
+                result["model"] = f"random {preset} checkpoint (seed {args.seed})"
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"megaserve bench offline: error: {e}", file=sys.stderr)
+        return 2
+    print_offline_summary(result)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
 
 
 # ---- entry point -------------------------------------------------------------------------------------

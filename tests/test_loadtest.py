@@ -35,7 +35,8 @@ class Plan:
 
 class FakeServer:
     """An OpenAI-compatible streaming server in a forked process (its timing is not disturbed by the client's
-    event loop); `script(n, body) -> Plan` decides each request (n counts from 0). `log()` returns what it saw."""
+    event loop); `script(n, body, inflight) -> Plan` decides each request (n counts from 0; inflight: connections
+    open now, this one included). `log()` returns what it saw."""
 
     def __init__(self, script):
         self.script = script
@@ -85,7 +86,7 @@ class FakeServer:
             n = self.count
             self.count += 1
             self._q.put((headers, body, self.inflight))
-            plan = self.script(n, body)
+            plan = self.script(n, body, self.inflight)
             chat = request_line.split()[1] == b"/v1/chat/completions"
             if plan.status != 200:
                 msg = b'{"error": "boom"}'
@@ -120,7 +121,7 @@ class FakeServer:
 def fake_server():
     servers = []
 
-    def make(script=lambda n, body: Plan()):
+    def make(script=lambda n, body, inflight: Plan()):
         s = FakeServer(script)
         servers.append(s)
         return s
@@ -141,17 +142,20 @@ def _close(x, want, rel=0.05):
 
 
 def test_timings_match_injected_delays(fake_server, tmp_path):
-    srv = fake_server()
+    # long enough delays that a loaded 2-core machine's scheduling jitter (~10 ms) stays well inside 5%
+    first, inter = 300.0, 50.0
+    srv = fake_server(lambda n, body, inflight: Plan(first_s=first / 1e3, inter_s=inter / 1e3, tokens=10))
     out = tmp_path / "res.json"
     m = run_benchmark(_args(srv.url, max_concurrency=4, out=str(out), percentiles="50,90,99"))
     assert m["completed"] == 8 and m["failed"] == 0, m["errors"]
     assert m["total_output_tokens"] == 80 and m["total_input_tokens"] == 8 * 16
-    # injected: first token 200 ms after the connection, then one token every 40 ms (10 tokens)
-    assert _close(m["mean_ttft_ms"], 200), m["mean_ttft_ms"]
-    assert _close(m["median_ttft_ms"], 200) and _close(m["p99_ttft_ms"], 200)
-    assert _close(m["mean_tpot_ms"], 40) and _close(m["p99_tpot_ms"], 40), m["mean_tpot_ms"]
-    assert _close(m["mean_itl_ms"], 40) and _close(m["median_itl_ms"], 40), m["mean_itl_ms"]
-    assert _close(m["mean_e2el_ms"], 200 + 9 * 40) and _close(m["p99_e2el_ms"], 200 + 9 * 40), m["mean_e2el_ms"]
+    # injected: first token 300 ms after the connection, then one token every 50 ms (10 tokens)
+    assert _close(m["mean_ttft_ms"], first), m["mean_ttft_ms"]
+    assert _close(m["median_ttft_ms"], first) and _close(m["p99_ttft_ms"], first), m["p99_ttft_ms"]
+    assert _close(m["mean_tpot_ms"], inter) and _close(m["p99_tpot_ms"], inter), m["mean_tpot_ms"]
+    assert _close(m["mean_itl_ms"], inter) and _close(m["median_itl_ms"], inter), m["mean_itl_ms"]
+    e2el = first + 9 * inter
+    assert _close(m["mean_e2el_ms"], e2el) and _close(m["p99_e2el_ms"], e2el), m["mean_e2el_ms"]
     assert {"p50_tpot_ms", "p90_itl_ms", "p99_e2el_ms", "std_ttft_ms"} <= set(m)
     assert m["request_goodput"] is None
     assert math.isclose(m["request_throughput"], 8 / m["duration"])
@@ -164,13 +168,14 @@ def test_timings_match_injected_delays(fake_server, tmp_path):
     assert srv.bodies[0]["max_tokens"] == 10 and isinstance(srv.bodies[0]["prompt"], str)
     saved = json.loads(out.read_text())
     assert saved["seed"] == 0 and saved["max_concurrency"] == 4 and saved["request_rate"] == "inf"
+    assert saved["args"]["request_rate"] == "inf" and saved["args"]["max_concurrency"] == 4
     assert saved["dataset"]["name"] == "random" and saved["model_id"] == "fake" and saved["base_url"] == srv.url
     rows = list(csv.DictReader(out.with_suffix(".requests.csv").open()))
     assert len(rows) == 8 and all(r["success"] == "True" and r["output_tokens"] == "10" for r in rows)
 
 
 def test_failed_requests_are_counted_and_excluded(fake_server):
-    srv = fake_server(lambda n, body: Plan(status=500) if n % 3 == 2 else Plan(first_s=0.01, inter_s=0.002))
+    srv = fake_server(lambda n, body, inflight: Plan(status=500) if n % 3 == 2 else Plan(first_s=0.01, inter_s=0.002))
     m = run_benchmark(_args(srv.url, num_prompts=9))
     assert m["completed"] == 6 and m["failed"] == 3
     assert m["total_output_tokens"] == 60 and m["total_input_tokens"] == 6 * 16
@@ -180,7 +185,7 @@ def test_failed_requests_are_counted_and_excluded(fake_server):
 
 def test_chat_endpoint_without_usage_counts_chunks_and_sends_api_key(fake_server, monkeypatch):
     monkeypatch.setenv("MY_KEY", "sekrit")
-    srv = fake_server(lambda n, body: Plan(first_s=0.01, inter_s=0.002, tokens=5, usage=False))
+    srv = fake_server(lambda n, body, inflight: Plan(first_s=0.01, inter_s=0.002, tokens=5, usage=False))
     m = run_benchmark(_args(srv.url, num_prompts=3, endpoint="chat", api_key_env="MY_KEY", ignore_eos=True))
     assert m["completed"] == 3 and m["total_output_tokens"] == 15
     srv.log()
@@ -190,7 +195,7 @@ def test_chat_endpoint_without_usage_counts_chunks_and_sends_api_key(fake_server
 
 
 def test_goodput_counts_exactly_the_requests_under_the_slos(fake_server):
-    def script(n, body):
+    def script(n, body, inflight):
         if n % 3 == 0:
             return Plan(first_s=0.25, inter_s=0.005)  # TTFT misses 150 ms
         if n % 3 == 1:
@@ -276,7 +281,7 @@ def test_trace_replayed_on_time(fake_server, tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text("\n".join(json.dumps({"timestamp": 1000 + 150 * i, "input_len": 5 + i, "output_len": 3})
                                for i in range(4)) + "\n")
-    srv = fake_server(lambda n, body: Plan(first_s=0.005, inter_s=0.001, tokens=3))
+    srv = fake_server(lambda n, body, inflight: Plan(first_s=0.005, inter_s=0.001, tokens=3))
     out = tmp_path / "trace.json"
     m = run_benchmark(_args(srv.url, dataset="trace", dataset_path=str(trace), trace_timestamp_unit="ms",
                             num_prompts=None, out=str(out)))
@@ -286,7 +291,7 @@ def test_trace_replayed_on_time(fake_server, tmp_path):
 
 
 def test_cli_bench_serve(fake_server, tmp_path, capsys):
-    srv = fake_server(lambda n, body: Plan(first_s=0.005, inter_s=0.001, tokens=4))
+    srv = fake_server(lambda n, body, inflight: Plan(first_s=0.005, inter_s=0.001, tokens=4))
     out = tmp_path / "cli.json"
     rc = main(["bench", "serve", "--base-url", srv.url, "--model", "fake", "--num-prompts", "6",
                "--random-input-len", "8", "--random-output-len", "4", "--request-rate", "200", "--burstiness", "2",
@@ -301,7 +306,7 @@ def test_cli_bench_serve(fake_server, tmp_path, capsys):
 
 def test_plots_when_matplotlib_is_importable(fake_server, tmp_path):
     pytest.importorskip("matplotlib")
-    srv = fake_server(lambda n, body: Plan(first_s=0.005, inter_s=0.001, tokens=4))
+    srv = fake_server(lambda n, body, inflight: Plan(first_s=0.005, inter_s=0.001, tokens=4))
     out = tmp_path / "p.json"
     run_benchmark(_args(srv.url, num_prompts=6, request_rate=100, out=str(out), no_plots=False))
     assert out.with_suffix(".latency.png").stat().st_size > 0
@@ -309,7 +314,7 @@ def test_plots_when_matplotlib_is_importable(fake_server, tmp_path):
 
 
 def test_cli_ramp_up_and_bad_args(fake_server, tmp_path):
-    srv = fake_server(lambda n, body: Plan(first_s=0.002, inter_s=0.001, tokens=2))
+    srv = fake_server(lambda n, body, inflight: Plan(first_s=0.002, inter_s=0.001, tokens=2))
     out = tmp_path / "ramp.json"
     assert main(["bench", "serve", "--base-url", srv.url, "--model", "m", "--num-prompts", "5", "--random-input-len",
                  "4", "--random-output-len", "2", "--ramp-up", "linear", "--ramp-up-start-rps", "50",
@@ -335,3 +340,158 @@ def test_sharegpt_counts_with_a_tokenizer_file(tmp_path):
                      "tokenizer": str(tmp_path / "tokenizer.json"), "num_prompts": 5})
     specs = load_specs(a)
     assert [(s.prompt_len, s.output_len) for s in specs] == [(30, 12)]
+
+
+def test_run_json_records_every_argument(fake_server, tmp_path):
+    srv = fake_server(lambda n, body, inflight: Plan(first_s=0.002, inter_s=0.001, tokens=2))
+    out = tmp_path / "a.json"
+    run_benchmark(_args(srv.url, num_prompts=2, request_rate=50, burstiness=3, random_token_ids=True,
+                        vocab_size=500, out=str(out)))
+    saved = json.loads(out.read_text())
+    args = saved["args"]
+    assert args["request_rate"] == 50 and args["burstiness"] == 3 and args["seed"] == 0
+    assert args["random_input_len"] == 16 and args["vocab_size"] == 500 and args["base_url"] == srv.url
+    assert saved["dataset"]["prompt"] == "token ids in [100, 500)"
+    assert saved["versions"]["python"]
+
+
+# ---- live progress -----------------------------------------------------------------------------------------------
+class _Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_progress_line_counts_and_current_throughput():
+    import io
+
+    from cluster.loadtest.client import RequestRecord
+    from cluster.loadtest.progress import Progress
+
+    clock, stream = _Clock(), io.StringIO()
+    prog = Progress(4, stream=stream, window_s=2.0, clock=clock)
+    for _ in range(3):
+        prog.on_start()
+    for t in (100.5, 101.0, 101.5, 102.0):  # 4 chunks in the first 2 s
+        prog.on_chunk(t)
+    clock.t = 102.0
+    assert math.isclose(prog.throughput_now(102.0), 4 / 2.0) and math.isclose(prog.throughput_avg(102.0), 4 / 2.0)
+    # a finished request reports 8 tokens over its 4 chunks: 2 tokens per chunk from now on
+    prog.on_done(RequestRecord(0, 5, 8, success=True, output_tokens=8, chunk_times=[0.5, 1.0, 1.5, 2.0]))
+    prog.on_done(RequestRecord(1, 5, 8, error="HTTP 500"))
+    for t in (103.0, 103.5):
+        prog.on_chunk(t)
+    clock.t = 104.0
+    # window (102, 104]: chunks at 102.0 (edge), 103.0, 103.5 -> 3 chunks * 2 tok / 2 s
+    assert math.isclose(prog.throughput_now(104.0), 3 * 2 / 2.0)
+    assert math.isclose(prog.throughput_avg(104.0), 6 * 2 / 4.0)
+    line = prog.line()
+    assert "2/4: 1 completed, 1 failed, 1 in flight" in line and "3.0 tok/s now" in line and "3.0 avg" in line
+    assert "|############............|" in line
+    prog.render()
+    prog.finish()
+    assert stream.getvalue().count("\n") == 2  # not a terminal: whole lines, one per render
+    quiet = Progress(1, enabled=False, stream=stream)
+    quiet.finish()
+    assert stream.getvalue().count("\n") == 2
+
+
+def test_progress_is_written_during_a_run(fake_server, capsys):
+    srv = fake_server(lambda n, body, inflight: Plan(status=500) if n == 0 else Plan(first_s=0.005, inter_s=0.002,
+                                                                                      tokens=3))
+    run_benchmark(_args(srv.url, num_prompts=4, progress=True))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "4/4: 3 completed, 1 failed, 0 in flight" in err[-1] and "tok/s now" in err[-1]
+
+
+# ---- sweep -------------------------------------------------------------------------------------------------------
+def _slow_past_three(n, body, inflight):
+    """Latency that grows with load: TTFT 40-60 ms with up to 3 requests in flight, 600 ms beyond."""
+    return Plan(first_s=0.03 + 0.01 * inflight if inflight <= 3 else 0.6, inter_s=0.02, tokens=4)
+
+
+def test_sweep_finds_the_highest_rate_meeting_the_slos(fake_server, tmp_path, capsys):
+    from cluster.loadtest.sweep import run_sweep
+
+    # near-periodic arrivals (burstiness 100: gap CV 0.1). A request lasts ~0.1-0.12 s while fast, so at 4 and 8
+    # req/s (gaps 250 / 125 ms) at most 2 overlap: every TTFT <= 60 ms. At 40 req/s (25 ms gaps) the 4th request
+    # already finds 3 others in flight and waits 600 ms, and the pile-up keeps every later one slow.
+    srv = fake_server(_slow_past_three)
+    out = tmp_path / "sweep.json"
+    sweep = run_sweep(_args(srv.url, num_prompts=12, random_output_len=4, burstiness=100.0, rates="40,4,8,80",
+                            goodput=["ttft:250"], out=str(out)))
+    assert sweep["rates"] == [4.0, 8.0, 40.0, 80.0]
+    assert [p["rate"] for p in sweep["points"]] == [4.0, 8.0, 40.0]  # stopped at the first miss
+    assert [p["meets_slos"] for p in sweep["points"]] == [True, True, False]
+    assert sweep["points"][0]["slo_attainment"] == 1.0 and sweep["points"][2]["slo_attainment"] <= 0.5
+    assert sweep["best_rate"] == 8.0
+    assert sweep["points"][1]["request_rate"] == 8.0 and sweep["points"][1]["completed"] == 12
+    assert "ttfts" not in sweep["points"][0] and "p99_ttft_ms" in sweep["points"][0]
+    saved = json.loads(out.read_text())
+    assert saved["best_rate"] == 8.0 and len(saved["points"]) == 3 and saved["goodput_slos_ms"] == {"ttft": 250}
+    text = capsys.readouterr().out
+    assert "highest rate meeting the SLOs: 8 req/s" in text and "not run (a lower rate already missed" in text
+
+
+def test_best_rate_attainment_and_rates():
+    from cluster.loadtest.sweep import best_rate, parse_rates, slo_attainment
+
+    pts = [{"rate": 1.0, "meets_slos": True}, {"rate": 4.0, "meets_slos": False}, {"rate": 2.0, "meets_slos": True},
+           {"rate": 8.0, "meets_slos": True}]  # 8 passing above a failing 4 does not count
+    assert best_rate(pts) == 2.0
+    assert best_rate([{"rate": 1.0, "meets_slos": False}]) is None
+    assert slo_attainment({"completed": 8, "failed": 2, "good_requests": 8}) == 0.8  # failures count against it
+    assert slo_attainment({"completed": 0, "failed": 0}) == 0.0
+    assert parse_rates("8, 1,2,inf") == [1.0, 2.0, 8.0, math.inf]
+    for bad in ("", "1,x", "0,1", "1,1", "-2"):
+        with pytest.raises(ValueError):
+            parse_rates(bad)
+
+
+def test_cli_bench_sweep(fake_server, tmp_path, capsys):
+    srv = fake_server(lambda n, body, inflight: Plan(first_s=0.005, inter_s=0.001, tokens=3))
+    out = tmp_path / "sw.json"
+    base = ["bench", "sweep", "--base-url", srv.url, "--model", "fake", "--num-prompts", "4", "--random-input-len",
+            "4", "--random-output-len", "3", "--rates", "100,50,200", "--no-progress", "--out", str(out)]
+    assert main(base + ["--goodput", "ttft:2000", "tpot:1000", "--slo-attainment", "1"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["best_rate"] == 200 and [p["rate"] for p in saved["points"]] == [50, 100, 200]
+    assert saved["slo_attainment"] == 1 and all(p["good_requests"] == 4 for p in saved["points"])
+    # an SLO nobody meets: exit 1, stops after the first rate, or runs them all with --keep-going
+    assert main(base + ["--goodput", "ttft:0.001"]) == 1
+    assert json.loads(out.read_text())["best_rate"] is None and len(json.loads(out.read_text())["points"]) == 1
+    assert main(base + ["--goodput", "ttft:0.001", "--keep-going"]) == 1
+    assert len(json.loads(out.read_text())["points"]) == 3
+    assert main(base + ["--goodput", "ttft:10", "--slo-attainment", "1.5"]) == 2
+    assert "--slo-attainment must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --goodput is required
+        main(base)
+
+
+# ---- offline -----------------------------------------------------------------------------------------------------
+def test_cli_bench_offline(tiny_ckpt, tmp_path, capsys):
+    import torch
+
+    from cluster.loadtest.offline import OfflineWorkload, make_prompts
+
+    out = tmp_path / "off.json"
+    assert main(["bench", "offline", "--model", str(tiny_ckpt), "--num-prompts", "3", "--prompt-len", "8",
+                 "--new-tokens", "3", "--repeats", "2", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    s = saved["summary"]
+    assert len(saved["runs"]) == 2 and s["num_requests"] == 3
+    assert s["total_output_tokens"] == 9 and s["total_num_tokens"] == 3 * 8 + 9
+    for r in saved["runs"]:
+        assert math.isclose(r["output_tokens_per_second"], 9 / r["elapsed_time"])
+        assert math.isclose(r["tokens_per_second"], 33 / r["elapsed_time"])
+    assert s["elapsed_time"] == statistics.median(r["elapsed_time"] for r in saved["runs"])
+    assert saved["workload"]["new_tokens"] == 3 and saved["engine"]["max_num_seqs"] == 3
+    assert "Offline Benchmark Result" in capsys.readouterr().out
+    # the prompts are bench/offline.py's: torch.randint(2, vocab) under manual_seed(seed)
+    g = torch.Generator().manual_seed(5)
+    want = torch.randint(2, 1000, (2, 6), generator=g).tolist()
+    assert make_prompts(1000, OfflineWorkload(2, 6, 1, seed=5)) == want
+    assert main(["bench", "offline", "--model", str(tiny_ckpt), "--new-tokens", "0"]) == 2
+    assert "new_tokens must be positive" in capsys.readouterr().err

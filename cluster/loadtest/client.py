@@ -14,7 +14,7 @@ import json
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -132,8 +132,10 @@ async def _sse_messages(body: AsyncIterator[bytes]) -> AsyncIterator[str]:
         yield buf.strip()[5:].strip().decode("utf-8", "replace")
 
 
-async def send_request(cfg: ClientConfig, spec: RequestSpec, index: int, t0: float) -> RequestRecord:
-    """Send one streaming request; `t0` is the benchmark's perf_counter origin."""
+async def send_request(cfg: ClientConfig, spec: RequestSpec, index: int, t0: float,
+                       on_chunk: Callable[[float], None] | None = None) -> RequestRecord:
+    """Send one streaming request; `t0` is the benchmark's perf_counter origin. `on_chunk(now)` is called for
+    every message with `choices` as it arrives (the live progress line counts them)."""
     rec = RequestRecord(index=index, prompt_len=spec.prompt_len, output_len_requested=spec.output_len)
     url = cfg.base_url.rstrip("/") + ENDPOINTS[cfg.endpoint]
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -166,6 +168,8 @@ async def send_request(cfg: ClientConfig, spec: RequestSpec, index: int, t0: flo
                     last = now
                     chunks += 1
                     rec.chunk_times.append(now - t0)
+                    if on_chunk is not None:
+                        on_chunk(now)
                     c = choices[0]
                     rec.generated_text += (c.get("delta") or {}).get("content") or c.get("text") or ""
                 if usage := data.get("usage"):

@@ -21,6 +21,7 @@ from pathlib import Path
 from cluster.loadtest import arrival, datasets
 from cluster.loadtest.client import ClientConfig, RequestRecord, api_key_from_env, send_request
 from cluster.loadtest.metrics import compute_metrics, parse_goodput, parse_percentiles, request_tpot
+from cluster.loadtest.progress import Progress
 
 DEFAULTS = dict(endpoint="completions", dataset="random", dataset_path=None, num_prompts=1000,
                 random_input_len=1024, random_output_len=128, random_range_ratio=0.0, random_token_ids=False,
@@ -56,60 +57,54 @@ def token_counter(a: Namespace):
     return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
 
 
+def _prompt_kind(a: Namespace) -> str:
+    return f"token ids in [100, {a.vocab_size})" if a.random_token_ids else "random words (~1 token each)"
+
+
 def _dataset_semantics(a: Namespace) -> dict:
     if a.dataset == "random":
         return {"name": "random", "input_len": a.random_input_len, "output_len": a.random_output_len,
                 "range_ratio": a.random_range_ratio,
                 "range_ratio_semantics": "vLLM: uniform integers in [floor(L*(1-r)), ceil(L*(1+r))]",
-                "prompt": "token ids" if a.random_token_ids else "random words (~1 token each)"}
+                "prompt": _prompt_kind(a)}
     if a.dataset == "sharegpt":
         return {"name": "sharegpt", "path": str(a.dataset_path), "fixed_output_len": a.sharegpt_output_len,
                 "filters": "vLLM: drop prompt<4, output<4 (unless fixed), prompt>1024, prompt+output>2048",
                 "token_counting": f"tokenizer {a.tokenizer}" if a.tokenizer else "approx: ceil(chars/4)"}
-    return {"name": "trace", "path": str(a.dataset_path), "timestamp_unit": a.trace_timestamp_unit}
-
-
-class _Progress:
-    def __init__(self, total: int, enabled: bool, t0: float):
-        self.total, self.enabled, self.t0 = total, enabled, t0
-        self.done = self.failed = self.tokens = 0
-        self.last_print = 0.0
-
-    def update(self, rec: RequestRecord) -> None:
-        self.done += 1
-        self.failed += not rec.success
-        self.tokens += rec.output_tokens if rec.success else 0
-        now = time.perf_counter()
-        if self.enabled and (now - self.last_print > 0.2 or self.done == self.total):
-            self.last_print = now
-            el = max(now - self.t0, 1e-9)
-            sys.stderr.write(f"\r[bench] {self.done - self.failed}/{self.total} completed, {self.failed} failed, "
-                             f"{self.tokens / el:,.1f} output tok/s, {el:,.1f}s")
-            if self.done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+    return {"name": "trace", "path": str(a.dataset_path), "timestamp_unit": a.trace_timestamp_unit,
+            "prompt": _prompt_kind(a)}
 
 
 async def _run(specs: list[datasets.RequestSpec], times: list[float], cfg: ClientConfig,
                max_concurrency: int | None, progress: bool) -> tuple[list[RequestRecord], float]:
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     t0 = time.perf_counter()
-    prog = _Progress(len(specs), progress, t0)
+    prog = Progress(len(specs), enabled=progress)
+    ticker = asyncio.create_task(prog.run()) if progress else None
+
+    async def send(i: int) -> RequestRecord:
+        prog.on_start()
+        rec = await send_request(cfg, specs[i], i, t0, on_chunk=prog.on_chunk)
+        prog.on_done(rec)
+        return rec
 
     async def one(i: int) -> RequestRecord:
         delay = times[i] - (time.perf_counter() - t0)
         if delay > 0:
             await asyncio.sleep(delay)
         if sem is None:
-            rec = await send_request(cfg, specs[i], i, t0)
-        else:
-            async with sem:
-                rec = await send_request(cfg, specs[i], i, t0)
-        prog.update(rec)
-        return rec
+            return await send(i)
+        async with sem:
+            return await send(i)
 
-    records = await asyncio.gather(*(one(i) for i in range(len(specs))))
-    return list(records), time.perf_counter() - t0
+    try:
+        records = await asyncio.gather(*(one(i) for i in range(len(specs))))
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+    duration = time.perf_counter() - t0
+    prog.finish()
+    return list(records), duration
 
 
 def run_benchmark(args: Namespace | dict) -> dict:
@@ -154,6 +149,8 @@ def run_benchmark(args: Namespace | dict) -> dict:
         "goodput_slos_ms": slos or None,
         "api_key_env": a.api_key_env,
         "versions": _versions(),
+        "args": {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in sorted(vars(a).items())
+                 if k != "func"},
         "input_lens": [r.prompt_len for r in records],
         "output_lens": [r.output_tokens if r.success else 0 for r in records],
         "ttfts": [r.ttft if r.success else 0.0 for r in records],

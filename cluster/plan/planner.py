@@ -1,0 +1,209 @@
+"""What a plan needs (`PlanInput`, built from a topology by `from_topology`) and the plan itself (`make_plan`):
+per-rank memory, the prefill and decode step model at the given load, and what does not fit, with reasons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from cluster.plan.hardware import Hardware, get_hardware
+from cluster.plan.memory import KVSettings, RankMemory, rank_memory
+from cluster.plan.model_spec import PlanModel, from_v4
+from cluster.plan.perf import Efficiency, Layout, decode, prefill
+from cluster.plan.v3 import V3Config, from_v3
+from engine.config import ModelConfig
+
+# topology kv_cache.dtype -> engine/cache_accounting.py name
+KV_DTYPE_NAMES = {"bfloat16": "bfloat16", "float32": "float32", "fp8": "fp8_ds_mla"}
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    name: str
+    ranks: int
+    accelerator: str
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    model: ModelConfig | V3Config
+    model_name: str
+    nodes: tuple[NodePlan, ...]
+    ep_backend: str = "sync"
+    policy: str = "static"
+    redundant_experts: int = 0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    page_tokens: int = 256
+    max_model_len: int | None = None
+    kv_budget_bytes: int | None = None
+    memory_fraction: float | None = None
+    kv_dtype: str = "bfloat16"  # topology names: bfloat16, float32, fp8
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise ValueError("a plan needs at least one node")
+        if self.kv_dtype not in KV_DTYPE_NAMES:
+            raise ValueError(f"kv_dtype must be one of {sorted(KV_DTYPE_NAMES)}, got {self.kv_dtype!r}")
+
+    @property
+    def world_size(self) -> int:
+        return sum(n.ranks for n in self.nodes)
+
+
+def from_topology(topo) -> PlanInput:
+    """A PlanInput from cluster.topology.Topology (every cuda node needs its `accelerator`)."""
+    nodes = []
+    for n in topo.nodes:
+        if n.accelerator is None:
+            raise ValueError(f"{topo.source}: node {n.name!r} has no accelerator (device {n.device}); the planner "
+                             f"needs a GPU hardware profile for every node")
+        nodes.append(NodePlan(n.name, n.ranks, n.accelerator))
+    p = topo.parallel
+    s = topo.scheduler
+    kv = topo.kv_cache
+    name = topo.model.config or (topo.model.path.name if topo.model.path else "model")
+    return PlanInput(
+        model=topo.model_config(), model_name=name, nodes=tuple(nodes), ep_backend=p.ep_backend,
+        policy=p.placement.policy, redundant_experts=p.placement.redundant_experts, max_num_seqs=s.max_num_seqs,
+        max_num_batched_tokens=s.max_num_batched_tokens, page_tokens=s.page_tokens, max_model_len=s.max_model_len,
+        kv_budget_bytes=kv.budget_bytes, memory_fraction=kv.memory_fraction,
+        kv_dtype=kv.dtype or topo.model.dtype)
+
+
+def build_model(inp: PlanInput, hw: Hardware) -> tuple[PlanModel, list[str]]:
+    """The planner's model for `inp` on `hw`; FP4 experts become FP8 on a GPU without FP4 (Hopper)."""
+    notes: list[str] = []
+    cache_dtype = KV_DTYPE_NAMES[inp.kv_dtype]
+    if isinstance(inp.model, V3Config):
+        return from_v3(inp.model, inp.model_name, cache_dtype), notes
+    cfg = inp.model
+    if cfg.expert_dtype == "fp4" and not hw.has_fp4:
+        cfg = dataclasses.replace(cfg, expert_dtype="fp8")
+        notes.append(f"{hw.key} has no FP4 tensor cores: routed experts planned as FP8 (the lossless FP4->FP8 "
+                     f"conversion of v4-model.md §4.3), about twice the FP4 expert bytes")
+    return from_v4(cfg, inp.model_name, cache_dtype), notes
+
+
+@dataclass(frozen=True)
+class Perf:
+    isl: int
+    osl: int
+    concurrency: int
+    batch_per_rank: float  # decode sequences per rank at this load (capped by what fits)
+    decode_context: int
+    prefill_tokens_per_step: int
+    prefill_tok_s_gpu: float
+    decode_tok_s_gpu: float
+    ttft_s: float
+    tpot_s: float
+    output_tok_s_gpu: float  # colocated serving: every rank prefills its requests, then decodes them
+    output_tok_s_node: float
+    prefill_step: dict
+    decode_step: dict
+    efficiency: dict
+    layout: dict
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_name: str
+    world_size: int
+    ranks: tuple[tuple[tuple[int, ...], str, RankMemory], ...]  # (global ranks, node, memory) per distinct node
+    perf: Perf | None
+    problems: tuple[str, ...]
+    notes: tuple[str, ...]
+    weight_bytes_model: int = 0
+    replicated_by_kind: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model_name, "world_size": self.world_size, "weight_bytes_model": self.weight_bytes_model,
+            "ranks": [{"ranks": list(r), "node": node, **m.to_dict()} for r, node, m in self.ranks],
+            "perf": dataclasses.asdict(self.perf) if self.perf else None,
+            "problems": list(self.problems), "notes": list(self.notes),
+        }
+
+
+def domain_size(hw: Hardware, ranks_per_node: int) -> int:
+    """Ranks per NVLink domain: the rack (NVL72) when it is larger than a node, else the node."""
+    return hw.nvl_domain if hw.nvl_domain > ranks_per_node else ranks_per_node
+
+
+def make_plan(inp: PlanInput, isl: int = 1024, osl: int = 1024, concurrency: int | None = None,
+              eff: Efficiency | None = None) -> Plan:
+    for name, v in (("isl", isl), ("osl", osl)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {v!r}")
+    eff = eff or Efficiency()
+    world = inp.world_size
+    if concurrency is None:
+        concurrency = inp.max_num_seqs * world
+    if concurrency < 1:
+        raise ValueError(f"--concurrency must be a positive integer, got {concurrency!r}")
+    problems: list[str] = []
+    notes: list[str] = []
+    context = isl + osl
+    if inp.max_model_len is not None and context > inp.max_model_len:
+        problems.append(f"isl + osl = {context} tokens exceeds scheduler.max_model_len {inp.max_model_len}")
+    kv = KVSettings(inp.page_tokens, inp.max_num_seqs, inp.max_num_batched_tokens, inp.kv_budget_bytes,
+                    inp.memory_fraction)
+    rows = []
+    models: dict[str, PlanModel] = {}
+    start = 0
+    for node in inp.nodes:
+        hw = get_hardware(node.accelerator)
+        if hw.key not in models:
+            models[hw.key], n = build_model(inp, hw)
+            notes += n
+        mem = rank_memory(models[hw.key], hw, world, inp.redundant_experts, kv, context)
+        problems += [f"node {node.name} (ranks {start}-{start + node.ranks - 1}): {p}" for p in mem.problems]
+        rows.append((tuple(range(start, start + node.ranks)), node.name, mem))
+        start += node.ranks
+    # the performance model runs on the slowest GPU of the group (every MoE layer waits for every rank)
+    hws = {n.accelerator: get_hardware(n.accelerator) for n in inp.nodes}
+    hw = min(hws.values(), key=lambda h: (h.hbm_bw, h.fp8_flops))
+    if len(hws) > 1:
+        notes.append(f"mixed accelerators {sorted(hws)}: every step waits for the slowest, {hw.key}")
+    model = models[hw.key]
+    rpn = max(n.ranks for n in inp.nodes)
+    dom = domain_size(hw, rpn)
+    backend = inp.ep_backend
+    if backend == "wave" and not hw.has_fp4:
+        problems.append(f"ep_backend wave (DeepGEMM MegaMoE) needs SM100 (Blackwell); {hw.key} is Hopper: "
+                        f"modelled as sync")
+        backend = "sync"
+    elif backend == "wave" and world > dom:
+        problems.append(f"ep_backend wave (MegaMoE) works only inside one NVLink domain; {world} ranks span "
+                        f"{math.ceil(world / dom)} domains of {dom} ({hw.key}): modelled as sync; use tbo, or keep "
+                        f"the EP group within {dom} GPUs")
+        backend = "sync"
+    lay = Layout(world, dom, rpn, hw, backend, inp.policy, inp.redundant_experts)
+    mem_min = min((m for _, _, m in rows), key=lambda m: m.seqs_at_context)
+    slots = mem_min.expert_slots
+    want = concurrency / world
+    fit = min(mem_min.seqs_at_context, inp.max_num_seqs)
+    batch = min(want, fit)
+    if want > fit:
+        why = (f"the KV budget holds {mem_min.seqs_at_context} sequences of {context} tokens"
+               if mem_min.seqs_at_context < inp.max_num_seqs else f"scheduler.max_num_seqs is {inp.max_num_seqs}")
+        problems.append(f"concurrency {concurrency} = {want:.1f} sequences per rank, but {why} per rank: "
+                        f"decode modelled at {batch} per rank")
+    perf = None
+    if batch > 0:
+        t_pre = inp.max_num_batched_tokens
+        pre = prefill(model, lay, eff, slots, isl, t_pre)
+        ctx = isl + osl // 2
+        dec = decode(model, lay, eff, slots, batch, ctx)
+        tpot = dec.step.time_s
+        ttft = math.ceil(isl / t_pre) * pre.step.time_s if isl > t_pre else pre.step.time_s
+        cycle = batch * isl / pre.tokens_per_s_per_gpu + osl * tpot  # per rank: prefill its batch, then decode
+        out_gpu = batch * osl / cycle
+        perf = Perf(isl, osl, concurrency, batch, ctx, t_pre, pre.tokens_per_s_per_gpu, dec.tokens_per_s_per_gpu,
+                    ttft, tpot, out_gpu, out_gpu * rpn, pre.step.to_dict(), dec.step.to_dict(),
+                    dataclasses.asdict(eff), {"world": world, "nvl_domain": dom, "ranks_per_node": rpn,
+                                              "accelerator": hw.key, "ep_backend": backend, "policy": inp.policy,
+                                              "redundant_experts": inp.redundant_experts, "expert_slots": slots})
+    return Plan(inp.model_name, world, tuple(rows), perf, tuple(problems), tuple(notes), model.weight_bytes)

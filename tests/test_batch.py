@@ -396,3 +396,33 @@ def test_routes_files_and_batches(tmp_path):
             assert (await c.get(f"/v1/files/{f['id']}")).status == 404
 
     _run(main())
+
+
+def test_runner_retries_server_errors_then_records_them(tmp_path):
+    store = BatchStore(tmp_path)
+    f = _add_input(store, [_req(c, c) for c in ("flaky", "broken", "fine")])
+    b = store.create_batch("/v1/chat/completions", f.id, "24h", 86400, None)
+    attempts = Counter()
+
+    class Flaky(FakeService):
+        async def chat_completions(self, body: dict, priority: int = 0) -> dict:
+            text = body["messages"][0]["content"]
+            attempts[text, priority] += 1
+            if text == "flaky" and attempts[text, priority] == 1:
+                raise ConnectionResetError("rank connection lost")
+            if text == "broken":
+                raise FakeAPIError(503, "no rank is up")
+            return await super().chat_completions(body)
+
+    async def main():
+        runner = BatchRunner(store, Flaky(), AdmissionGate(2))
+        runner.retry_delays_s = (0.01, 0.01)
+        runner.start(b.id)
+        await runner.wait(b.id)
+
+    _run(main())
+    assert attempts == {("flaky", 1): 2, ("broken", 1): 3, ("fine", 1): 1}  # batch requests go at priority 1
+    out, err = _check_exactly_once(store, b.id, ["flaky", "broken", "fine"])
+    assert sorted(r["custom_id"] for r in out) == ["fine", "flaky"]
+    assert err[0]["response"]["status_code"] == 503 and err[0]["response"]["body"]["error"]["message"] == \
+        "no rank is up"

@@ -80,12 +80,17 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
         app[RUNNER_KEY] = runner
         runner.resume()
 
-    async def stop(app: web.Application) -> None:
+    async def stop_jobs(app: web.Application) -> None:
+        # NOTE: on_shutdown runs before every on_cleanup, so jobs stop while the service still answers: a request
+        # cut off here is simply run again after the restart instead of being recorded as failed.
         await app[RUNNER_KEY].close()
+
+    async def close_store(app: web.Application) -> None:
         store.close()
 
     app.on_startup.append(start)
-    app.on_cleanup.append(stop)
+    app.on_shutdown.append(stop_jobs)
+    app.on_cleanup.append(close_store)
 
     def route(fn):
         async def wrapped(request: web.Request) -> web.StreamResponse:

@@ -10,6 +10,7 @@ error record, so every input line (every custom_id) ends up in exactly one recor
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from cluster.batch.store import Batch, BatchStore, FileRecord, InvalidTransition
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+BATCH_PRIORITY = 1  # ranks admit priority > 0 only while their queue is short (engine/worker.py)
+RETRY_DELAYS_S = (0.5, 2.0)  # a 5xx or an exception from the service is retried after these pauses
 
 
 class Service(Protocol):
@@ -37,6 +40,7 @@ class BatchRunner:
         self.gate = gate
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._cancel: dict[str, asyncio.Event] = {}
+        self.retry_delays_s = RETRY_DELAYS_S
         self._write_lock = asyncio.Lock()
         self._writes: dict[str, set[asyncio.Task[None]]] = {}  # batch id -> record writes in flight
 
@@ -180,22 +184,25 @@ class BatchRunner:
 
     async def _one(self, batch: Batch, ln: InputLine, files: ResultFiles) -> None:
         rid = record_id(batch.id, ln.lineno)
-        call = self.service.chat_completions if batch.endpoint == "/v1/chat/completions" else \
-            self.service.completions
-        try:
-            body = await call(dict(ln.body))
-            rec = {"id": rid, "custom_id": ln.custom_id, "error": None,
-                   "response": {"status_code": 200, "request_id": body.get("id", rid), "body": body}}
-            ok = True
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # an APIError (4xx/5xx with OpenAI's error body) or a bug: either way a record
-            status, err = _api_error(e)
-            if status >= 500:
-                log.warning("batch %s line %d: %s", batch.id, ln.lineno, err["message"])
-            rec = {"id": rid, "custom_id": ln.custom_id, "error": None,
-                   "response": {"status_code": status, "request_id": rid, "body": {"error": err}}}
-            ok = False
+        for attempt in range(len(self.retry_delays_s) + 1):
+            try:
+                body = await self._call(batch.endpoint, dict(ln.body))
+                rec = {"id": rid, "custom_id": ln.custom_id, "error": None,
+                       "response": {"status_code": 200, "request_id": body.get("id", rid), "body": body}}
+                ok = True
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # an APIError (OpenAI's error body) or a failure below the service
+                status, err = _api_error(e)
+                if status >= 500 and attempt < len(self.retry_delays_s):  # transient until proven otherwise
+                    log.warning("batch %s line %d: %s; retrying", batch.id, ln.lineno, err["message"])
+                    await asyncio.sleep(self.retry_delays_s[attempt])
+                    continue
+                rec = {"id": rid, "custom_id": ln.custom_id, "error": None,
+                       "response": {"status_code": status, "request_id": rid, "body": {"error": err}}}
+                ok = False
+                break
         # NOTE: shielded, so a cancel that lands while the record is being written cannot make the line look
         # unfinished (and get a second record) after the write went through.
         await asyncio.shield(self._submit([(ln.lineno, rec, ok)], files))
@@ -216,12 +223,21 @@ class BatchRunner:
                 return
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _call(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        fn = self.service.chat_completions if endpoint == "/v1/chat/completions" else self.service.completions
+        if _takes_priority(fn):
+            return await fn(body, priority=BATCH_PRIORITY)
+        return await fn(body)
+
     async def _write(self, records: list[tuple[int, dict[str, Any], bool]], files: ResultFiles) -> None:
         if not records:
             return
-        async with self._write_lock:
-            await asyncio.to_thread(files.append, records)
+        def append() -> None:  # in a worker thread: two fsyncs (file, then SQLite's WAL) stay off the event loop
+            files.append(records)
             self.store.set_counts(files.batch_id, files.total, files.completed, files.failed)
+
+        async with self._write_lock:
+            await asyncio.to_thread(append)
 
     def _finish(self, batch: Batch, files: ResultFiles, status: str) -> None:
         now = int(time.time())
@@ -235,6 +251,13 @@ class BatchRunner:
                 fields[key] = rec.id
         self.store.transition(batch.id, status, now=now, new_files=tuple(recs), completed=files.completed,
                               failed=files.failed, **fields)
+
+
+def _takes_priority(fn: Any) -> bool:
+    try:
+        return "priority" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _api_error(e: Exception) -> tuple[int, dict[str, Any]]:

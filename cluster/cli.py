@@ -223,11 +223,105 @@ def _bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- plan ----------------------------------------------------------------------------------------------
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="what each rank of a topology holds and how fast it will run (capacity planner)")
+    p.add_argument("topology", metavar="TOPOLOGY", help="topology YAML (nodes need an accelerator profile)")
+    p.add_argument("--isl", type=int, default=1024, help="input tokens per request (default 1024)")
+    p.add_argument("--osl", type=int, default=1024, help="output tokens per request (default 1024)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight over the whole EP group (default: max_num_seqs x ranks)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_plan)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from cluster.plan.hardware import HardwareError
+    from cluster.plan.planner import from_topology, make_plan
+    from cluster.plan.report import format_plan
+    from cluster.topology import TopologyError, load_topology
+
+    try:
+        plan = make_plan(from_topology(load_topology(args.topology)), isl=args.isl, osl=args.osl,
+                         concurrency=args.concurrency)
+    except (TopologyError, HardwareError, ValueError) as e:
+        print(f"megaserve plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        sys.stdout.write(json.dumps(plan.to_dict(), indent=1) + "\n")
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+# ---- up / status / down (the Ray cluster) --------------------------------------------------------------
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="launch a topology's ranks on Ray and serve HTTP (foreground; --detach)")
+    p.add_argument("topology", help="topology YAML, e.g. examples/local.yaml")
+    p.add_argument("--detach", action="store_true", help="run in the background; return once ready")
+    p.add_argument("--port", type=int, default=None, help="override server.port (0 = any free port)")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the ranks")
+    p.set_defaults(func=_up)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cluster import service
+    from cluster.topology import TopologyError
+
+    try:
+        if args.detach:
+            return service.up_detached(args.topology, ready_timeout_s=args.ready_timeout, port=args.port)
+        return service.up(args.topology, ready_timeout_s=args.ready_timeout, port=args.port)
+    except TopologyError as e:
+        print(f"megaserve up: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="ranks, nodes, experts per rank, queue and cache use of a running `up`")
+    p.add_argument("topology", help="the topology YAML given to `up`")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cluster import service
+    from cluster.topology import TopologyError
+
+    try:
+        return service.status(args.topology, as_json=args.json)
+    except TopologyError as e:
+        print(f"megaserve status: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _add_down(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("down", help="stop a running `up` and every process it started")
+    p.add_argument("topology", help="the topology YAML given to `up`")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait before killing")
+    p.set_defaults(func=_down)
+
+
+def _down(args: argparse.Namespace) -> int:
+    from cluster import service
+    from cluster.topology import TopologyError
+
+    try:
+        return service.down(args.topology, timeout_s=args.timeout)
+    except TopologyError as e:
+        print(f"megaserve down: error: {e}", file=sys.stderr)
+        return 2
+
+
 # ---- entry point -------------------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_make_checkpoint,
     _add_manifest,
     _add_bench,
+    _add_plan,
+    _add_up,
+    _add_status,
+    _add_down,
 ]
 
 

@@ -2,7 +2,8 @@
 
 Two threads. The step thread owns the engine (nothing else touches it):
 
-    drain inbox -> admit by priority -> engine.step() -> send outputs -> if engine.idle(): wait (<= 5 ms)
+    drain inbox -> admit by priority -> engine.step() -> send outputs -> if engine.idle(): wait for input
+                                                                          (<= 5 ms when the step is collective)
 
 The server thread runs an asyncio loop that accepts connections (bound to the given host only), decodes
 frames and puts requests into the inbox; Ping and StatsRequest are answered there from the latest stats
@@ -34,6 +35,7 @@ from scheduler.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.005
+SOLO_IDLE_WAIT_S = 0.5
 STATS_INTERVAL_S = 0.05
 BACKGROUND_QUEUE = 4  # admit priority > 0 requests only while fewer than this many wait in the engine
 
@@ -209,6 +211,9 @@ class RankWorker:
     # ---------------- step thread ----------------
     def _step_loop(self) -> None:
         engine = self.engine
+        # A collective engine must step again soon (a peer may have work); a world-1 engine can sleep until
+        # input arrives (the inbox sets the event, so waiting longer adds no latency).
+        wait_s = self.idle_wait_s if getattr(engine, "ep_size", 1) > 1 else SOLO_IDLE_WAIT_S
         try:
             while not self._stop.is_set():
                 self._wake.clear()
@@ -220,7 +225,7 @@ class RankWorker:
                     self._deliver(outs)
                 self._refresh_stats()
                 if engine.idle() and not self._inbox and not self._held:
-                    self._wake.wait(self.idle_wait_s)
+                    self._wake.wait(wait_s)
         except BaseException as e:  # a failed step ends this rank: its peers see the sockets close
             log.exception("rank %d: step loop failed", self.rank)
             self.failure = e
@@ -307,5 +312,5 @@ class RankWorker:
             return
         self._stats_time = now
         stats = _plain_stats(self.engine.stats())
-        stats.update(steps=self.steps, held_requests=len(self._held), live_requests=len(self._owner))
+        stats.update(worker_steps=self.steps, held_requests=len(self._held), live_requests=len(self._owner))
         self._stats = stats  # one reference swap: the server thread reads it without a lock

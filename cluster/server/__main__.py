@@ -1,0 +1,106 @@
+"""`python -m cluster.server --model DIR`: serve a checkpoint over the OpenAI API without Ray.
+
+--ranks 1 (default) runs one LLMEngine in this process behind a RankWorker (its step loop in a thread);
+--ranks N > 1 starts N local rank processes running the expert-parallel engine (cluster/server/ranks.py).
+The frontend then reaches the ranks only through the wire protocol, exactly as under `megaserve up`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from cluster.server.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cluster.server", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory (config.json, tokenizer.json)")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed on start)")
+    p.add_argument("--state-dir", type=Path, default=Path(".megaserve"), help="batch job state (SQLite, files)")
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--api-key-env", default=None, help="environment variable holding the API key (Bearer)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    p.add_argument("--page-tokens", type=int, default=256)
+    p.add_argument("--kv-cache-bytes", type=int, default=512 * 2**20)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--default-max-tokens", type=int, default=None,
+                   help="chat requests without max_tokens generate at most this many (default: the context left)")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    if args.ranks < 1:
+        p.error(f"--ranks must be >= 1, got {args.ranks}")
+    return args
+
+
+async def run(args: argparse.Namespace, settings: ServerSettings) -> None:
+    from cluster.router import Router
+    from cluster.server.app import build_app, serve
+    from cluster.server.ranks import EngineArgs, model_info, start_ranks
+    from engine.tokenizer import load_tokenizer
+
+    engine_args = EngineArgs(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+                             max_num_batched_tokens=args.max_num_batched_tokens, page_tokens=args.page_tokens,
+                             cache_budget_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len)
+    info = model_info(args.model, settings.model_name or args.model.resolve().name, args.max_model_len)
+    tokenizer = load_tokenizer(args.model)
+    ranks = await asyncio.to_thread(start_ranks, args.model, args.ranks, engine_args, settings.host)
+    router = None
+    runner = None
+    try:
+        router = await Router(ranks.addresses, affinity_tokens=args.page_tokens).start()
+        from cluster.server.openai_api import OpenAIService
+
+        service = OpenAIService(router, tokenizer, info, default_max_tokens=args.default_max_tokens)
+        app = build_app(service, settings)
+        runner, port = await serve(app, settings.host, settings.port)
+        print(f"megaserve: serving {info.name!r} on http://{settings.host}:{port} ({args.ranks} rank(s))", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        dead = asyncio.create_task(asyncio.to_thread(ranks.wait_any_dead))
+        done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), dead], return_when=asyncio.FIRST_COMPLETED)
+        if dead in done:
+            print(f"megaserve: a rank died ({dead.result()}); shutting down", file=sys.stderr, flush=True)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if router is not None:
+            await router.close()
+        await asyncio.to_thread(ranks.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(host=args.host, port=args.port, api_key_env=args.api_key_env,
+                              state_dir=args.state_dir, max_body_bytes=args.max_body_bytes,
+                              model_name=args.served_model_name)
+    try:
+        settings.api_key()  # a named but unset key variable is an error now, not an open server
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(run(args, settings))
+    else:
+        uvloop.run(run(args, settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,6 +31,13 @@ class Plan:
     inter_s: float = 0.04
     tokens: int = 10
     usage: bool = True
+    prompt_tokens: int | None = None  # usage.prompt_tokens; None: the prompt's words (random prompts: its length)
+    chunk_words: int = 1  # words of text per streamed chunk
+
+
+def _prompt_tokens(body: dict) -> int:
+    prompt = body.get("prompt") if "prompt" in body else body["messages"][0]["content"]
+    return len(prompt) if isinstance(prompt, list) else len(prompt.split())
 
 
 class FakeServer:
@@ -104,11 +111,14 @@ class FakeServer:
 
             for i in range(plan.tokens):
                 await asyncio.sleep(max(0.0, t0 + plan.first_s + i * plan.inter_s - time.perf_counter()))
-                choice = {"index": 0, "delta": {"content": f" t{i}"}} if chat else {"index": 0, "text": f" t{i}"}
+                text = f" t{i}" * plan.chunk_words
+                choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
                 await send({"id": "x", "choices": [choice]})
             if plan.usage:
-                await send({"id": "x", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": plan.tokens,
-                                                                "total_tokens": 7 + plan.tokens}})
+                n_prompt = plan.prompt_tokens if plan.prompt_tokens is not None else _prompt_tokens(body)
+                await send({"id": "x", "choices": [], "usage": {"prompt_tokens": n_prompt,
+                                                                "completion_tokens": plan.tokens,
+                                                                "total_tokens": n_prompt + plan.tokens}})
             await send("[DONE]")
             writer.write(b"0\r\n\r\n")
             await writer.drain()
@@ -495,3 +505,43 @@ def test_cli_bench_offline(tiny_ckpt, tmp_path, capsys):
     assert make_prompts(1000, OfflineWorkload(2, 6, 1, seed=5)) == want
     assert main(["bench", "offline", "--model", str(tiny_ckpt), "--new-tokens", "0"]) == 2
     assert "new_tokens must be positive" in capsys.readouterr().err
+
+
+def test_token_counts_follow_vllm(fake_server, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    # input tokens: the server's usage.prompt_tokens when it reports them (chat templates add tokens)
+    srv = fake_server(lambda n, body, inflight: Plan(first_s=0.002, inter_s=0.001, tokens=3, prompt_tokens=21))
+    m = run_benchmark(_args(srv.url, num_prompts=3, endpoint="chat"))
+    assert m["total_input_tokens"] == 3 * 21 and m["input_lens"] == [21] * 3
+    # output tokens without usage: the tokenizer's count of the generated text (--tokenizer), else the chunks
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    srv2 = fake_server(lambda n, body, inflight: Plan(first_s=0.01, inter_s=0.02, tokens=4, usage=False,
+                                                      chunk_words=3))
+    m = run_benchmark(_args(srv2.url, num_prompts=2, tokenizer=str(tmp_path / "tokenizer.json")))
+    assert m["total_output_tokens"] == 2 * 4 * 3 and m["total_input_tokens"] == 2 * 16
+    assert _close(m["mean_tpot_ms"], 60 / 11, rel=0.2)  # (E2EL - TTFT) / (12 - 1): 3 gaps of 20 ms over 11
+    assert "tokenizer" in m["token_counting"]["output"] and m["tokenizer_id"].endswith("tokenizer.json")
+    srv3 = fake_server(lambda n, body, inflight: Plan(first_s=0.002, inter_s=0.001, tokens=4, usage=False,
+                                                      chunk_words=3))
+    assert run_benchmark(_args(srv3.url, num_prompts=2))["total_output_tokens"] == 2 * 4
+
+
+def test_peaks_count_from_the_first_request():
+    from cluster.loadtest.client import RequestRecord
+    from cluster.loadtest.metrics import compute_metrics
+
+    def rec(i, start, chunks, tokens=None):
+        return RequestRecord(i, 4, 4, start=start, ttft=chunks[0] - start, e2el=chunks[-1] - start,
+                             output_tokens=tokens or len(chunks), chunk_times=chunks, success=True)
+
+    # buckets from 0.6 s (the first start): [0.6, 1.6) holds all 4 chunks of the first request; counted from 0
+    # they would split 2 + 2. The third request doubles its chunks' weight (8 usage tokens over 4 chunks).
+    records = [rec(0, 0.6, [0.65, 0.9, 1.5, 1.55]), rec(1, 1.7, [1.8, 1.9]), rec(2, 0.65, [0.7, 1.15]),
+               RequestRecord(3, 4, 4, start=0.0, error="HTTP 500")]
+    m = compute_metrics(records, 2.0)
+    assert m["max_output_tokens_per_s"] == 6 and m["max_concurrent_requests"] == 2
+    records[2] = rec(2, 1.65, [1.7, 1.75, 1.8, 1.85], tokens=8)
+    assert compute_metrics(records, 2.0)["max_output_tokens_per_s"] == 10  # bucket [1.6, 2.6): 2 + 8

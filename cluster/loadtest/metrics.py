@@ -8,7 +8,10 @@ Over successful requests only (failed ones are counted in `failed` and excluded 
 - goodput: a request is good iff every given SLO holds (`ttft`, `tpot`, `e2el` in ms; TPOT of a 1-token output
   counts as 0); `request_goodput = good / duration`.
 - mean/median/std (population)/pXX in milliseconds; percentiles interpolate linearly (numpy's default).
-- `max_output_tokens_per_s` and `max_concurrent_requests` from 1-second buckets of chunk timestamps.
+- input tokens are the server's `usage.prompt_tokens` when it reports them (as vLLM counts them; chat templates
+  add tokens), else the dataset's prompt length.
+- `max_output_tokens_per_s` and `max_concurrent_requests` from 1-second buckets of chunk timestamps, counted from
+  the first successful request's start.
 """
 
 from __future__ import annotations
@@ -62,23 +65,30 @@ def request_tpot(r: RequestRecord) -> float | None:
     return (r.e2el - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else None
 
 
+def input_tokens(r: RequestRecord) -> int:
+    """Prompt tokens as the server counted them (`usage.prompt_tokens`, as vLLM takes them), else the dataset's."""
+    return r.prompt_tokens_server if r.prompt_tokens_server is not None else r.prompt_len
+
+
 def _peaks(records: Sequence[RequestRecord]) -> tuple[float, int]:
-    """Peak output tokens/s and peak concurrent requests over 1-second buckets (vLLM's method)."""
+    """Peak output tokens/s and peak concurrent requests over 1-second buckets counted from the first successful
+    request's start (vLLM's method)."""
     ok = [r for r in records if r.success and r.chunk_times]
     if not ok:
         return 0.0, 0
-    end = max(r.chunk_times[-1] for r in ok)
-    n = int(end) + 1
+    origin = min(r.start for r in ok)
+    n = math.ceil(max(r.start + r.e2el for r in ok) - origin) + 1
     tokens = [0.0] * n
     conc = [0] * n
     for r in ok:
         # spread usage-counted tokens evenly over the chunks, so multi-token chunks weigh right
         per_chunk = r.output_tokens / len(r.chunk_times)
         for t in r.chunk_times:
-            tokens[int(t)] += per_chunk
-        for s in range(int(r.start), int(r.start + r.e2el) + 1):
-            if s < n:
-                conc[s] += 1
+            b = int(t - origin)
+            if 0 <= b < n:
+                tokens[b] += per_chunk
+        for s in range(int(r.start - origin), min(int(r.start + r.e2el - origin), n - 1) + 1):
+            conc[s] += 1
     return max(tokens), max(conc)
 
 
@@ -90,7 +100,7 @@ def compute_metrics(records: Sequence[RequestRecord], duration: float, percentil
     e2els = [r.e2el for r in ok]
     tpots = [t for r in ok if (t := request_tpot(r)) is not None]
     itls = [g for r in ok for g in r.itl]
-    total_in = sum(r.prompt_len for r in ok)
+    total_in = sum(input_tokens(r) for r in ok)
     total_out = sum(r.output_tokens for r in ok)
     out: dict = {
         "duration": duration,

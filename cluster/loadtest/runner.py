@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cluster.loadtest import arrival, datasets
 from cluster.loadtest.client import ClientConfig, RequestRecord, api_key_from_env, send_request
-from cluster.loadtest.metrics import compute_metrics, parse_goodput, parse_percentiles, request_tpot
+from cluster.loadtest.metrics import compute_metrics, input_tokens, parse_goodput, parse_percentiles, request_tpot
 from cluster.loadtest.progress import Progress
 
 DEFAULTS = dict(endpoint="completions", dataset="random", dataset_path=None, num_prompts=1000,
@@ -124,6 +124,11 @@ def run_benchmark(args: Namespace | dict) -> dict:
                        ignore_eos=a.ignore_eos, temperature=a.temperature, timeout_s=a.timeout_s)
     started = datetime.now(timezone.utc).isoformat()
     records, duration = asyncio.run(_run(specs, times, cfg, a.max_concurrency, a.progress))
+    if a.tokenizer:  # vLLM: without usage, count the generated text's tokens (else: one token per chunk)
+        count = token_counter(a)
+        for r in records:
+            if r.success and not r.output_tokens_from_usage:
+                r.output_tokens = count(r.generated_text)
     result = compute_metrics(records, duration, percentiles, slos or None)
     rate = float(a.request_rate)
     result.update({
@@ -143,6 +148,11 @@ def run_benchmark(args: Namespace | dict) -> dict:
                    "gamma(shape=burstiness, scale=1/(rate*burstiness)), rescaled to span N/rate",
         "seed": a.seed,
         "ignore_eos": a.ignore_eos,
+        "tokenizer_id": a.tokenizer,
+        "token_counting": {"input": "usage.prompt_tokens, else the dataset's prompt length",
+                           "output": "usage.completion_tokens, else "
+                                     + ("the tokenizer's count of the generated text" if a.tokenizer
+                                        else "one token per streamed chunk")},
         "temperature": a.temperature,
         "dataset": _dataset_semantics(a),
         "percentiles": percentiles,
@@ -151,9 +161,10 @@ def run_benchmark(args: Namespace | dict) -> dict:
         "versions": _versions(),
         "args": {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in sorted(vars(a).items())
                  if k != "func"},
-        "input_lens": [r.prompt_len for r in records],
+        "input_lens": [input_tokens(r) for r in records],
         "output_lens": [r.output_tokens if r.success else 0 for r in records],
         "ttfts": [r.ttft if r.success else 0.0 for r in records],
+        "latencies": [r.e2el if r.success else 0.0 for r in records],
         "itls": [r.itl for r in records],
         "errors": [r.error for r in records],
     })

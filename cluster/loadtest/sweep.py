@@ -24,7 +24,7 @@ from pathlib import Path
 from cluster.loadtest.metrics import parse_goodput
 from cluster.loadtest.runner import DEFAULTS, run_benchmark
 
-PER_REQUEST_KEYS = ("input_lens", "output_lens", "ttfts", "itls", "errors", "args")
+PER_REQUEST_KEYS = ("input_lens", "output_lens", "ttfts", "latencies", "itls", "errors", "args")
 
 
 def parse_rates(text: str) -> list[float]:

@@ -1,0 +1,444 @@
+"""Launch a topology's ranks on Ray, watch them, and restart the EP group when one fails.
+
+    conn = connect_ray(topo)                 # ray.address, or an embedded local cluster (one Ray node per
+                                             # topology node, labelled like the topology says)
+    launcher = Launcher(topo, on_restart=...)
+    addresses = launcher.start()             # placement groups, actors, process group, weights, step loops
+    launcher.start_monitor()                 # health pings; restart the whole group on failure
+    ...
+    launcher.shutdown(); conn.shutdown()
+
+Placement: one placement group per topology node (STRICT_PACK, one bundle per rank), pinned to the Ray node
+the topology names: by label (`bundle_label_selector`, Ray >= 2.49) or by address (the `node:<ip>` resource
+every Ray node carries). Before anything is created, the topology is matched against Ray's alive nodes
+(`topology.match_nodes`), so a node that does not exist or is too small fails at once with a clear message.
+
+Health: every `ping_interval_s` each rank actor's `health()` is called; a rank is failed when the call raises
+(dead actor or process), does not answer within `ping_timeout_s`, reports a failed step loop, or its step
+counter has not advanced for `step_timeout_s` (a hung step or collective). A failure restarts the whole EP
+group (collectives cannot survive a lost member): kill every actor, start new ones in the same placement
+groups with a new process group, then `on_restart(addresses)` (the frontend's Router.reset_ranks resubmits
+in-flight requests). Failures less than `stable_s` apart count as consecutive; consecutive restarts back off
+(0, 1, 2, 4 ... 30 s); more than `max_restarts` consecutive failures stop the monitor and call `on_fatal`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.topology import NodeSpec, RayNode, Topology, TopologyError, match_nodes
+
+log = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "megaserve-rank"
+PG_PREFIX = "megaserve-node"
+OBJECT_STORE_BYTES = 128 * 2**20  # per embedded Ray node: ranks pass no tensors through Ray
+MAX_BACKOFF_S = 30.0
+
+
+class LaunchError(RuntimeError):
+    """The ranks could not be started (resources never appeared, a rank failed to load, ...)."""
+
+
+# ---- Ray: embedded or external -----------------------------------------------------------------------
+@dataclass
+class RayConnection:
+    """The driver's Ray: an embedded `ray.cluster_utils.Cluster` we own, or an existing cluster we joined."""
+
+    address: str
+    namespace: str
+    cluster: Any = None  # ray.cluster_utils.Cluster when embedded
+    session_dir: str = ""
+
+    @property
+    def embedded(self) -> bool:
+        return self.cluster is not None
+
+    def process_ids(self) -> list[int]:
+        """PIDs of the embedded Ray's own processes (GCS, raylets, ...); empty when joined."""
+        if self.cluster is None:
+            return []
+        out: list[int] = []
+        for node in self.cluster.list_all_nodes():
+            for infos in node.all_processes.values():
+                out.extend(int(i.process.pid) for i in infos if i.process is not None)
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+
+
+def embedded_node_args(node: NodeSpec, head: bool) -> dict[str, Any]:
+    """Ray node arguments for one topology node of an embedded cluster: its labels and exactly its ranks'
+    CPUs (GPUs on cuda nodes)."""
+    args: dict[str, Any] = {"num_cpus": node.ranks if node.device == "cpu" else 1,
+                            "num_gpus": node.ranks if node.device == "cuda" else 0,
+                            "labels": dict(node.label or {}), "object_store_memory": OBJECT_STORE_BYTES}
+    if head:
+        args["include_dashboard"] = False
+    return args
+
+
+def connect_ray(topo: Topology, address: str | None = None, log_to_driver: bool = True) -> RayConnection:
+    """Join Ray at `address` (default: the topology's ray.address), or, when that is empty, start an
+    embedded cluster on this machine with one Ray node per topology node."""
+    import ray
+
+    address = topo.ray.address if address is None else address
+    ns = topo.ray.namespace
+    if address:
+        ray.init(address=address, namespace=ns, log_to_driver=log_to_driver, logging_level=logging.WARNING)
+        return RayConnection(address=address, namespace=ns, session_dir=_session_dir())
+    addressed = [n.name for n in topo.nodes if n.address is not None]
+    if addressed:
+        raise TopologyError(f"{topo.source}: field 'ray.address': empty (embedded Ray on this machine), but nodes "
+                            f"{addressed} are found by address; give them labels, or set ray.address")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args=embedded_node_args(topo.nodes[0], head=True))
+    try:
+        for node in topo.nodes[1:]:
+            cluster.add_node(**embedded_node_args(node, head=False))
+        ray.init(address=cluster.address, namespace=ns, log_to_driver=log_to_driver,
+                 logging_level=logging.WARNING)
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return RayConnection(address=cluster.address, namespace=ns, cluster=cluster, session_dir=_session_dir())
+
+
+def _session_dir() -> str:
+    import ray
+
+    try:
+        return str(ray._private.worker.global_worker.node.get_session_dir_path())
+    except Exception:  # not available on every kind of connection
+        return ""
+
+
+def ray_nodes() -> list[RayNode]:
+    """Ray's alive nodes, as the topology matcher sees them."""
+    import ray
+
+    return [RayNode(node_id=n["NodeID"], address=n["NodeManagerAddress"], labels=dict(n.get("Labels") or {}),
+                    resources=dict(n.get("Resources") or {}))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+# ---- one rank as the launcher sees it ----------------------------------------------------------------
+@dataclass
+class RankHandle:
+    rank: int
+    node: str
+    actor: Any
+    actor_name: str
+    node_id: str = ""
+    ip: str = ""
+    pid: int = 0
+    address: tuple[str, int] = ("", 0)
+    local_experts: list[list[int]] = field(default_factory=list)  # logical expert per local slot, per layer
+    loaded_experts: list[int] = field(default_factory=list)  # the routed experts whose weights it loaded
+    last_steps: int = -1
+    last_progress: float = 0.0
+    health: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RecoveryEvent:
+    reason: str
+    detected_at: float  # time.time()
+    recovery_s: float  # detection -> new group serving (and the frontend reset)
+    generation: int
+
+
+class Launcher:
+    def __init__(self, topo: Topology, *, on_restart: Callable[[list[tuple[str, int]]], None] | None = None,
+                 on_fatal: Callable[[str], None] | None = None, ready_timeout_s: float = 180.0,
+                 stable_s: float = 60.0) -> None:
+        self.topo = topo
+        self.on_restart = on_restart
+        self.on_fatal = on_fatal
+        self.ready_timeout_s = ready_timeout_s
+        self.stable_s = stable_s
+        self.ranks: list[RankHandle] = []
+        self.generation = 0
+        self.node_ids: dict[str, str] = {}
+        self.recoveries: list[RecoveryEvent] = []
+        self.fatal: str | None = None
+        self._pgs: dict[str, Any] = {}
+        self._consecutive = 0
+        self._last_recovery = 0.0
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._lock = threading.RLock()
+
+    # ---- start --------------------------------------------------------------------------------------
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [r.address for r in self.ranks]
+
+    def start(self) -> list[tuple[str, int]]:
+        """Check the topology against Ray, reserve every node's ranks, start the ranks; their worker addresses."""
+        matched = match_nodes(self.topo, ray_nodes())
+        self.node_ids = {name: rn.node_id for name, rn in matched.items()}
+        self._create_placement_groups(matched)
+        self._start_group()
+        return self.addresses
+
+    def _create_placement_groups(self, matched: dict[str, RayNode]) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+
+        for node in self.topo.nodes:
+            bundle: dict[str, float] = {"GPU": 1.0} if node.device == "cuda" else {"CPU": 1.0}
+            kw: dict[str, Any] = {}
+            if node.address is not None:
+                bundle[f"node:{node.address}"] = 0.001
+            else:
+                kw["bundle_label_selector"] = [dict(node.label or {})] * node.ranks
+            self._pgs[node.name] = placement_group([dict(bundle) for _ in range(node.ranks)], strategy="STRICT_PACK",
+                                                   name=f"{PG_PREFIX}-{node.name}", **kw)
+        deadline = time.monotonic() + self.ready_timeout_s
+        for node in self.topo.nodes:
+            pg = self._pgs[node.name]
+            try:
+                ray.get(pg.ready(), timeout=max(0.1, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                rn = matched[node.name]
+                avail = _available(rn.node_id)
+                resource = "GPU" if node.device == "cuda" else "CPU"
+                raise LaunchError(
+                    f"{self.topo.source}: node {node.name} ({node.describe()}): {node.ranks} ranks could not be "
+                    f"placed within {self.ready_timeout_s:g}s; Ray has {rn.resources.get(resource, 0):g} "
+                    f"{resource}s there, {avail.get(resource, 0):g} free (other work holds the rest); see "
+                    f"`ray status`") from None
+
+    def _start_group(self) -> None:
+        """New actors (generation n) in the placement groups, a new process group, weights, step loops."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from cluster.rank_actor import RankActor
+
+        gen = self.generation
+        remote = ray.remote(RankActor)
+        handles: list[RankHandle] = []
+        bundle_of: dict[str, int] = {}
+        for spec in self.topo.ranks():
+            node = self.topo.node(spec.node)
+            i = bundle_of.get(node.name, 0)
+            bundle_of[node.name] = i + 1
+            name = f"{ACTOR_PREFIX}{spec.rank}-g{gen}"
+            res = {"num_gpus": 1, "num_cpus": 0} if node.device == "cuda" else {"num_cpus": 1}
+            actor = remote.options(
+                name=name, max_restarts=0, max_concurrency=1, **res,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pgs[node.name],
+                                                                     placement_group_bundle_index=i),
+            ).remote(self.topo, spec.rank, gen)
+            handles.append(RankHandle(spec.rank, node.name, actor, name))
+        self.ranks = handles
+        try:
+            eps = self._get([h.actor.endpoint.remote() for h in handles], "find its node")
+            for h, ep in zip(handles, eps):
+                h.node_id, h.ip, h.pid = ep["node_id"], ep["ip"], int(ep["pid"])
+            master = eps[0]
+            started = self._get([h.actor.start.remote(master["ip"], master["port"], self.ready_timeout_s)
+                                 for h in handles], "load its weights and start")
+        except BaseException:
+            self._kill_actors(handles)
+            raise
+        now = time.monotonic()
+        for h, st in zip(handles, started):
+            h.address = (str(st["address"][0]), int(st["address"][1]))
+            h.local_experts = [list(x) for x in st["local_experts"]]
+            h.loaded_experts = list(st["loaded_experts"])
+            h.last_steps, h.last_progress = -1, now
+        log.info("generation %d: %d ranks serving at %s", gen, len(handles), self.addresses)
+
+    def _get(self, refs: list[Any], what: str) -> list[Any]:
+        import ray
+
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.ready_timeout_s)
+        if pending:
+            late = [h.rank for h, r in zip(self.ranks, refs) if r in pending]
+            raise LaunchError(f"{self.topo.source}: ranks {late} did not {what} within {self.ready_timeout_s:g}s")
+        out = []
+        for h, r in zip(self.ranks, refs):
+            try:
+                out.append(ray.get(r))
+            except ray.exceptions.RayError as e:
+                raise LaunchError(f"{self.topo.source}: rank {h.rank} on node {h.node} failed to {what}: {e}") from e
+        return out
+
+    # ---- health -------------------------------------------------------------------------------------
+    def check(self) -> str | None:
+        """Ping every rank once; the reason the group is unhealthy, or None."""
+        import ray
+
+        h = self.topo.health
+        with self._lock:
+            ranks = list(self.ranks)
+        refs = [r.actor.health.remote() for r in ranks]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=h.ping_timeout_s)
+        ready_set = set(ready)
+        now = time.monotonic()
+        for r, ref in zip(ranks, refs):
+            if ref not in ready_set:
+                return f"rank {r.rank} (node {r.node}) did not answer a ping within {h.ping_timeout_s:g}s"
+            try:
+                st = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                return f"rank {r.rank} (node {r.node}) is dead: {type(e).__name__}"
+            r.health = st
+            if st["failure"] or not st["running"]:
+                return f"rank {r.rank} (node {r.node}) step loop stopped: {st['failure'] or 'not running'}"
+            if st["steps"] != r.last_steps:
+                r.last_steps, r.last_progress = st["steps"], now
+            elif now - r.last_progress > h.step_timeout_s:
+                return (f"rank {r.rank} (node {r.node}) made no step for {now - r.last_progress:.1f}s "
+                        f"(step_timeout_s {h.step_timeout_s:g})")
+        return None
+
+    def start_monitor(self) -> None:
+        self._monitor = threading.Thread(target=self._monitor_loop, name="megaserve-health", daemon=True)
+        self._monitor.start()
+
+    def _monitor_loop(self) -> None:
+        interval = self.topo.health.ping_interval_s
+        while not self._stop.wait(interval):
+            try:
+                reason = self.check()
+            except Exception as e:  # Ray itself failed; report it rather than spin
+                reason = f"health check failed: {type(e).__name__}: {e}"
+            if reason is None:
+                continue
+            if self._stop.is_set():
+                return
+            if not self.recover(reason):
+                return
+
+    def recover(self, reason: str) -> bool:
+        """Restart the whole EP group (with back-off); False once max_restarts consecutive failures are spent."""
+        detected = time.time()
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            if self._last_recovery and t0 - self._last_recovery > self.stable_s:
+                self._consecutive = 0
+            self._consecutive += 1
+            limit = self.topo.health.max_restarts
+            if self._consecutive > limit:
+                self.fatal = (f"giving up after {limit} consecutive restarts (max_restarts {limit}); "
+                              f"last failure: {reason}")
+                log.error("%s", self.fatal)
+                if self.on_fatal is not None:
+                    self.on_fatal(self.fatal)
+                return False
+            delay = 0.0 if self._consecutive == 1 else min(MAX_BACKOFF_S, 2.0 ** (self._consecutive - 2))
+            log.warning("EP group failed (%s); restart %d/%d in %.0fs", reason, self._consecutive, limit, delay)
+            if self._stop.wait(delay):
+                return False
+            with self._lock:
+                self._kill_actors(self.ranks)
+                self.generation += 1
+                try:
+                    self._start_group()
+                except Exception as e:
+                    reason = f"restart failed: {e}"
+                    self._last_recovery = time.monotonic()
+                    continue
+            if self.on_restart is not None:
+                self.on_restart(self.addresses)
+            self._last_recovery = time.monotonic()
+            ev = RecoveryEvent(reason, detected, self._last_recovery - t0, self.generation)
+            self.recoveries.append(ev)
+            log.warning("EP group restarted (generation %d) in %.2fs after: %s", ev.generation, ev.recovery_s,
+                        reason)
+            return True
+        return False
+
+    # ---- status and shutdown ------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """Ranks (node, Ray node, pid, worker address, experts per layer, latest stats), nodes, recoveries."""
+        with self._lock:
+            ranks = [{"rank": r.rank, "node": r.node, "ray_node_id": r.node_id, "ip": r.ip, "pid": r.pid,
+                      "address": f"{r.address[0]}:{r.address[1]}", "local_experts": r.local_experts,
+                      "loaded_experts": r.loaded_experts,
+                      "steps": r.health.get("steps", 0), "stats": r.health.get("stats", {})} for r in self.ranks]
+        return {
+            "world_size": self.topo.world_size, "generation": self.generation, "fatal": self.fatal,
+            "nodes": [{"name": n.name, "find": n.describe(), "device": n.device, "ranks": n.ranks,
+                       "ray_node_id": self.node_ids.get(n.name, "")} for n in self.topo.nodes],
+            "ranks": ranks,
+            "recoveries": [{"reason": e.reason, "at": e.detected_at, "recovery_s": e.recovery_s,
+                            "generation": e.generation} for e in self.recoveries],
+        }
+
+    def inject_fault(self, rank: int, kind: str, seconds: float = 0.0) -> None:
+        """Test-only: make `rank` hang, crash or exit (RankActor.inject_fault)."""
+        import ray
+
+        ray.get(self.ranks[rank].actor.inject_fault.remote(kind, seconds), timeout=10)
+
+    def shutdown(self) -> None:
+        """Stop the monitor, stop and kill every rank, remove the placement groups."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        self._stop.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(timeout=self.topo.health.ping_timeout_s + 10)
+        with self._lock:
+            if ray.is_initialized():
+                stops = [r.actor.stop.remote() for r in self.ranks]
+                ray.wait(stops, num_returns=len(stops), timeout=5)
+                self._kill_actors(self.ranks)
+                for pg in self._pgs.values():
+                    try:
+                        remove_placement_group(pg)
+                    except Exception:  # already gone with the cluster
+                        pass
+            self._pgs.clear()
+            self.ranks = []
+
+    def _kill_actors(self, handles: list[RankHandle]) -> None:
+        import ray
+
+        for h in handles:
+            try:
+                ray.kill(h.actor, no_restart=True)
+            except Exception:  # already dead
+                pass
+        # Wait until Ray reports them dead, so their bundles are free for the next generation.
+        deadline = time.monotonic() + 30
+        for h in handles:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(h.actor.health.remote(), timeout=1)
+                except ray.exceptions.RayActorError:
+                    break
+                except ray.exceptions.GetTimeoutError:
+                    continue
+                except ray.exceptions.RayError:
+                    break
+                time.sleep(0.05)
+
+
+def _available(node_id: str) -> dict[str, float]:
+    """Free resources on one Ray node (best effort; empty when the state API cannot say)."""
+    try:
+        from ray._private.state import available_resources_per_node
+
+        return dict(available_resources_per_node().get(node_id, {}))
+    except Exception:
+        return {}

@@ -1,0 +1,337 @@
+"""`megaserve up / status / down`: one serving process per topology, found again through its state files.
+
+`up` runs in the foreground (or, with --detach, starts itself in the background and returns once ready):
+it joins or starts Ray, launches the ranks (cluster.launcher), connects a Router to their workers, serves
+HTTP from this (the driver) process, and restarts the EP group when a rank fails. It stops on SIGTERM or
+SIGINT, or when the launcher gives up (max_restarts), and then stops everything it started.
+
+State files, under the topology's `server.state_dir`:
+    up.json       {pid, phase: starting|ready, ray_address, embedded, ray_pids, session_dir, http, topology}
+                  written at start, updated when ready, removed on a clean stop.
+    status.json   the launcher's view (nodes, ranks, experts per layer, latest stats, recoveries),
+                  rewritten every ping interval while up.
+    up.log        output of a detached `up`.
+`down` reads up.json, sends the driver SIGTERM and waits; if the driver does not exit in time (or was
+killed), it kills the rank processes and, for an embedded Ray, Ray's own processes, all by the PIDs the
+state files recorded, then removes the state files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.topology import Topology, load_topology
+
+log = logging.getLogger(__name__)
+
+UP_FILE = "up.json"
+STATUS_FILE = "status.json"
+LOG_FILE = "up.log"
+
+
+# ---- state files -------------------------------------------------------------------------------------
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_state(state_dir: Path, name: str = UP_FILE) -> dict[str, Any] | None:
+    try:
+        return json.loads((state_dir / name).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+# ---- up ----------------------------------------------------------------------------------------------
+def up(topo_path: str | Path, *, ready_timeout_s: float = 300.0, port: int | None = None) -> int:
+    """Serve the topology in the foreground until SIGTERM/SIGINT or a fatal failure; the exit status."""
+    topo = load_topology(topo_path)
+    state_dir = topo.server.state_dir
+    prev = read_state(state_dir)
+    if prev is not None and pid_alive(int(prev.get("pid", 0))) and int(prev["pid"]) != os.getpid():
+        print(f"megaserve up: already up (pid {prev['pid']}, state in {state_dir}); run `megaserve down "
+              f"{topo_path}` first", file=sys.stderr)
+        return 1
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_serve(topo, Path(topo_path), ready_timeout_s, port))
+
+
+async def _serve(topo: Topology, topo_path: Path, ready_timeout_s: float, port: int | None) -> int:
+    from cluster.launcher import Launcher, connect_ray
+    from cluster.router import Router
+
+    state_dir = topo.server.state_dir
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    fatal: list[str] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    up_state: dict[str, Any] = {"pid": os.getpid(), "phase": "starting", "topology": str(topo_path.resolve()),
+                                "started_at": time.time()}
+    _write_json(state_dir / UP_FILE, up_state)
+    conn = launcher = router = runner = None
+    status_task: asyncio.Task | None = None
+    try:
+        conn = await asyncio.to_thread(connect_ray, topo)
+        up_state.update(ray_address=conn.address, embedded=conn.embedded, ray_pids=conn.process_ids(),
+                        session_dir=conn.session_dir)
+        _write_json(state_dir / UP_FILE, up_state)
+
+        def on_restart(addresses: list[tuple[str, int]]) -> None:  # monitor thread
+            asyncio.run_coroutine_threadsafe(router.reset_ranks(addresses), loop).result(ready_timeout_s)
+            _write_json(state_dir / STATUS_FILE, _status(launcher, up_state))
+
+        def on_fatal(message: str) -> None:  # monitor thread
+            fatal.append(message)
+            loop.call_soon_threadsafe(stop.set)
+
+        launcher = Launcher(topo, on_restart=on_restart, on_fatal=on_fatal, ready_timeout_s=ready_timeout_s)
+        start = asyncio.ensure_future(asyncio.to_thread(launcher.start))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            print("megaserve up: interrupted while starting", file=sys.stderr)
+            stopper.cancel()
+            return 1
+        addresses = start.result()
+        router = await Router(addresses, hold_on_loss=True, connect_timeout_s=ready_timeout_s).start()
+        runner, http = await _start_frontend(topo, router, port)
+        launcher.start_monitor()
+        up_state.update(phase="ready", http=http, ready_at=time.time())
+        _write_json(state_dir / UP_FILE, up_state)
+        status_task = asyncio.create_task(_status_writer(launcher, up_state, state_dir))
+        print(f"megaserve up: {topo.world_size} ranks on {len(topo.nodes)} nodes ready; serving {http} "
+              f"(pid {os.getpid()}; `megaserve down {topo_path}` stops it)", flush=True)
+        await stop.wait()
+        if fatal:
+            print(f"megaserve up: {fatal[0]}", file=sys.stderr)
+            return 1
+        return 0
+    except Exception as e:
+        print(f"megaserve up: error: {e}", file=sys.stderr)
+        log.debug("up failed", exc_info=True)
+        return 2
+    finally:
+        if status_task is not None:
+            status_task.cancel()
+        if runner is not None:
+            await runner.cleanup()
+        if router is not None:
+            await router.close()
+        if launcher is not None:
+            await asyncio.to_thread(launcher.shutdown)
+        if conn is not None:
+            await asyncio.to_thread(conn.shutdown)
+        for name in (UP_FILE, STATUS_FILE):
+            (state_dir / name).unlink(missing_ok=True)
+
+
+async def _start_frontend(topo: Topology, router: Any, port: int | None) -> tuple[Any, str]:
+    """The OpenAI-compatible HTTP app (cluster.server) over the router; (aiohttp runner, base URL)."""
+    from aiohttp import web
+
+    from cluster.server.app import build_app
+    from cluster.server.openai_api import OpenAIService
+    from cluster.server.settings import ServerSettings
+
+    overrides = {} if port is None else {"port": port}
+    settings = ServerSettings.from_topology(topo, **overrides)
+    service = OpenAIService.from_router(router, topo.model.path, settings)
+    app = build_app(service, settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[:2] if site._server and site._server.sockets else \
+        (settings.host, settings.port)
+    return runner, f"http://{bound[0]}:{bound[1]}"
+
+
+def _status(launcher: Any, up_state: dict[str, Any]) -> dict[str, Any]:
+    return {**launcher.status(), "pid": up_state["pid"], "http": up_state.get("http"),
+            "ray_address": up_state.get("ray_address"), "embedded": up_state.get("embedded"),
+            "updated_at": time.time()}
+
+
+async def _status_writer(launcher: Any, up_state: dict[str, Any], state_dir: Path) -> None:
+    while True:
+        _write_json(state_dir / STATUS_FILE, _status(launcher, up_state))
+        await asyncio.sleep(launcher.topo.health.ping_interval_s)
+
+
+def up_detached(topo_path: str | Path, *, ready_timeout_s: float = 300.0, port: int | None = None) -> int:
+    """Start `megaserve up` in the background (own session, output to state_dir/up.log); return once it is
+    ready (0) or has failed (its exit status, with the log's tail)."""
+    topo = load_topology(topo_path)
+    state_dir = topo.server.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "cluster.cli", "up", str(topo_path), "--ready-timeout", str(ready_timeout_s)]
+    if port is not None:
+        cmd += ["--port", str(port)]
+    with open(state_dir / LOG_FILE, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.monotonic() + ready_timeout_s + 60
+    while time.monotonic() < deadline:
+        rc = proc.poll()
+        st = read_state(state_dir)
+        if st is not None and st.get("pid") == proc.pid and st.get("phase") == "ready":
+            print(f"megaserve up: ready at {st.get('http')} (pid {proc.pid}, log {state_dir / LOG_FILE})")
+            return 0
+        if rc is not None:
+            tail = (state_dir / LOG_FILE).read_text(errors="replace").splitlines()[-20:]
+            print("megaserve up: failed to start:\n" + "\n".join(tail), file=sys.stderr)
+            return rc or 1
+        time.sleep(0.2)
+    print(f"megaserve up: not ready after {ready_timeout_s:g}s; see {state_dir / LOG_FILE}", file=sys.stderr)
+    return 1
+
+
+# ---- down --------------------------------------------------------------------------------------------
+def down(topo_path: str | Path, *, timeout_s: float = 60.0) -> int:
+    """Stop the `up` of this topology and everything it started; 0 when nothing of it is left running."""
+    topo = load_topology(topo_path)
+    state_dir = topo.server.state_dir
+    st = read_state(state_dir)
+    if st is None:
+        print(f"megaserve down: nothing is up for {topo_path} (no {state_dir / UP_FILE})")
+        return 0
+    status = read_state(state_dir, STATUS_FILE) or {}
+    pid = int(st["pid"])
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid_alive(pid):
+            print(f"megaserve down: pid {pid} did not stop within {timeout_s:g}s; killing it", file=sys.stderr)
+            _kill(pid)
+    # What the driver should have stopped: rank processes, and an embedded Ray's own processes.
+    leftovers = [int(r["pid"]) for r in status.get("ranks", []) if r.get("pid")]
+    if st.get("embedded"):
+        leftovers += [int(p) for p in st.get("ray_pids", [])]
+    left = [p for p in leftovers if pid_alive(p)]
+    for p in left:
+        _kill(p)
+    if not st.get("embedded") and st.get("ray_address") and status.get("ranks"):
+        _kill_named_actors(topo, st["ray_address"])
+    for name in (UP_FILE, STATUS_FILE):
+        (state_dir / name).unlink(missing_ok=True)
+    still = [p for p in [pid, *leftovers] if pid_alive(p)]
+    if still:
+        print(f"megaserve down: processes still running: {still}", file=sys.stderr)
+        return 1
+    print(f"megaserve down: stopped pid {pid}" + (f" and {len(left)} leftover processes" if left else ""))
+    return 0
+
+
+def _kill(pid: int, grace_s: float = 5.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_named_actors(topo: Topology, address: str) -> None:
+    """For a joined (not embedded) Ray whose driver died: kill our rank actors by name, remove our groups."""
+    import ray
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    from cluster.launcher import ACTOR_PREFIX, PG_PREFIX
+
+    try:
+        ray.init(address=address, namespace=topo.ray.namespace, logging_level=logging.WARNING)
+    except Exception as e:
+        print(f"megaserve down: cannot reach Ray at {address} to clean up: {e}", file=sys.stderr)
+        return
+    try:
+        for name in ray.util.list_named_actors():
+            if name.startswith(ACTOR_PREFIX):
+                try:
+                    ray.kill(ray.get_actor(name), no_restart=True)
+                except ValueError:  # gone meanwhile
+                    pass
+        for node in topo.nodes:
+            try:
+                remove_placement_group(get_placement_group(f"{PG_PREFIX}-{node.name}"))
+            except ValueError:  # no such group
+                pass
+    finally:
+        ray.shutdown()
+
+
+# ---- status ------------------------------------------------------------------------------------------
+def status(topo_path: str | Path, *, as_json: bool = False) -> int:
+    """Print the ranks, nodes, experts per rank, queue and cache use of the running `up`."""
+    topo = load_topology(topo_path)
+    state_dir = topo.server.state_dir
+    st = read_state(state_dir)
+    if st is None or not pid_alive(int(st.get("pid", 0))):
+        print(f"megaserve status: not up ({topo_path}; state in {state_dir})")
+        return 1
+    s = read_state(state_dir, STATUS_FILE) or {}
+    if as_json:
+        print(json.dumps({"up": st, "status": s}, indent=1, default=str))
+        return 0
+    age = time.time() - float(s.get("updated_at", time.time()))
+    print(f"megaserve {st.get('phase')}: pid {st['pid']}, {st.get('http') or 'no HTTP yet'}, Ray "
+          f"{st.get('ray_address')} ({'embedded' if st.get('embedded') else 'joined'}), generation "
+          f"{s.get('generation', 0)}, {len(s.get('recoveries', []))} restarts; status {age:.1f}s old")
+    for n in s.get("nodes", []):
+        print(f"  node {n['name']}: {n['device']} x {n['ranks']} ranks, {n['find']}, Ray node {n['ray_node_id'][:12]}")
+    print(f"  {'rank':>4} {'node':<8} {'pid':>7} {'address':<21} {'experts (layer 0)':<20} {'run':>4} {'wait':>5} "
+          f"{'pages used/total':>16} {'steps':>8}")
+    for r in s.get("ranks", []):
+        es = r.get("stats", {})
+        used, free = es.get("pages_used"), es.get("pages_free")
+        pages = f"{used}/{used + free}" if used is not None and free is not None else "-"
+        experts = r["local_experts"][0] if r.get("local_experts") else []
+        print(f"  {r['rank']:>4} {r['node']:<8} {r['pid']:>7} {r['address']:<21} {str(experts):<20} "
+              f"{es.get('running', '-'):>4} {es.get('waiting', '-'):>5} {pages:>16} {r.get('steps', 0):>8}")
+    for ev in s.get("recoveries", []):
+        print(f"  restart -> generation {ev['generation']} in {ev['recovery_s']:.2f}s: {ev['reason']}")
+    if s.get("fatal"):
+        print(f"  FATAL: {s['fatal']}")
+    return 0

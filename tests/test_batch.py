@@ -405,8 +405,8 @@ def test_runner_retries_server_errors_then_records_them(tmp_path):
     attempts = Counter()
 
     class Flaky(FakeService):
-        async def chat_completions(self, body: dict, priority: int = 0) -> dict:
-            text = body["messages"][0]["content"]
+        async def chat_completions(self, body: dict) -> dict:
+            text, priority = body["messages"][0]["content"], body["priority"]
             attempts[text, priority] += 1
             if text == "flaky" and attempts[text, priority] == 1:
                 raise ConnectionResetError("rank connection lost")

@@ -10,7 +10,6 @@ error record, so every input line (every custom_id) ends up in exactly one recor
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from cluster.batch.store import Batch, BatchStore, FileRecord, InvalidTransition
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
-BATCH_PRIORITY = 1  # ranks admit priority > 0 only while their queue is short (engine/worker.py)
+BATCH_PRIORITY = 1  # body["priority"] of batch requests: ranks admit > 0 only while their queue is short
 RETRY_DELAYS_S = (0.5, 2.0)  # a 5xx or an exception from the service is retried after these pauses
 
 
@@ -225,8 +224,9 @@ class BatchRunner:
 
     async def _call(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         fn = self.service.chat_completions if endpoint == "/v1/chat/completions" else self.service.completions
-        if _takes_priority(fn):
-            return await fn(body, priority=BATCH_PRIORITY)
+        prio = body.get("priority")
+        if not (isinstance(prio, int) and prio > BATCH_PRIORITY):  # a batch request never jumps to interactive
+            body["priority"] = BATCH_PRIORITY
         return await fn(body)
 
     async def _write(self, records: list[tuple[int, dict[str, Any], bool]], files: ResultFiles) -> None:
@@ -251,13 +251,6 @@ class BatchRunner:
                 fields[key] = rec.id
         self.store.transition(batch.id, status, now=now, new_files=tuple(recs), completed=files.completed,
                               failed=files.failed, **fields)
-
-
-def _takes_priority(fn: Any) -> bool:
-    try:
-        return "priority" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _api_error(e: Exception) -> tuple[int, dict[str, Any]]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from cluster.batch.routes import add_batch_routes
 from cluster.rank_client import RankConnectionError
 from cluster.server.errors import APIError
 from cluster.server.openai_api import OpenAIService
@@ -162,6 +163,7 @@ def build_app(service: OpenAIService, settings: ServerSettings) -> web.Applicati
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", prometheus)
+    add_batch_routes(app, service, settings)
     return app
 
 

@@ -1,0 +1,276 @@
+"""The engine of one rank of an expert-parallel group (DESIGN.md "Parallel layout").
+
+Attention is data-parallel: every rank runs its own scheduler and KV cache over its own requests, with the
+replicated weights. Routed experts are sharded: the model holds only this rank's physical expert slots and
+every MoE layer exchanges tokens with the other ranks (engine.moe.EPContext, comm.dispatch). Build one per
+rank, after the process group is initialised (comm.group.init_process_group, or inside
+comm.launch.run_ranks):
+
+    engine = EPEngine(model_dir, EngineConfig(...), ep_rank, ep_size, backend="sync",
+                      placement_config=PlacementConfig(policy="eplb", rebalance_interval_steps=512))
+
+Same surface as LLMEngine (add_request, abort_request, step, stats, idle), but `step()` is collective:
+every rank of the group calls it on every iteration of its loop, work or not.
+
+    step():  agree (one all-reduce of [ranks with work, rebalance requests])
+             nobody has work -> return [] (idle() is True: the caller may wait for input)
+             else: schedule -> execute (a zero-token forward when this rank has no tokens, so every
+                   MoE exchange completes) -> update; record this rank's expert load
+                   every rebalance_interval_steps steps (or on request): rebalance the placement
+
+A rebalance happens between two forwards at the same step on every rank: the ranks sum their expert-load
+windows (comm.expert_load), compute a new placement with EPLB (comm.eplb), move the slot weights
+(comm.rebalance) and switch every MoE layer to the new tables. The KV caches are untouched, so no request
+is dropped. `stats()` never communicates: it reports the per-layer balancedness measured at the last sync
+(every `load_window_steps` steps, at each rebalance, and when the group goes idle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from comm.dispatch import BACKENDS
+from comm.eplb import rebalance_experts
+from comm.expert_load import ExpertLoadWindow, balancedness
+from comm.placement import Placement
+from comm.rebalance import move_expert_weights
+from engine.checkpoint import open_checkpoint
+from engine.engine import _DTYPES, EngineConfig, LLMEngine
+from engine.loader import load_model
+from engine.moe import EPContext
+from scheduler.request import RequestOutput
+from scheduler.sampling import SamplingParams
+
+POLICIES = ("static", "eplb")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Expert placement of an EP group (the topology's `parallel.placement`, same fields and meaning).
+
+    policy: `static` (round-robin over ranks, never moves) or `eplb` (starts static; rebalanced from measured
+    load every `rebalance_interval_steps` steps, 0 = only on `EPEngine.request_rebalance()`).
+    redundant_experts: extra physical slots (replicas of hot experts); experts + redundant must divide by
+    ep_size. load_window_steps: the steps of expert load EPLB and the balancedness figures look at.
+    num_nodes: nodes the ranks span (EPLB packs experts node by node when it can).
+    """
+
+    policy: str = "static"
+    redundant_experts: int = 0
+    rebalance_interval_steps: int = 0
+    load_window_steps: int = 128
+    num_nodes: int = 1
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"placement policy {self.policy!r}: must be one of {POLICIES}")
+        for key, lo in (("redundant_experts", 0), ("rebalance_interval_steps", 0), ("load_window_steps", 1),
+                        ("num_nodes", 1)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"placement {key} must be an int >= {lo}, got {v!r}")
+        if self.policy == "static" and self.rebalance_interval_steps:
+            raise ValueError("placement rebalance_interval_steps must be 0 with policy 'static' (only 'eplb' "
+                             "rebalances)")
+
+    @classmethod
+    def from_spec(cls, spec: object, num_nodes: int = 1) -> PlacementConfig:
+        """From any object with the four topology fields (cluster.topology.PlacementSpec)."""
+        return cls(policy=spec.policy, redundant_experts=spec.redundant_experts,
+                   rebalance_interval_steps=spec.rebalance_interval_steps,
+                   load_window_steps=spec.load_window_steps, num_nodes=num_nodes)
+
+
+class EPEngine:
+    """One rank's engine in an EP group of `ep_size` ranks (module docstring).
+
+    model_dir: checkpoint directory (every rank reads the replicated weights and its own experts).
+    config: the per-rank engine settings (scheduler, cache); `device="cuda"` means this rank's current CUDA
+    device (comm.group.init_process_group sets it). ep_rank / ep_size: this rank in `group` (default: the
+    default process group, which must be initialised). backend: `sync`, `tbo` or `wave` (comm.dispatch).
+    """
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, ep_rank: int | None = None,
+                 ep_size: int | None = None, backend: str = "sync", placement_config: PlacementConfig | None = None,
+                 group: dist.ProcessGroup | None = None, num_waves: int | None = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("EPEngine needs an initialised torch.distributed process group "
+                               "(comm.group.init_process_group or comm.launch.run_ranks)")
+        if backend not in BACKENDS:
+            raise ValueError(f"EP backend {backend!r}: must be one of {BACKENDS}")
+        group_rank, group_size = dist.get_rank(group), dist.get_world_size(group)
+        ep_rank = group_rank if ep_rank is None else ep_rank
+        ep_size = group_size if ep_size is None else ep_size
+        if (ep_rank, ep_size) != (group_rank, group_size):
+            raise ValueError(f"ep_rank/ep_size {ep_rank}/{ep_size} disagree with the process group "
+                             f"(rank {group_rank} of {group_size})")
+        c = config or EngineConfig()
+        if torch.device(c.device).type == "cuda":
+            c = dataclasses.replace(c, device=f"cuda:{torch.cuda.current_device()}")
+        pc = placement_config or PlacementConfig()
+        self.ep_rank, self.ep_size, self.backend, self.group = ep_rank, ep_size, backend, group
+        self.placement_config = pc
+
+        cfg = open_checkpoint(model_dir).config
+        num_layers, num_experts = cfg.num_hidden_layers, cfg.n_routed_experts
+        if (num_experts + pc.redundant_experts) % ep_size:
+            raise ValueError(f"{num_experts} routed experts + {pc.redundant_experts} redundant = "
+                             f"{num_experts + pc.redundant_experts} slots cannot be split over ep_size={ep_size}")
+        if ep_size % pc.num_nodes:
+            raise ValueError(f"ep_size={ep_size} ranks cannot be split over num_nodes={pc.num_nodes}")
+        # The runner runs the main layers only, so the placement covers those (no MTP experts are loaded).
+        placement = Placement.static(num_layers, num_experts, ep_size, redundant=pc.redundant_experts)
+        ep = EPContext(ep_rank, ep_size, placement, backend=backend, group=group, num_waves=num_waves)
+        model = load_model(model_dir, dtype=_DTYPES[c.dtype], device=c.device, ep=ep)
+        self.engine = LLMEngine(model_dir, c, model=model)
+        self.model, self.model_config, self.config = model, cfg, c
+        self.placement = placement
+        self.window = ExpertLoadWindow(num_layers, num_experts, pc.load_window_steps)
+        # Its counters are allocated by the first record(): do that here, outside inference mode, so they are
+        # ordinary tensors that end_step() may update in place (the forward records in inference mode).
+        self.window.record(0, torch.zeros(0, dtype=torch.long, device=model.embed.weight.device))
+        model.set_load_recorder(self.window)
+        self._comm_device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+        self.steps = 0  # steps in which some rank had work (the same count on every rank)
+        self.dummy_steps = 0  # of those, steps this rank ran without tokens
+        self.rebalances = 0
+        self._busy_ranks = 0  # ranks with work at the last step's agreement
+        self._rebalance_wanted = False
+        self._balance: list[dict] = []  # per-layer balancedness at the last sync
+        self._balance_step = -1
+        self._last_rebalance: dict | None = None
+
+    # ---- requests (local: no communication) ----
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    req_id: str | None = None) -> str:
+        return self.engine.add_request(prompt_token_ids, params, req_id)
+
+    def abort_request(self, req_id: str) -> bool:
+        return self.engine.abort_request(req_id)
+
+    def has_unfinished(self) -> bool:
+        """This rank still has requests (or finished ones to report)."""
+        return self.engine.has_unfinished()
+
+    def idle(self) -> bool:
+        """True when neither this rank nor (at the last step) any other rank had work: the caller may wait for
+        input before the next step(). Keeps stepping (False) while another rank is busy."""
+        return self._busy_ranks == 0 and not self.engine.has_unfinished()
+
+    def request_rebalance(self) -> None:
+        """Ask for a rebalance at the next step (any rank may ask; all ranks rebalance together)."""
+        if self.placement_config.policy != "eplb":
+            raise ValueError("request_rebalance needs placement policy 'eplb' (this group's is "
+                             f"{self.placement_config.policy!r})")
+        self._rebalance_wanted = True
+
+    # ---- the collective step ----
+    def step(self) -> list[RequestOutput]:
+        """Collective: every rank calls this each iteration. Returns this rank's new tokens and finished ones."""
+        sched, runner = self.engine.scheduler, self.engine.runner
+        has_work = sched.num_waiting > 0 or sched.num_running > 0  # tokens to compute, now or once admitted
+        flags = torch.tensor([int(has_work), int(self._rebalance_wanted)], dtype=torch.int64, device=self._comm_device)
+        dist.all_reduce(flags, group=self.group)
+        busy, rebalance = flags.tolist()
+        was_busy, self._busy_ranks = self._busy_ranks, busy
+        self._rebalance_wanted = False
+        if rebalance:
+            self._rebalance()
+        if busy == 0:
+            if was_busy:
+                self._sync_balance()  # the group just went idle: fresh figures for stats()
+            # Finished or aborted requests may still have to be reported (and dropped by the runner): a local
+            # step without a forward, since nobody has tokens.
+            return self.engine.step() if self.engine.has_unfinished() else []
+        so = sched.schedule()
+        ro = runner.execute(so)
+        if so.total_num_scheduled_tokens == 0:
+            self._dummy_forward()
+        outputs = sched.update_from_output(so, ro)
+        self.window.end_step()
+        self.steps += 1
+        pc = self.placement_config
+        if pc.rebalance_interval_steps and self.steps % pc.rebalance_interval_steps == 0:
+            self._rebalance()
+        elif self.steps % pc.load_window_steps == 0:
+            self._sync_balance()
+        return outputs
+
+    @torch.inference_mode()
+    def _dummy_forward(self) -> None:
+        """A forward of zero tokens: this rank joins every MoE exchange of the step with nothing to send."""
+        self.dummy_steps += 1
+        self.model(torch.zeros(0, dtype=torch.long), [], [])
+
+    # ---- expert load and placement ----
+    def _global_load(self) -> torch.Tensor:
+        """Tokens per logical expert over the window, summed over the group: int64 [L, E] (collective)."""
+        load = self.window.load().to(self._comm_device)
+        dist.all_reduce(load, group=self.group)
+        return load.cpu()
+
+    def _sync_balance(self) -> torch.Tensor:
+        load = self._global_load()
+        self._balance = balancedness(load, self.placement)
+        self._balance_step = self.steps
+        return load
+
+    @torch.no_grad()
+    def _rebalance(self) -> None:
+        """Collective: new placement from the group's load (EPLB), weights moved, every MoE layer switched."""
+        load = self._sync_balance()
+        if int(load.sum()) == 0:
+            return  # nothing measured yet: no basis for a new placement (every rank sees the same sum)
+        old = self.placement
+        phy2log, _, _ = rebalance_experts(load, old.num_physical, num_groups=1,
+                                          num_nodes=self.placement_config.num_nodes, num_gpus=self.ep_size)
+        new = Placement.from_phy2log(phy2log, self.ep_size, num_experts=old.num_experts)
+        moved = 0
+        for layer, moe in enumerate(self.model.moe_layers()):
+            if torch.equal(old.phy2log[layer], new.phy2log[layer]):
+                continue
+            experts = moe.experts
+            slots = {name: p.data for name, p in experts.named_parameters(recurse=False)}
+            fresh = move_expert_weights(slots, old.phy2log[layer], new.phy2log[layer], self.ep_rank, self.ep_size,
+                                        self.group)
+            for name, t in fresh.items():
+                slots[name].copy_(t)
+            moved += int((old.phy2log[layer] != new.phy2log[layer]).sum())
+        self.model.set_placement(new)
+        self.placement = new
+        before = self._balance
+        after = balancedness(load, new)
+        self._balance = after
+        self.rebalances += 1
+        self._last_rebalance = {
+            "step": self.steps, "moved_slots": moved,
+            "balancedness_before": _mean(before), "balancedness_after": _mean(after),
+        }
+
+    # ---- figures (local: no communication) ----
+    def stats(self) -> dict:
+        """LLMEngine's figures plus EP ones; `expert_balance`: per layer, mean/max tokens per rank at the last
+        sync (step `expert_balance_step`); `balancedness`: their mean over layers (None before any sync)."""
+        return {
+            **self.engine.stats(),
+            "num_pages": self.engine.cache.num_pages,
+            "ep_rank": self.ep_rank, "ep_size": self.ep_size, "ep_backend": self.backend,
+            "placement_policy": self.placement_config.policy,
+            "steps": self.steps, "dummy_steps": self.dummy_steps, "rebalances": self.rebalances,
+            "expert_balance": [dict(row) for row in self._balance],
+            "expert_balance_step": self._balance_step,
+            "balancedness": _mean(self._balance) if self._balance else None,
+            "last_rebalance": dict(self._last_rebalance) if self._last_rebalance else None,
+            "dispatch": self.model.dispatcher.totals.as_dict(),
+        }
+
+
+def _mean(rows: list[dict]) -> float:
+    return sum(r["balancedness"] for r in rows) / len(rows) if rows else 1.0

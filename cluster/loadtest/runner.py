@@ -8,6 +8,7 @@ progress line (completed / failed / output tok/s) on stderr.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import csv
 import json
 import math
@@ -269,7 +270,9 @@ def write_plots(records: list[RequestRecord], out: Path) -> list[Path]:
         for t in r.chunk_times:
             tok[int(t / width)] += r.output_tokens / len(r.chunk_times) / width
     xs = [i * 0.1 for i in range(int(end * 10) + 1)]
-    conc = [sum(1 for r in records if r.start <= x < r.start + (r.e2el if r.success else 0.0)) for x in xs]
+    starts = sorted(r.start for r in ok)
+    ends = sorted(r.start + r.e2el for r in ok)
+    conc = [bisect.bisect_right(starts, x) - bisect.bisect_right(ends, x) for x in xs]  # start <= x < end
     fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     axes[0].step([i * width for i in range(n + 1)], tok, where="post")
     axes[0].set(title=f"Output throughput ({width:.3g} s buckets)", ylabel="tok/s")

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.request import urlopen as urllib_request
 
 import openai
 import pytest
@@ -366,3 +367,49 @@ def test_entry_point_refuses_an_unset_key_variable(tiny_ckpt, tmp_path):
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "MEGASERVE_UNSET_KEY" in proc.stderr
+
+
+def test_settings_from_topology():
+    from cluster.topology import load_topology
+
+    topo = load_topology(Path(__file__).resolve().parents[1] / "examples" / "local.yaml")
+    s = ServerSettings.from_topology(topo)
+    assert (s.host, s.port, s.api_key_env) == (topo.server.host, topo.server.port, topo.server.api_key_env)
+    assert s.state_dir == topo.server.state_dir and s.max_body_bytes == topo.server.max_body_bytes
+    assert s.batch_concurrency == topo.server.batch_concurrency and s.model_name == topo.model.path.name
+    assert ServerSettings.from_topology(topo, port=0).port == 0
+    with pytest.raises(ValueError, match="port"):
+        ServerSettings(port=70000)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "engine" / "ep_engine.py").exists(),
+                    reason="needs the EP engine")
+def test_two_ep_ranks_serve_the_same_greedy_text(tiny_ckpt, tmp_path, client):
+    """`--ranks 2`: two local EP rank processes; greedy text equals the one-rank server's."""
+    want = [client.completions.create(model="tiny", prompt=p, max_tokens=4, **GREEDY).choices[0].text
+            for p in ("expert parallel", "second prompt")]
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.server", "--model", str(tiny_ckpt), "--port", "0",
+                             "--state-dir", str(tmp_path), "--ranks", "2", "--served-model-name", "tiny",
+                             "--kv-cache-bytes", str(32 * 2**20), "--max-model-len", str(MAX_MODEL_LEN)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if m := re.search(r"serving 'tiny' on (http://\S+) \(2 rank", line):
+                url = m.group(1)
+                break
+        else:
+            raise AssertionError("server exited:\n" + "".join(lines))
+        two = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        got = two.completions.create(model="tiny", prompt=["expert parallel", "second prompt"], max_tokens=4,
+                                     **GREEDY)
+        assert [c.text for c in got.choices] == want
+        with urllib_request(url + "/metrics") as r:
+            text = r.read().decode()
+        assert 'megaserve:rank_up{rank="1"} 1' in text
+    finally:
+        proc.terminate()
+        proc.wait(30)

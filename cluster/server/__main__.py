@@ -19,7 +19,10 @@ from cluster.server.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cluster.server", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory (config.json, tokenizer.json)")
+    p.add_argument("--model", type=Path, help="checkpoint directory (config.json, tokenizer.json)")
+    p.add_argument("--topology", type=Path, default=None,
+                   help="take model, ranks (world size, all local), scheduler, KV budget, EP backend and server "
+                        "settings from a topology YAML; explicit flags below still override host/port/state dir")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed on start)")
@@ -37,13 +40,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="chat requests without max_tokens generate at most this many (default: the context left)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--ep-backend", default="sync", help="EP dispatch backend for --ranks > 1 (sync, tbo, wave)")
     args = p.parse_args(argv)
+    if args.topology is None and args.model is None:
+        p.error("one of --model or --topology is required")
     if args.ranks < 1:
         p.error(f"--ranks must be >= 1, got {args.ranks}")
     return args
 
 
-async def run(args: argparse.Namespace, settings: ServerSettings) -> None:
+def _explicit(argv: list[str] | None, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in (sys.argv[1:] if argv is None else argv))
+
+
+def apply_topology(args: argparse.Namespace, argv: list[str] | None) -> ServerSettings:
+    """Fill args from --topology (flags given on the command line win for host, port and state dir)."""
+    from cluster.topology import load_topology
+
+    topo = load_topology(args.topology)
+    if topo.model.path is None:
+        raise ValueError(f"{args.topology}: model.path is required to serve")
+    if args.model is None:
+        args.model = topo.model.path
+    args.ranks = topo.world_size
+    args.dtype = topo.model.dtype
+    args.device = topo.nodes[0].device
+    sch = topo.scheduler
+    args.max_num_seqs, args.max_num_batched_tokens, args.page_tokens = (sch.max_num_seqs, sch.max_num_batched_tokens,
+                                                                        sch.page_tokens)
+    args.max_model_len = sch.max_model_len or args.max_model_len
+    if topo.kv_cache.budget_bytes is not None:
+        args.kv_cache_bytes = topo.kv_cache.budget_bytes
+    args.ep_backend = topo.parallel.ep_backend
+    flags = (("host", "--host"), ("port", "--port"), ("state_dir", "--state-dir"), ("api_key_env", "--api-key-env"),
+             ("max_body_bytes", "--max-body-bytes"))
+    overrides = {k: getattr(args, k) for k, flag in flags if _explicit(argv, flag)}
+    if args.served_model_name:
+        overrides["model_name"] = args.served_model_name
+    return ServerSettings.from_topology(topo, **overrides)
+
+
+async def run(args: argparse.Namespace, settings: ServerSettings) -> int:
+    """Serve until SIGINT/SIGTERM (exit code 0) or until a rank dies (1)."""
     from cluster.router import Router
     from cluster.server.app import build_app, serve
     from cluster.server.ranks import EngineArgs, model_info, start_ranks
@@ -51,12 +89,14 @@ async def run(args: argparse.Namespace, settings: ServerSettings) -> None:
 
     engine_args = EngineArgs(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                              max_num_batched_tokens=args.max_num_batched_tokens, page_tokens=args.page_tokens,
-                             cache_budget_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len)
+                             cache_budget_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
+                             ep_backend=args.ep_backend)
     info = model_info(args.model, settings.model_name or args.model.resolve().name, args.max_model_len)
     tokenizer = load_tokenizer(args.model)
     ranks = await asyncio.to_thread(start_ranks, args.model, args.ranks, engine_args, settings.host)
     router = None
     runner = None
+    code = 0
     try:
         router = await Router(ranks.addresses, affinity_tokens=args.page_tokens).start()
         from cluster.server.openai_api import OpenAIService
@@ -73,21 +113,26 @@ async def run(args: argparse.Namespace, settings: ServerSettings) -> None:
         done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), dead], return_when=asyncio.FIRST_COMPLETED)
         if dead in done:
             print(f"megaserve: a rank died ({dead.result()}); shutting down", file=sys.stderr, flush=True)
+            code = 1
     finally:
         if runner is not None:
             await runner.cleanup()
         if router is not None:
             await router.close()
         await asyncio.to_thread(ranks.stop)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServerSettings(host=args.host, port=args.port, api_key_env=args.api_key_env,
-                              state_dir=args.state_dir, max_body_bytes=args.max_body_bytes,
-                              model_name=args.served_model_name)
     try:
+        if args.topology is not None:
+            settings = apply_topology(args, argv)
+        else:
+            settings = ServerSettings(host=args.host, port=args.port, api_key_env=args.api_key_env,
+                                      state_dir=args.state_dir, max_body_bytes=args.max_body_bytes,
+                                      model_name=args.served_model_name)
         settings.api_key()  # a named but unset key variable is an error now, not an open server
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -96,10 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(run(args, settings))
-    else:
-        uvloop.run(run(args, settings))
-    return 0
+        return asyncio.run(run(args, settings))
+    return uvloop.run(run(args, settings))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@
     for name, t in ckpt.iter_weights(torch.bfloat16, "cuda", experts={0, 5}):
         ...                                     # official names, dequantized, one tensor at a time
 
+`experts` may also map MoE layer id (main layers, then MTP blocks) -> experts of that layer, as an expert-
+parallel rank needs under a per-layer placement: only those (layer, expert) tensors are read.
+
 Files: `model.safetensors.index.json` + the shards it names, or a single `model.safetensors`, or (no index)
 every `*.safetensors` in the directory. Data is read lazily through `safetensors.safe_open` (memory-mapped).
 """
@@ -12,7 +15,8 @@ every `*.safetensors` in the directory. Data is read lazily through `safetensors
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterator
+import re
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import ExitStack
 from functools import cached_property
 from pathlib import Path
@@ -144,12 +148,13 @@ class Checkpoint:
     def manifest(self) -> Manifest:
         return build_manifest(self.config)
 
-    def validate(self, experts: Collection[int] | None = None) -> None:
+    def validate(self, experts: Collection[int] | Mapping[int, Collection[int]] | None = None) -> None:
         """Raise one CheckpointError listing every problem; `experts`: the routed experts that must be present."""
         self._plan(experts)
 
     def iter_weights(self, dtype: torch.dtype, device: str | torch.device = "cpu",
-                     experts: Collection[int] | None = None) -> Iterator[tuple[str, Tensor]]:
+                     experts: Collection[int] | Mapping[int, Collection[int]] | None = None
+                     ) -> Iterator[tuple[str, Tensor]]:
         """Validate, then stream `(official_name, tensor)` one tensor at a time.
 
         Order: manifest order (official layout); file order, `mtp.*` first (HF layout).
@@ -169,8 +174,12 @@ class Checkpoint:
         return dict(self.iter_weights(dtype, device, experts))
 
     # ---- internals -------------------------------------------------------------------------------
-    def _plan(self, experts: Collection[int] | None) -> list[LoadItem]:
+    def _plan(self, experts: Collection[int] | Mapping[int, Collection[int]] | None) -> list[LoadItem]:
         problems = list(self._open_problems)
+        per_layer = None
+        if isinstance(experts, Mapping):
+            per_layer = {int(k): {int(e) for e in v} for k, v in experts.items()}
+            experts = set().union(*per_layer.values())
         if experts is not None:
             bad = sorted(e for e in experts if not 0 <= e < self.config.n_routed_experts)
             if bad:
@@ -182,6 +191,8 @@ class Checkpoint:
         problems += found_problems
         if problems:
             raise CheckpointError(problems, self.path)
+        if per_layer is not None:
+            return [it for it in items if _wanted_per_layer(it.spec.name, per_layer, self.config.num_hidden_layers)]
         return [it for it in items if _wanted(it.spec.name, experts)]
 
     def _stream(self, items: list[LoadItem], dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, Tensor]]:
@@ -241,6 +252,18 @@ class Checkpoint:
                     continue
                 self._found[name] = (TORCH_TO_ST.get(t.dtype, str(t.dtype)), tuple(t.shape))
                 self._source[name] = key
+
+
+_MOE_LAYER = re.compile(r"^(layers|mtp)\.(\d+)\.")
+
+
+def _wanted_per_layer(name: str, per_layer: Mapping[int, set[int]], num_hidden_layers: int) -> bool:
+    eid = routed_expert_id(name)
+    if eid is None:
+        return True
+    m = _MOE_LAYER.match(name)
+    layer = int(m.group(2)) + (num_hidden_layers if m.group(1) == "mtp" else 0)
+    return eid in per_layer.get(layer, ())
 
 
 def _wanted(name: str, experts: Collection[int] | None) -> bool:

@@ -5,22 +5,32 @@
 
 A forward takes a packed batch: the new tokens of several sequences back to back, each
 sequence carrying its own `SequenceState` (prefill, chunked prefill and decode alike).
+
+Expert parallelism: `Transformer(cfg, dtype, ep=EPContext(ep_rank, ep_size, placement, backend))` holds
+only this rank's physical expert slots (`placement.local_logical(layer, ep_rank)` per MoE layer) and every
+MoE layer exchanges tokens with the other ranks through one `comm.dispatch.Dispatcher` (`model.dispatcher`,
+whose `last_stats`/`totals` count the bytes). `forward` is then collective: every rank calls it each step,
+with an empty batch (`input_ids` of length 0, no states) when it has no tokens. MoE layer ids: main layers
+0..num_hidden_layers-1, then the MTP blocks; the MTP blocks are built only if the placement covers them.
+`load_model(path, ep=...)` loads only the experts of this rank's slots.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from comm.dispatch import Dispatcher
+from comm.placement import Placement
 from engine.attention import Attention, SeqSlice
 from engine.config import ModelConfig
 from engine.layers import Linear, RMSNorm
 from engine.mhc import hc_head, hc_post, hc_pre
-from engine.moe import MoE
+from engine.moe import EPContext, LoadRecorder, MoE
 from engine.seq_state import LayerState
 
 
@@ -38,7 +48,8 @@ class SequenceState:
 class Block(nn.Module):
     """mHC -> attn_norm -> attention -> mHC -> ffn_norm -> MoE, on the 4-stream state [T, hc, D]."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, local_experts: list[int], dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, local_experts: list[int], dtype: torch.dtype,
+                 dispatcher: Dispatcher | None = None) -> None:
         super().__init__()
         d, hc = cfg.hidden_size, cfg.hc_mult
         n_mix = (2 + hc) * hc
@@ -46,7 +57,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer_id, dtype)
-        self.ffn = MoE(cfg, layer_id, local_experts, dtype)
+        self.ffn = MoE(cfg, layer_id, local_experts, dtype, dispatcher)
         for sub in ("attn", "ffn"):
             setattr(self, f"hc_{sub}_fn", nn.Parameter(torch.zeros(n_mix, hc * d, dtype=torch.float32)))
             setattr(self, f"hc_{sub}_base", nn.Parameter(torch.zeros(n_mix, dtype=torch.float32)))
@@ -61,7 +72,8 @@ class Block(nn.Module):
                 seqs: list[SeqSlice]) -> torch.Tensor:
         """h [T, hc, D] -> [T, hc, D]."""
         y, post, comb = self._hc("attn", h)
-        h = hc_post(h, self.attn(self.attn_norm(y), positions, seqs), post, comb)
+        if seqs:  # an EP rank without tokens skips attention but still joins the MoE exchange
+            h = hc_post(h, self.attn(self.attn_norm(y), positions, seqs), post, comb)
         y, post, comb = self._hc("ffn", h)
         return hc_post(h, self.ffn(self.ffn_norm(y), input_ids), post, comb)
 
@@ -87,10 +99,11 @@ class HCHead(nn.Module):
 class MTPBlock(nn.Module):
     """Multi-token prediction block `mtp.i` (§3): predicts token t+2 from h_t and token t+1."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, local_experts: list[int], dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, local_experts: list[int], dtype: torch.dtype,
+                 dispatcher: Dispatcher | None = None) -> None:
         super().__init__()
         d = cfg.hidden_size
-        self.block = Block(cfg, layer_id, local_experts, dtype)
+        self.block = Block(cfg, layer_id, local_experts, dtype, dispatcher)
         self.e_proj = Linear(d, d, dtype)
         self.h_proj = Linear(d, d, dtype)
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
@@ -109,22 +122,66 @@ class Transformer(nn.Module):
     """DeepSeek-V4 for causal LM. `local_experts`: the routed experts this rank holds (default: all).
 
     `with_mtp=False` builds no MTP block (for checkpoints without one, e.g. saved by transformers).
+    `ep`: expert parallelism (module docstring); `local_experts` must then be None.
     """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                 local_experts: Sequence[int] | None = None, with_mtp: bool = True) -> None:
+                 local_experts: Sequence[int] | None = None, with_mtp: bool = True,
+                 ep: EPContext | None = None) -> None:
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
-        experts = list(range(cfg.n_routed_experts)) if local_experts is None else sorted(local_experts)
+        self.cfg, self.dtype, self.ep = cfg, dtype, ep
+        n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
+        self.dispatcher: Dispatcher | None = None
+        if ep is None:
+            experts = list(range(cfg.n_routed_experts)) if local_experts is None else sorted(local_experts)
+            per_layer = [experts] * (cfg.num_hidden_layers + n_mtp)
+        else:
+            if local_experts is not None:
+                raise ValueError("pass either local_experts or ep (the placement decides the experts), not both")
+            _check_placement(cfg, ep)
+            if ep.placement.num_layers < cfg.num_hidden_layers + n_mtp:
+                n_mtp = 0  # the placement does not cover the MTP blocks: build none
+            self.dispatcher = ep.dispatcher()
+            per_layer = [ep.placement.local_logical(i, ep.ep_rank) for i in range(cfg.num_hidden_layers + n_mtp)]
+            experts = sorted({e for row in per_layer for e in row})
         self.local_experts = experts
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(Block(cfg, i, experts, dtype) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, per_layer[i], dtype, self.dispatcher)
+                                    for i in range(cfg.num_hidden_layers))
         self.final = HCHead(cfg)
         self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype)
         self.mtp = nn.ModuleList(
-            MTPBlock(cfg, cfg.num_hidden_layers + i, experts, dtype)
-            for i in range(cfg.num_nextn_predict_layers if with_mtp else 0)
+            MTPBlock(cfg, cfg.num_hidden_layers + i, per_layer[cfg.num_hidden_layers + i], dtype, self.dispatcher)
+            for i in range(n_mtp)
         )
+
+    # ---- expert parallelism ------------------------------------------------------------
+    def moe_layers(self) -> list[MoE]:
+        """Every MoE layer, indexed by MoE layer id (main layers, then MTP blocks)."""
+        return [b.ffn for b in self.layers] + [m.block.ffn for m in self.mtp]
+
+    def set_load_recorder(self, recorder: LoadRecorder | None) -> None:
+        """Have every MoE layer call `recorder.record(layer, topk_idx)` (this rank's tokens); None stops it."""
+        for moe in self.moe_layers():
+            moe.load_recorder = recorder
+
+    def set_placement(self, placement: Placement) -> None:
+        """Switch to a new placement after the slot weights were moved (e.g. comm.rebalance): updates the
+        dispatcher and each layer's slot -> logical expert list. Collective use: every rank, same placement."""
+        if self.ep is None or self.dispatcher is None:
+            raise RuntimeError("set_placement needs a model built with ep=EPContext(...)")
+        _check_placement(self.cfg, replace(self.ep, placement=placement))
+        moes = self.moe_layers()
+        if placement.num_layers < len(moes):
+            raise ValueError(f"placement has {placement.num_layers} layers, the model {len(moes)} MoE layers")
+        if placement.slots_per_rank != len(moes[0].experts.local_experts):
+            raise ValueError(f"placement has {placement.slots_per_rank} slots per rank, the model holds "
+                             f"{len(moes[0].experts.local_experts)}")
+        self.ep = replace(self.ep, placement=placement)
+        self.dispatcher.set_placement(placement)
+        for i, moe in enumerate(moes):
+            moe.experts.local_experts = placement.local_logical(i, self.ep.ep_rank)
+        self.local_experts = placement.local_experts(self.ep.ep_rank)
 
     # ---- state ----------------------------------------------------------------------
     def new_state(self) -> SequenceState:
@@ -143,6 +200,8 @@ class Transformer(nn.Module):
     @staticmethod
     def positions_for(states: Sequence[SequenceState], seq_lens: Sequence[int], layer: int = 0) -> torch.Tensor:
         """Positions of the new tokens: each sequence continues where its cache ends."""
+        if not states:
+            return torch.zeros(0, dtype=torch.int64)
         return torch.cat([torch.arange(st.layers[layer].num_tokens, st.layers[layer].num_tokens + n)
                           for st, n in zip(states, seq_lens, strict=True)])
 
@@ -208,10 +267,14 @@ class Transformer(nn.Module):
             names.add(self._official_name(pname))
         prefixes = [f"layers.{i}" for i in range(self.cfg.num_hidden_layers)]
         prefixes += [f"mtp.{i}" for i in range(len(self.mtp))]
-        for p in prefixes:
-            for e in self.local_experts:
+        for p, moe in zip(prefixes, self.moe_layers(), strict=True):
+            for e in set(moe.experts.local_experts):
                 names.update(f"{p}.ffn.experts.{e}.{w}.weight" for w in ("w1", "w2", "w3"))
         return names
+
+    def experts_per_layer(self) -> dict[int, set[int]]:
+        """MoE layer id -> the logical experts this model holds there (what it must load)."""
+        return {i: set(moe.experts.local_experts) for i, moe in enumerate(self.moe_layers())}
 
     @staticmethod
     def _official_name(pname: str) -> str:
@@ -226,7 +289,8 @@ class Transformer(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (official name, dequantized tensor) pairs into the model; every expected tensor must come.
 
-        Routed experts outside `local_experts` are ignored (a rank loads only its own).
+        Routed experts outside `local_experts` are ignored (a rank loads only its own); under EP a logical
+        expert is copied into every local slot that holds it.
         """
         params = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         missing = self.expected_weights()
@@ -234,11 +298,20 @@ class Transformer(nn.Module):
             m = self._EXPERT.match(name)
             if m:
                 prefix, e, w = m.group(1), int(m.group(2)), m.group(3)
-                stacked = params[self._param_name(prefix) + "." + w]
-                local = self.local_experts.index(e) if e in self.local_experts else -1
-                if local < 0:
+                if prefix.startswith("mtp.") and not self.mtp:
+                    continue  # built without MTP
+                pname = self._param_name(prefix)
+                stacked = params[pname + "." + w]
+                slots = [s for s, le in enumerate(self.get_submodule(pname).local_experts) if le == e]
+                if not slots:
                     continue
-                target = stacked[local]
+                if tuple(stacked.shape[1:]) != tuple(tensor.shape):
+                    raise ValueError(f"tensor {name!r}: shape {tuple(tensor.shape)}, model expects "
+                                     f"{tuple(stacked.shape[1:])}")
+                for s in slots:
+                    stacked[s].copy_(tensor.to(device=stacked.device, dtype=stacked.dtype))
+                missing.discard(name)
+                continue
             else:
                 pname = self._param_name(name)
                 if name.startswith("mtp.") and not self.mtp:
@@ -252,3 +325,12 @@ class Transformer(nn.Module):
             missing.discard(name)
         if missing:
             raise KeyError(f"{len(missing)} tensors never loaded: {sorted(missing)[:20]}")
+
+
+def _check_placement(cfg: ModelConfig, ep: EPContext) -> None:
+    p = ep.placement
+    if p.num_experts != cfg.n_routed_experts:
+        raise ValueError(f"placement has {p.num_experts} logical experts, the model {cfg.n_routed_experts}")
+    if p.num_layers < cfg.num_hidden_layers:
+        raise ValueError(f"placement covers {p.num_layers} MoE layers, the model has {cfg.num_hidden_layers} "
+                         f"(+{cfg.num_nextn_predict_layers} MTP)")

@@ -2,16 +2,63 @@
 
 Routed experts are stored stacked (`w1/w3: [E_local, I, D]`, `w2: [E_local, D, I]`) for the
 experts this rank holds; `local_experts` lists their global (logical) ids.
+
+Expert parallelism: pass an `EPContext` (built by `Transformer(..., ep=EPContext(...))`). The routed experts
+are then stored per physical slot of this rank (`local_experts[s]` = logical expert of slot s, which may
+repeat when a hot expert has several replicas here), and `MoE.forward` hands router output to the shared
+`comm.dispatch.Dispatcher`: tokens travel to the ranks holding their experts (replica = token_index %
+logcnt), `RoutedExperts.forward_slots` runs the received rows, results come back. Hash-routed layers take the
+same path. Every rank must run every MoE layer, with 0 tokens if it has none.
+
+Load statistics: `MoE.load_recorder` (None by default) gets `record(layer, topk_idx)` for every call, e.g.
+a `comm.expert_load.ExpertLoadWindow`; `Transformer.set_load_recorder` sets it on every layer.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comm.dispatch import BACKENDS, Dispatcher
+from comm.placement import Placement
 from engine.config import ModelConfig
 from engine.layers import Linear, linear
+
+
+@dataclass(frozen=True)
+class EPContext:
+    """This rank's part in expert parallelism: its rank in the EP group, the placement, the backend.
+
+    `group`: the torch.distributed group of the EP ranks (None: the default group). `num_waves`: for the
+    `wave` backend (None: its default).
+    """
+
+    ep_rank: int
+    ep_size: int
+    placement: Placement
+    backend: str = "sync"
+    group: Any = None
+    num_waves: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"EP backend {self.backend!r}: must be one of {BACKENDS}")
+        if not 0 <= self.ep_rank < self.ep_size:
+            raise ValueError(f"ep_rank {self.ep_rank} outside [0, ep_size={self.ep_size})")
+        if self.placement.ep_size != self.ep_size:
+            raise ValueError(f"placement is for ep_size={self.placement.ep_size}, EPContext has {self.ep_size}")
+
+    def dispatcher(self) -> Dispatcher:
+        return Dispatcher(self.placement, self.ep_rank, self.ep_size, backend=self.backend, group=self.group,
+                          num_waves=self.num_waves)
+
+
+class LoadRecorder(Protocol):
+    def record(self, layer: int, topk_idx: torch.Tensor) -> None: ...
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
@@ -62,7 +109,10 @@ class Expert(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """The routed experts a rank holds, stacked; `forward` runs the reference grouped loop."""
+    """The routed experts a rank holds, stacked; `forward` runs the reference grouped loop.
+
+    Under EP `local_experts` has one entry per physical slot (repeats allowed) and `forward_slots` is used.
+    """
 
     def __init__(self, cfg: ModelConfig, local_experts: list[int], dtype: torch.dtype) -> None:
         super().__init__()
@@ -72,7 +122,9 @@ class RoutedExperts(nn.Module):
         self.n_experts = cfg.n_routed_experts
         self.local_experts = list(local_experts)
         g2l = torch.full((cfg.n_routed_experts,), -1, dtype=torch.int64)
-        g2l[torch.tensor(self.local_experts, dtype=torch.int64)] = torch.arange(e)
+        self.unique = len(set(self.local_experts)) == e
+        if self.unique:
+            g2l[torch.tensor(self.local_experts, dtype=torch.int64)] = torch.arange(e)
         self.register_buffer("g2l", g2l, persistent=False)
         self.w1 = nn.Parameter(torch.zeros(e, inter, d, dtype=dtype))
         self.w3 = nn.Parameter(torch.zeros(e, inter, d, dtype=dtype))
@@ -85,8 +137,26 @@ class RoutedExperts(nn.Module):
         batches, where most experts get a few tokens each, go through one padded bmm per weight
         (`_forward_bmm`); otherwise experts run one after another (`_forward_loop`, the reference).
         """
+        if not self.unique:
+            raise RuntimeError("these routed experts hold replicated slots (EP): use forward_slots")
         local = self.g2l[topk_idx].flatten()  # [T*k], -1 where the expert is not on this rank
         counts = torch.bincount(local[local >= 0], minlength=len(self.local_experts))
+        return self._grouped(x, topk_weights, local, counts)
+
+    def forward_slots(self, x: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """EP: rows x [N, D] received for local slots `slot [N]` with routing weights [N] -> [N, D].
+
+        Row i is weight_i * Expert_{slot_i}(x_i), weight applied before w2 as in `forward`.
+        """
+        if x.shape[0] == 0:
+            return x.new_zeros(x.shape)
+        counts = torch.bincount(slot, minlength=len(self.local_experts))
+        return self._grouped(x, weight.unsqueeze(1), slot, counts)
+
+    def _grouped(self, x: torch.Tensor, topk_weights: torch.Tensor, local: torch.Tensor,
+                 counts: torch.Tensor) -> torch.Tensor:
+        if int(counts.sum()) == 0:
+            return torch.zeros_like(x)
         n_active = int((counts > 0).sum())
         if n_active * 4 >= 3 * len(self.local_experts) and int(counts.max()) * n_active <= 2 * int(counts.sum()):
             return self._forward_bmm(x, topk_weights, local, counts)
@@ -135,8 +205,12 @@ class RoutedExperts(nn.Module):
 class MoE(nn.Module):
     """y = sum_k w_k Expert_{idx_k}(x) + SharedExpert(x); every layer of V4 is MoE."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int, local_experts: list[int], dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, local_experts: list[int], dtype: torch.dtype,
+                 dispatcher: Dispatcher | None = None) -> None:
         super().__init__()
+        self.layer_id = layer_id
+        self.dispatcher = dispatcher  # EP: shared by every MoE layer of the model
+        self.load_recorder: LoadRecorder | None = None
         self.gate = Gate(cfg, layer_id)
         self.experts = RoutedExperts(cfg, local_experts, dtype)
         self.shared_experts = (
@@ -147,6 +221,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x [T, D] (after ffn_norm), input_ids [T] (hash layers route by token id) -> [T, D]."""
         topk_weights, topk_idx = self.gate(x, input_ids)
+        if self.load_recorder is not None:
+            self.load_recorder.record(self.layer_id, topk_idx)
+        if self.dispatcher is not None:
+            return self.dispatcher(self.layer_id, x, topk_idx, topk_weights, self.experts.forward_slots,
+                                   self.shared_experts)
         y = self.experts(x, topk_weights, topk_idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -245,6 +245,13 @@ def test_decode_step_grows_with_batch_and_overlap_helps():
     small_sync = decode(model, sync, EFF, slots, 2, 2000).step
     small_tbo = decode(model, tbo, EFF, slots, 2, 2000).step
     assert small_tbo.time_s > small_sync.time_s  # weight-bound: two micro-batches read the weights twice
+    # all-to-all: FP8 dispatch (+ a float32 scale per 128) and BF16 combine, 58 MoE layers x 256 tokens x 8 copies
+    st = big_sync
+    assert st.a2a_dispatch_bytes + st.a2a_combine_bytes == pytest.approx(st.a2a_bytes_intra + st.a2a_bytes_inter)
+    assert st.a2a_dispatch_bytes / st.a2a_combine_bytes == pytest.approx((1 + 4 / 128) / 2)
+    remote = 58 * 256 * 8 * 71 / 72 * EFF.imbalance_eplb
+    assert st.a2a_combine_bytes == pytest.approx(remote * 7168 * 2)
+    assert set(st.per_layer) == {"mla/dense", "mla/moe"} and "all_to_all" in st.per_layer["mla/moe"]
 
 
 def test_hardware_profiles_have_sources():

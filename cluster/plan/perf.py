@@ -246,9 +246,11 @@ def _imbalance(lay: Layout, eff: Efficiency) -> float:
 
 @dataclass(frozen=True)
 class Comm:
-    intra_bytes: float  # per rank, per direction, NVLink
-    inter_bytes: float  # per rank, per direction, scale-out
+    intra_bytes: float  # per rank, per direction, NVLink (dispatch + combine)
+    inter_bytes: float  # per rank, per direction, scale-out (dispatch + combine)
     time_s: float
+    dispatch_bytes: float = 0.0  # intra + inter of the FP8 dispatch
+    combine_bytes: float = 0.0  # intra + inter of the BF16 combine
 
 
 def a2a(model: PlanModel, tokens: float, decode: bool, lay: Layout, eff: Efficiency) -> Comm:
@@ -266,12 +268,14 @@ def a2a(model: PlanModel, tokens: float, decode: bool, lay: Layout, eff: Efficie
         intra_copies = tokens * (local - 1) * p_rank
         p_dom = 1.0 - (1.0 - local / w) ** k
         inter_copies = tokens * (lay.n_domains - 1) * p_dom
-    per_copy = model.hidden * (1 + 4 / 128) + model.hidden * 2  # FP8 dispatch + scales, BF16 combine
+    dispatch_copy = model.hidden * (1 + 4 / 128)  # FP8 values + a float32 scale per 128
+    combine_copy = model.hidden * 2  # BF16
+    per_copy = dispatch_copy + combine_copy
     intra = intra_copies * per_copy * imb
     inter = inter_copies * per_copy * imb
-    lat = 2 * (eff.a2a_latency_scaleout_s if lay.n_domains > 1 else eff.a2a_latency_nvlink_s)
-    t = lat + max(intra / (lay.hw.nvlink_bw * eff.nvlink), inter / (lay.hw.scaleout_bw * eff.scaleout))
-    return Comm(intra, inter, t)
+    t = _lat(lay, eff) + max(intra / (lay.hw.nvlink_bw * eff.nvlink), inter / (lay.hw.scaleout_bw * eff.scaleout))
+    copies = (intra_copies + inter_copies) * imb
+    return Comm(intra, inter, t, copies * dispatch_copy, copies * combine_copy)
 
 
 @dataclass(frozen=True)
@@ -282,9 +286,14 @@ class StepResult:
     comm_s: float  # all-to-all time of every MoE layer
     exposed_comm_s: float
     by_component_s: dict  # component -> seconds summed over layers (compute only)
-    a2a_bytes_intra: float  # per rank per step, all MoE layers
+    a2a_bytes_intra: float  # per rank per step, all MoE layers, dispatch + combine
     a2a_bytes_inter: float
+    a2a_dispatch_bytes: float  # per rank per step, all MoE layers, NVLink + scale-out
+    a2a_combine_bytes: float
     backend: str
+    # one layer of each kind ("csa/moe", "mla/dense", ...): component -> {fp8_flops, bf16_flops, bytes, time_s},
+    # plus "all_to_all": {dispatch_bytes, combine_bytes, time_s}; for the whole step (both micro-batches)
+    per_layer: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -300,7 +309,8 @@ def step_time(model: PlanModel, qs: list[Queries], lay: Layout, eff: Efficiency,
     tokens = sum(q.tokens for q in qs)
     total = compute_all = comm_all = exposed = 0.0
     by_comp: dict[str, float] = {}
-    intra_b = inter_b = 0.0
+    intra_b = inter_b = disp_b = comb_b = 0.0
+    per_layer: dict[str, dict] = {}
     for layer in model.layers[: model.n_main_layers]:
         costs = layer_costs(model, layer, mqs, lay, eff, slots_per_rank)
         times = {name: micro * c.time(lay.hw, eff) for name, c in costs.items()}
@@ -311,6 +321,15 @@ def step_time(model: PlanModel, qs: list[Queries], lay: Layout, eff: Efficiency,
         m = comm.time_s + (micro - 1) * _lat(lay, eff) if comm.time_s else 0.0
         intra_b += comm.intra_bytes
         inter_b += comm.inter_bytes
+        disp_b += comm.dispatch_bytes
+        comb_b += comm.combine_bytes
+        key = f"{layer.attn}/{'moe' if layer.moe else 'dense'}"
+        if key not in per_layer:
+            per_layer[key] = {name: {"fp8_flops": micro * c.fp8, "bf16_flops": micro * c.bf16,
+                                     "bytes": micro * c.bytes, "time_s": times[name]} for name, c in costs.items()}
+            if layer.moe:
+                per_layer[key]["all_to_all"] = {"dispatch_bytes": comm.dispatch_bytes,
+                                                "combine_bytes": comm.combine_bytes, "time_s": m}
         if backend == "sync" or m == 0:
             t_layer = comp + m
         elif backend == "tbo":
@@ -329,7 +348,8 @@ def step_time(model: PlanModel, qs: list[Queries], lay: Layout, eff: Efficiency,
     by_comp["head"] = ht
     total += ht
     compute_all += ht
-    return StepResult(tokens, total, compute_all, comm_all, exposed, by_comp, intra_b, inter_b, backend)
+    return StepResult(tokens, total, compute_all, comm_all, exposed, by_comp, intra_b, inter_b, disp_b, comb_b,
+                      backend, per_layer)
 
 
 def _lat(lay: Layout, eff: Efficiency) -> float:

@@ -68,8 +68,23 @@ def format_plan(plan: Plan) -> str:
         comp = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(p.decode_step["by_component_s"].items(),
                                                                   key=lambda kv: -kv[1]))
         add(f"  decode step by component (ms): {comp}")
-        add(f"  all-to-all per decode step per rank: NVLink {p.decode_step['a2a_bytes_intra'] / 1e6:,.1f} MB, "
-            f"scale-out {p.decode_step['a2a_bytes_inter'] / 1e6:,.1f} MB")
+        for name, st in (("prefill", p.prefill_step), ("decode", p.decode_step)):
+            mb = {k: st[k] / 1e6 for k in ("a2a_dispatch_bytes", "a2a_combine_bytes", "a2a_bytes_intra",
+                                           "a2a_bytes_inter")}
+            add(f"  all-to-all per {name} step per rank: dispatch (FP8) {mb['a2a_dispatch_bytes']:,.1f} MB + "
+                f"combine (BF16) {mb['a2a_combine_bytes']:,.1f} MB; NVLink {mb['a2a_bytes_intra']:,.1f} MB, "
+                f"scale-out {mb['a2a_bytes_inter']:,.1f} MB")
+        add("  one decode layer of each kind: GFLOP (FP8 + BF16) / MB read / ms")
+        for kind, comps in p.decode_step["per_layer"].items():
+            parts = []
+            for name, c in comps.items():
+                if name == "all_to_all":
+                    a2a_mb = (c["dispatch_bytes"] + c["combine_bytes"]) / 1e6
+                    parts.append(f"a2a {a2a_mb:.1f} MB {c['time_s'] * 1e3:.2f}")
+                else:
+                    parts.append(f"{name} {(c['fp8_flops'] + c['bf16_flops']) / 1e9:.1f}/{c['bytes'] / 1e6:.0f}/"
+                                 f"{c['time_s'] * 1e3:.2f}")
+            add(f"    {kind:<10} " + ", ".join(parts))
     for n in plan.notes:
         add(f"note: {n}")
     if plan.problems:

@@ -47,6 +47,8 @@ class BatchRunner:
     def resume(self) -> list[str]:
         """Start a task for every job the store holds unfinished (call once the event loop runs)."""
         ids = [b.id for b in self.store.unfinished()]
+        if ids:
+            log.info("resuming %d unfinished batch job(s): %s", len(ids), ", ".join(ids))
         for bid in ids:
             self.start(bid)
         return ids
@@ -82,6 +84,10 @@ class BatchRunner:
     # ---- one job ----
     def _job_done(self, batch_id: str, task: asyncio.Task[None]) -> None:
         self._jobs.pop(batch_id, None)
+        if not self._writes.get(batch_id):
+            self._writes.pop(batch_id, None)
+        if not task.cancelled() and task.exception() is None:  # the job reached a terminal status
+            self._cancel.pop(batch_id, None)
         if task.cancelled() or task.exception() is None:
             return
         err = task.exception()
@@ -251,6 +257,8 @@ class BatchRunner:
                 fields[key] = rec.id
         self.store.transition(batch.id, status, now=now, new_files=tuple(recs), completed=files.completed,
                               failed=files.failed, **fields)
+        log.info("batch %s %s: %d of %d requests ok, %d failed", batch.id, status, files.completed, files.total,
+                 files.failed)
 
 
 def _api_error(e: Exception) -> tuple[int, dict[str, Any]]:

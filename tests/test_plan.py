@@ -223,6 +223,14 @@ def test_what_does_not_fit_is_reported():
 
 
 # ---- performance model pieces ----------------------------------------------------------------------------------
+def test_every_tensor_has_a_kind():
+    from cluster.plan.model_spec import KINDS, classify
+
+    assert {classify(t.name) for t in build_manifest(V4_PRO).tensors} <= set(KINDS)
+    with pytest.raises(ValueError, match="cannot classify"):
+        classify("layers.0.mystery.weight")
+
+
 def test_closed_form_sums():
     for n in (0, 1, 3, 4, 5, 127, 128, 129, 1000, 4099):
         assert _sum_floor(n, 4) == sum(m // 4 for m in range(1, n + 1))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+from cluster.plan.model_spec import KINDS
 from cluster.plan.planner import Plan
-
-_KIND_ORDER = ("attention", "compressor", "indexer", "mhc", "norm", "router", "shared_expert", "dense_ffn",
-               "embedding", "head", "mtp_proj")
 
 
 def _gb(n: float) -> str:
@@ -34,7 +32,7 @@ def format_plan(plan: Plan) -> str:
     first = plan.ranks[0][2]
     add("")
     add(f"Replicated weights per rank, by kind and dtype (GB) — ranks {_ranks(plan.ranks[0][0])}")
-    kinds = [k for k in _KIND_ORDER if k in first.replicated] + sorted(set(first.replicated) - set(_KIND_ORDER))
+    kinds = [k for k in KINDS if k in first.replicated]
     for k in kinds:
         parts = ", ".join(f"{dt} {_gb(b)}" for dt, b in sorted(first.replicated[k].items(), key=lambda x: -x[1]))
         add(f"  {k:<14} {_gb(sum(first.replicated[k].values())):>8}   ({parts})")

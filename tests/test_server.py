@@ -7,6 +7,7 @@ the OpenAIService and the aiohttp app, exactly as `python -m cluster.server --ra
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import os
@@ -22,6 +23,7 @@ from urllib.request import urlopen as urllib_request
 
 import openai
 import pytest
+from aiohttp import web
 
 from cluster.router import Router
 from cluster.server.app import build_app, serve
@@ -48,6 +50,7 @@ class Server:
     worker: RankWorker
     service: OpenAIService
     tokenizer: object
+    plain_port: int
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +71,16 @@ def server(tiny_ckpt, tmp_path_factory):
         router = await Router([worker.address]).start()
         service = OpenAIService(router, tokenizer, model_info(tiny_ckpt, "tiny", MAX_MODEL_LEN))
         runner, port = await serve(build_app(service, settings), "127.0.0.1", 0)
-        started.update(service=service, port=port)
+        # a second app on the same service under a plain runner (no handler cancellation, as an embedder
+        # might build it): client disconnects must still abort
+        plain = web.AppRunner(build_app(service, dataclasses.replace(settings, state_dir=settings.state_dir / "b")))
+        await plain.setup()
+        site = web.TCPSite(plain, "127.0.0.1", 0)
+        await site.start()
+        started.update(service=service, port=port, plain_port=site._server.sockets[0].getsockname()[1])
         ready.set()
         await stop.wait()
+        await plain.cleanup()
         await runner.cleanup()
         await router.close()
 
@@ -78,7 +88,7 @@ def server(tiny_ckpt, tmp_path_factory):
     thread.start()
     assert ready.wait(60)
     port = started["port"]
-    yield Server(f"http://127.0.0.1:{port}", port, worker, started["service"], tokenizer)
+    yield Server(f"http://127.0.0.1:{port}", port, worker, started["service"], tokenizer, started["plain_port"])
     loop.call_soon_threadsafe(stop.set)
     thread.join(30)
     worker.stop()
@@ -337,11 +347,13 @@ def _wait_rank_idle(server: Server, timeout: float = 30.0) -> dict:
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
-def test_client_disconnect_aborts_on_the_rank(server, stream):
+@pytest.mark.parametrize("runner", ["serve", "plain-runner"])
+def test_client_disconnect_aborts_on_the_rank(server, stream, runner):
     aborted_before = server.service.metrics.finished["abort"]
     body = json.dumps({"model": "tiny", "prompt": "never ending", "max_tokens": MAX_MODEL_LEN - 16,
                        "temperature": 0, "ignore_eos": True, "stream": stream}).encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+    port = server.port if runner == "serve" else server.plain_port
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         if stream:

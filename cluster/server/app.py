@@ -58,6 +58,27 @@ async def read_json(request: web.Request, limit: int) -> Any:
                        None, "invalid_json") from None
 
 
+async def _unless_client_leaves(request: web.Request, coro: Any, poll_s: float = 0.2) -> Any:
+    """Await `coro`, cancelling it (which aborts its rank requests) if the client disconnects meanwhile.
+
+    aiohttp cancels handlers on disconnect only when the runner was built with handler_cancellation=True
+    (`serve` below does); this check makes a non-streaming request abort under any runner.
+    """
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 def build_app(service: OpenAIService, settings: ServerSettings) -> web.Application:
     api_key = settings.api_key()
     metrics = service.metrics
@@ -106,7 +127,7 @@ def build_app(service: OpenAIService, settings: ServerSettings) -> web.Applicati
         body = await read_json(request, settings.max_body_bytes)
         job = service.prepare(body, chat)
         if not job.stream:
-            return web.json_response(await service.run(job))
+            return web.json_response(await _unless_client_leaves(request, service.run(job)))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         chunks = service.stream(job)

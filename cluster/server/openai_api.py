@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -44,6 +45,15 @@ class ModelInfo:
     vocab_size: int
     bos_token_id: int
     eos_token_id: int
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path, name: str, max_model_len: int | None = None) -> ModelInfo:
+        """Name, context length (default: max_position_embeddings), vocabulary and bos/eos of a checkpoint."""
+        from engine.config import ModelConfig
+
+        cfg = ModelConfig.from_json(model_dir)
+        return cls(name=name, max_model_len=max_model_len or cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
+                   bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
 
 
 @dataclass
@@ -126,6 +136,17 @@ class OpenAIService:
         self.metrics = metrics or Metrics()
         self.default_max_tokens = default_max_tokens  # chat without max_tokens: min(this, context left)
         self._token_text: dict[int, str] = {}
+
+    @classmethod
+    def from_router(cls, router: Router, model_dir: str | Path, settings: Any, max_model_len: int | None = None,
+                    default_max_tokens: int | None = None) -> OpenAIService:
+        """A service for the checkpoint in `model_dir` (its config.json and tokenizer.json) over `router`;
+        the model id is `settings.model_name` or the directory's name."""
+        from engine.tokenizer import load_tokenizer
+
+        name = getattr(settings, "model_name", None) or Path(model_dir).resolve().name
+        info = ModelInfo.from_checkpoint(model_dir, name, max_model_len)
+        return cls(router, load_tokenizer(model_dir), info, default_max_tokens=default_max_tokens)
 
     # ======================= public API =======================
     def models(self) -> dict:

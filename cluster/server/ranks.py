@@ -45,11 +45,7 @@ class EngineArgs:
 
 def model_info(model_dir: str | Path, name: str, max_model_len: int | None = None) -> ModelInfo:
     """The frontend's view of a checkpoint: name, context length, vocabulary, bos/eos ids."""
-    from engine.config import ModelConfig
-
-    cfg = ModelConfig.from_json(model_dir)
-    return ModelInfo(name=name, max_model_len=max_model_len or cfg.max_position_embeddings,
-                     vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    return ModelInfo.from_checkpoint(model_dir, name, max_model_len)
 
 
 class RankSet:

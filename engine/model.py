@@ -165,6 +165,16 @@ class Transformer(nn.Module):
         for moe in self.moe_layers():
             moe.load_recorder = recorder
 
+    def set_backend(self, backend: str, num_waves: int | None = None) -> None:
+        """Switch the dispatch/combine backend ("sync" | "tbo" | "wave") without reloading; every rank must
+        switch at the same point. The new dispatcher starts with fresh stats."""
+        if self.ep is None or self.dispatcher is None:
+            raise RuntimeError("set_backend needs a model built with ep=EPContext(...)")
+        self.ep = replace(self.ep, backend=backend, num_waves=num_waves)
+        self.dispatcher = self.ep.dispatcher()
+        for moe in self.moe_layers():
+            moe.dispatcher = self.dispatcher
+
     def set_placement(self, placement: Placement) -> None:
         """Switch to a new placement after the slot weights were moved (e.g. comm.rebalance): updates the
         dispatcher and each layer's slot -> logical expert list. Collective use: every rank, same placement."""

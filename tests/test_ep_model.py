@@ -83,9 +83,10 @@ class _Counter:
 def _rank_main(rank: int, world: int, ckpt: str) -> dict:
     results: dict = {"logits": {}, "slots": {}, "stats": {}, "load": {}}
     for pname, placement in _placements(world).items():
+        model = load_model(ckpt, dtype=torch.float32, ep=EPContext(rank, world, placement))
         for backend in BACKENDS:
-            ep = EPContext(rank, world, placement, backend=backend, num_waves=2)
-            model = load_model(ckpt, dtype=torch.float32, ep=ep)
+            model.set_backend(backend, num_waves=2)
+            assert model.dispatcher.backend == backend
             if backend == "sync":
                 results["slots"][pname] = {
                     "w1_layer2": model.layers[2].ffn.experts.w1.clone(),

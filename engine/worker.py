@@ -40,8 +40,13 @@ STATS_INTERVAL_S = 0.05
 BACKGROUND_QUEUE = 4  # admit priority > 0 requests only while fewer than this many wait in the engine
 
 
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.Generator.manual_seed takes on every platform
+
+
 def sampling_params(msg: wire.AddRequest) -> SamplingParams:
     """The engine's SamplingParams for a wire AddRequest (raises ValueError on bad values)."""
+    if msg.seed is not None and not SEED_RANGE[0] <= msg.seed <= SEED_RANGE[1]:
+        raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {msg.seed}")
     return SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, max_tokens=msg.max_tokens,
                           stop_token_ids=tuple(msg.stop_token_ids), seed=msg.seed, ignore_eos=msg.ignore_eos,
                           logprobs=msg.logprobs)
@@ -269,7 +274,7 @@ class RankWorker:
             return False
         try:
             self.engine.add_request(list(msg.prompt_token_ids), sampling_params(msg), msg.req_id)
-        except ValueError as e:
+        except (ValueError, TypeError, OverflowError) as e:  # a bad request must not end the step loop
             self._send(cid, wire.Error(str(e), msg.req_id))
             return False
         self._owner[msg.req_id] = cid

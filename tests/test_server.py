@@ -273,8 +273,11 @@ def test_metrics_parse(server, client):
     ({"model": "tiny", "prompt": "x", "top_p": 0}, openai.BadRequestError, 400, "top_p"),
     ({"model": "tiny", "prompt": [0, 99999]}, openai.BadRequestError, 400, "token ids outside"),
     ({"model": "tiny", "prompt": "x", "n": 0}, openai.BadRequestError, 400, "n must be"),
+    ({"model": "tiny", "prompt": "x", "seed": 2**64}, openai.BadRequestError, 400, "seed must be"),
+    ({"model": "tiny", "prompt": "x", "stop": [""]}, openai.BadRequestError, 400, "stop must be"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 50}, openai.BadRequestError, 400, "logprobs must be"),
 ], ids=["unknown-model", "prompt-too-long", "prompt-plus-max-tokens", "max-tokens-0", "max-tokens-negative",
-        "temperature", "top-p", "token-out-of-vocab", "n-0"])
+        "temperature", "top-p", "token-out-of-vocab", "n-0", "seed-too-big", "empty-stop", "logprobs-too-many"])
 def test_bad_requests(client, kwargs, exc, status, needle):
     with pytest.raises(exc) as e:
         client.completions.create(**kwargs)
@@ -293,10 +296,11 @@ def test_bad_chat_messages(client):
 
 @pytest.mark.parametrize("body, status, code", [
     (b'{"model": "tiny", "prompt": ', 400, "invalid_json"),
+    (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400, None),
     (b"\xff\xfe not utf-8", 400, "invalid_json"),
     (b'["a", "list"]', 400, None),
     (json.dumps({"model": "tiny", "prompt": "x" * (MAX_BODY + 10)}).encode(), 413, "request_too_large"),
-], ids=["malformed", "not-utf8", "not-an-object", "too-large"])
+], ids=["malformed", "nan-temperature", "not-utf8", "not-an-object", "too-large"])
 def test_bad_bodies(server, client, body, status, code):
     got, raw = _raw(server, "POST", "/v1/completions", body, {"Content-Type": "application/json"})
     err = json.loads(raw)["error"]

@@ -185,6 +185,11 @@ def test_worker_serves_requests_stats_and_ping(echo_worker):
         s.sendall(wire.encode(wire.AddRequest("t", [1], temperature=-1.0)))
         err = wire.recv_frame(s)
         assert isinstance(err, wire.Error) and "temperature" in err.message
+        s.sendall(wire.encode(wire.AddRequest("s", [1], seed=2**64 - 1)))  # torch would refuse it mid-step
+        err = wire.recv_frame(s)
+        assert isinstance(err, wire.Error) and "seed must be" in err.message
+        s.sendall(wire.encode(wire.AddRequest("after", [4], max_tokens=1)))
+        assert _collect(s, "after") == ([4], "length")
 
 
 @pytest.mark.parametrize("bad, told", [

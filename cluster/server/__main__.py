@@ -93,7 +93,8 @@ async def run(args: argparse.Namespace, settings: ServerSettings) -> int:
                              ep_backend=args.ep_backend)
     info = model_info(args.model, settings.model_name or args.model.resolve().name, args.max_model_len)
     tokenizer = load_tokenizer(args.model)
-    ranks = await asyncio.to_thread(start_ranks, args.model, args.ranks, engine_args, settings.host)
+    # Local ranks listen on loopback only, whatever interface the HTTP server is exposed on.
+    ranks = await asyncio.to_thread(start_ranks, args.model, args.ranks, engine_args, "127.0.0.1")
     router = None
     runner = None
     code = 0

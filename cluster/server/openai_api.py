@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -111,8 +112,8 @@ def _num(body: dict, key: str, default: float, check: Callable[[float], bool], r
     v = body.get(key, default)
     if v is None:
         return default
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise bad_request(f"{key} must be a number, got {v!r}", key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise bad_request(f"{key} must be a finite number, got {v!r}", key)
     if not check(float(v)):
         raise bad_request(f"{key} must be {rule}, got {v}", key)
     return float(v)
@@ -214,7 +215,7 @@ class OpenAIService:
         temperature = _num(body, "temperature", 1.0, lambda v: v >= 0, ">= 0")
         top_p = _num(body, "top_p", 1.0, lambda v: 0 < v <= 1, "in (0, 1]")
         top_k = _int(body, "top_k", -1, -1)
-        seed = _int(body, "seed", None)
+        seed = _int(body, "seed", None, -(2**63), 2**63 - n)  # choice j samples with seed + j
         stop = self._stop(body.get("stop"))
         stop_ids = body.get("stop_token_ids") or []
         if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):

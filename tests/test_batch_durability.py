@@ -1,5 +1,6 @@
 """Durability: kill -9 the server in the middle of a 200-request batch, start it again on the same state
-directory; the job completes with 200 distinct custom_ids, none duplicated, none lost."""
+directory; the job completes with 200 distinct custom_ids, none duplicated, none lost. A graceful stop
+(SIGTERM) mid-job first shows that a normal restart records no request as failed."""
 
 from __future__ import annotations
 
@@ -16,29 +17,35 @@ from cluster import Client
 N = 200
 
 
+def _written(path) -> list[str]:
+    return [json.loads(x)["custom_id"] for x in path.read_bytes().split(b"\n")[:-1]]  # a torn tail is cut
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SERVER, reason="cluster.server is not there yet")
-def test_batch_survives_kill_9(tiny_ckpt, tmp_path):
+def test_batch_survives_sigterm_and_kill_9(tiny_ckpt, tmp_path):
     state = tmp_path / "state"
     port = free_port()
     proc = start_server(tiny_ckpt, state, port)
-    try:
-        client = Client(f"http://127.0.0.1:{port}")
-        model = client.default_model
-        lines = [chat_line(f"req-{i:03d}", f"durable {i}", max_tokens=2, model=model) for i in range(N)]
-        job = client.submit_batch(lines)
-        while (st := job.status()).completed + st.failed < 10:
-            assert proc.poll() is None and not st.done, st
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)  # no cleanup, no flush: whatever is on disk is what survives
-        proc.wait()
-    finally:
-        stop_server(proc)
+    client = Client(f"http://127.0.0.1:{port}")
+    lines = [chat_line(f"req-{i:03d}", f"durable {i}", max_tokens=2, model=client.default_model) for i in range(N)]
+    job = client.submit_batch(lines)
     out_path = state / "batches" / job.id / "output.jsonl"
-    before = [json.loads(x)["custom_id"] for x in out_path.read_bytes().split(b"\n")[:-1]]  # a torn tail is cut
-    assert 10 <= len(before) < N, f"the kill landed after {len(before)} of {N}: not mid-job"
-
-    proc = start_server(tiny_ckpt, state, port)  # same state dir: the job resumes on start-up
+    before: list[str] = []
+    # SIGTERM (graceful) once 10 are done, then, after a restart, kill -9 once 60 are done
+    for sig, at in ((signal.SIGTERM, 10), (signal.SIGKILL, 60)):
+        try:
+            while (st := job.status()).completed + st.failed < at:
+                assert proc.poll() is None and not st.done, st
+                time.sleep(0.02)
+            proc.send_signal(sig)  # SIGKILL: no cleanup, no flush; whatever is on disk is what survives
+            proc.wait(30)
+        finally:
+            stop_server(proc)
+        now = _written(out_path)
+        assert now[:len(before)] == before and at <= len(now) < N, f"stopped after {len(now)} of {N}: not mid-job"
+        before = now
+        proc = start_server(tiny_ckpt, state, port)  # same state dir: the job resumes on start-up
     try:
         st = job.wait(progress=False, poll_s=0.1, timeout=120)
         assert st.status == "completed" and (st.total, st.completed, st.failed) == (N, N, 0), st
@@ -49,6 +56,5 @@ def test_batch_survives_kill_9(tiny_ckpt, tmp_path):
     assert len(results) == N and set(counts) == {f"req-{i:03d}" for i in range(N)}
     assert max(counts.values()) == 1
     assert all(r.ok and r.body["usage"]["completion_tokens"] <= 2 for r in results)
-    # what was written before the kill is still there, unchanged, at the head of the file
-    after = [json.loads(x)["custom_id"] for x in out_path.read_text().splitlines()]
-    assert after[:len(before)] == before
+    # what was written before each stop is still there, unchanged, at the head of the file
+    assert _written(out_path)[:len(before)] == before and len(_written(out_path)) == N

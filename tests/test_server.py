@@ -261,6 +261,24 @@ def test_metrics_parse(server, client):
     assert buckets == sorted(buckets) and buckets[-1] == samples["megaserve:e2e_request_latency_seconds_count"] > 0
 
 
+def test_metrics_expert_balancedness_is_bounded():
+    from cluster.server.metrics import MAX_BALANCE_LAYERS, Metrics
+
+    rows = [{"layer": i, "mean_tokens_per_rank": 3.0, "max_tokens_per_rank": 4.0, "balancedness": 0.75}
+            for i in range(MAX_BALANCE_LAYERS + 50)]
+    stats = [{"rank": r, "connected": True, "outstanding_tokens": 0,
+              "engine": {"running": 1, "waiting": 2, "held_requests": 1, "pages_used": 3, "pages_free": 1,
+                         "expert_balance": rows}} for r in range(72)]
+    text = Metrics().render(stats)
+    series = [x for x in text.splitlines() if x.startswith("megaserve:expert_balancedness{")]
+    assert len(series) == MAX_BALANCE_LAYERS  # per layer, not per layer x rank
+    assert 'megaserve:expert_balancedness{layer="5"} 0.75' in series
+    assert "megaserve:expert_balancedness_min 0.75" in text
+    assert 'megaserve:num_requests_waiting{rank="71"} 3' in text
+    assert 'megaserve:kv_cache_usage_perc{rank="0"} 0.75' in text
+    assert "expert_balancedness" not in Metrics().render([{"rank": 0, "engine": {"expert_balance": []}}])
+
+
 # ---------------- bad input: 4xx + OpenAI error JSON, and the server keeps serving ----------------
 @pytest.mark.parametrize("kwargs, exc, status, needle", [
     ({"model": "nope", "prompt": "x"}, openai.NotFoundError, 404, "does not exist"),
@@ -423,9 +441,15 @@ def test_two_ep_ranks_serve_the_same_greedy_text(tiny_ckpt, tmp_path, client):
         got = two.completions.create(model="tiny", prompt=["expert parallel", "second prompt"], max_tokens=4,
                                      **GREEDY)
         assert [c.text for c in got.choices] == want
-        with urllib_request(url + "/metrics") as r:
-            text = r.read().decode()
+        deadline = time.monotonic() + 30
+        while True:  # the EP engine reports balancedness once the group has synced its expert load
+            with urllib_request(url + "/metrics") as r:
+                text = r.read().decode()
+            if "megaserve:expert_balancedness{" in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert 'megaserve:rank_up{rank="1"} 1' in text
+        assert 'megaserve:expert_balancedness{layer="0"}' in text
     finally:
         proc.terminate()
         proc.wait(30)

@@ -92,12 +92,15 @@ class EPEngine:
     model_dir: checkpoint directory (every rank reads the replicated weights and its own experts).
     config: the per-rank engine settings (scheduler, cache); `device="cuda"` means this rank's current CUDA
     device (comm.group.init_process_group sets it). ep_rank / ep_size: this rank in `group` (default: the
-    default process group, which must be initialised). backend: `sync`, `tbo` or `wave` (comm.dispatch).
+    default process group, which must be initialised). backend: `sync`, `tbo` or `wave` (comm.dispatch);
+    num_waves: for `wave`. placement: the initial placement over the main MoE layers (default: static
+    round-robin with `placement_config.redundant_experts` redundant slots).
     """
 
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, ep_rank: int | None = None,
                  ep_size: int | None = None, backend: str = "sync", placement_config: PlacementConfig | None = None,
-                 group: dist.ProcessGroup | None = None, num_waves: int | None = None) -> None:
+                 group: dist.ProcessGroup | None = None, num_waves: int | None = None,
+                 placement: Placement | None = None) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("EPEngine needs an initialised torch.distributed process group "
                                "(comm.group.init_process_group or comm.launch.run_ranks)")
@@ -118,13 +121,18 @@ class EPEngine:
 
         cfg = open_checkpoint(model_dir).config
         num_layers, num_experts = cfg.num_hidden_layers, cfg.n_routed_experts
-        if (num_experts + pc.redundant_experts) % ep_size:
-            raise ValueError(f"{num_experts} routed experts + {pc.redundant_experts} redundant = "
-                             f"{num_experts + pc.redundant_experts} slots cannot be split over ep_size={ep_size}")
         if ep_size % pc.num_nodes:
             raise ValueError(f"ep_size={ep_size} ranks cannot be split over num_nodes={pc.num_nodes}")
         # The runner runs the main layers only, so the placement covers those (no MTP experts are loaded).
-        placement = Placement.static(num_layers, num_experts, ep_size, redundant=pc.redundant_experts)
+        if placement is None:
+            if (num_experts + pc.redundant_experts) % ep_size:
+                raise ValueError(f"{num_experts} routed experts + {pc.redundant_experts} redundant = "
+                                 f"{num_experts + pc.redundant_experts} slots cannot be split over ep_size={ep_size}")
+            placement = Placement.static(num_layers, num_experts, ep_size, redundant=pc.redundant_experts)
+        elif (placement.ep_size, placement.num_layers, placement.num_experts) != (ep_size, num_layers, num_experts):
+            raise ValueError(f"placement is for ep_size={placement.ep_size}, {placement.num_layers} layers, "
+                             f"{placement.num_experts} experts; this group needs ep_size={ep_size}, {num_layers} "
+                             f"layers (the main MoE layers), {num_experts} experts")
         ep = EPContext(ep_rank, ep_size, placement, backend=backend, group=group, num_waves=num_waves)
         model = load_model(model_dir, dtype=_DTYPES[c.dtype], device=c.device, ep=ep)
         self.engine = LLMEngine(model_dir, c, model=model)
@@ -274,3 +282,11 @@ class EPEngine:
 
 def _mean(rows: list[dict]) -> float:
     return sum(r["balancedness"] for r in rows) / len(rows) if rows else 1.0
+
+
+def make_ep_engine(model_dir: str | Path, config: EngineConfig | None = None, *, rank: int, world_size: int,
+                   placement: Placement | None = None, backend: str = "sync",
+                   placement_config: PlacementConfig | None = None) -> EPEngine:
+    """EPEngine by keyword (cluster.rank_actor's spelling): rank `rank` of a `world_size`-rank EP group."""
+    return EPEngine(model_dir, config, rank, world_size, backend=backend, placement_config=placement_config,
+                    placement=placement)

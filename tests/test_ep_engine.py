@@ -13,7 +13,7 @@ import pytest
 from comm.dispatch import BACKENDS
 from comm.launch import run_ranks
 from engine.engine import EngineConfig, LLMEngine
-from engine.ep_engine import EPEngine, PlacementConfig
+from engine.ep_engine import EPEngine, PlacementConfig, make_ep_engine
 from engine.ep_group import run_engine_group, serve_until_idle
 from engine.tokenizer import load_tokenizer
 from scheduler.sampling import SamplingParams
@@ -47,9 +47,19 @@ def _cases_4() -> list[tuple[str, str, PlacementConfig]]:
 
 def _rank_fn_4(rank: int, world: int, ckpt: str, prompts: list[list[int]]) -> dict:
     """Every case in the same 4-rank group: request i on rank i % 4."""
+    from comm.placement import Placement
+
     results = {}
+    try:
+        EPEngine(ckpt, CONFIG, rank, world, placement=Placement.static(5, 8, world))
+    except ValueError as e:
+        results["bad_placement"] = str(e)
     for name, backend, pc in _cases_4():
-        engine = EPEngine(ckpt, CONFIG, rank, world, backend=backend, placement_config=pc)
+        if backend == "tbo":  # another initial layout, through the keyword constructor
+            engine = make_ep_engine(ckpt, CONFIG, rank=rank, world_size=world, backend=backend, placement_config=pc,
+                                    placement=Placement.static(4, 8, world, redundant=4, policy="contiguous"))
+        else:
+            engine = EPEngine(ckpt, CONFIG, rank, world, backend=backend, placement_config=pc)
         initial = engine.placement.phy2log.clone()
         mine = [(f"r{i}", p, GREEDY) for i, p in enumerate(prompts) if i % world == rank]
         outs = serve_until_idle(engine, mine)
@@ -66,6 +76,7 @@ def _rank_fn_4(rank: int, world: int, ckpt: str, prompts: list[list[int]]) -> di
             "stats": engine.stats(),
             "runner_reqs": len(engine.engine.runner.reqs),
             "placement_changed": not bool((engine.placement.phy2log == initial).all()),
+            "local_slots": [moe.experts.local_experts for moe in engine.model.moe_layers()],
             "slots_hold_placement": _slots_hold_placement(engine, ckpt),
         }
     return results
@@ -123,6 +134,16 @@ def test_four_ranks_equal_single_rank(four_ranks, reference, case):
         assert len(balance) == 4 and all(0 < row["balancedness"] <= 1 for row in balance)
         assert all(row["max_tokens_per_rank"] >= row["mean_tokens_per_rank"] > 0 for row in balance)
     assert [got[f"r{i}"] for i in range(len(reference))] == reference
+
+
+def test_four_ranks_initial_placement(four_ranks):
+    from comm.placement import Placement
+
+    contiguous = Placement.static(4, 8, 4, redundant=4, policy="contiguous")
+    for rank, res in enumerate(four_ranks):
+        assert "ep_size=4, 4 layers (the main MoE layers)" in res["bad_placement"]
+        assert res["static-tbo"]["local_slots"] == [contiguous.local_logical(layer, rank) for layer in range(4)]
+        assert res["static-sync"]["local_slots"] == [[rank, rank + 4]] * 4  # the default: round-robin
 
 
 def test_four_ranks_rebalance_moved_experts_mid_generation(four_ranks):

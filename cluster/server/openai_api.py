@@ -15,6 +15,7 @@ best_of != n are refused; fields this server does not know (user, metadata, ...)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import time
@@ -239,15 +240,16 @@ class OpenAIService:
         """A non-streaming response for a prepared job."""
         choices = [_Choice(i) for i in range(len(job.prompts) * job.n)]
         cached = [0] * len(job.prompts)
-        async for ev in self._events(job):
-            c = choices[ev.index]
-            c.text += ev.text
-            c.token_ids += ev.token_ids
-            if ev.logprobs:
-                c.logprobs += ev.logprobs
-            if ev.finish_reason is not None:
-                c.finish_reason = ev.finish_reason
-                cached[ev.index // job.n] = max(cached[ev.index // job.n], ev.num_cached_tokens)
+        async with contextlib.aclosing(self._events(job)) as events:  # closed even if abandoned
+            async for ev in events:
+                c = choices[ev.index]
+                c.text += ev.text
+                c.token_ids += ev.token_ids
+                if ev.logprobs:
+                    c.logprobs += ev.logprobs
+                if ev.finish_reason is not None:
+                    c.finish_reason = ev.finish_reason
+                    cached[ev.index // job.n] = max(cached[ev.index // job.n], ev.num_cached_tokens)
         out_choices = []
         for c in choices:
             lp = self._logprobs_json(job, c.token_ids, c.logprobs, 0) if job.logprobs is not None else None
@@ -270,29 +272,30 @@ class OpenAIService:
         offsets: dict[int, int] = {}
         completion = 0
         cached = [0] * len(job.prompts)
-        async for ev in self._events(job):
-            completion += len(ev.token_ids)
-            if ev.finish_reason is not None:
-                cached[ev.index // job.n] = max(cached[ev.index // job.n], ev.num_cached_tokens)
-            if not ev.text and not ev.token_ids and ev.finish_reason is None:
-                continue
-            if not ev.text and ev.finish_reason is None and job.logprobs is None:
-                continue  # tokens whose text is held back (incomplete character or a possible stop string)
-            lp = None
-            if job.logprobs is not None:
-                lp = self._logprobs_json(job, ev.token_ids, ev.logprobs or [], offsets.get(ev.index, 0))
-                offsets[ev.index] = offsets.get(ev.index, 0) + sum(len(self._token_str(t)) for t in ev.token_ids)
-            if job.chat:
-                delta: dict[str, Any] = {}
-                if ev.index not in started:
-                    delta["role"] = "assistant"
-                    started.add(ev.index)
-                if ev.text or "role" in delta:
-                    delta["content"] = ev.text
-                choice = {"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
-            else:
-                choice = {"index": ev.index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
-            yield {**head, "choices": [choice]}
+        async with contextlib.aclosing(self._events(job)) as events:  # closed even if abandoned
+            async for ev in events:
+                completion += len(ev.token_ids)
+                if ev.finish_reason is not None:
+                    cached[ev.index // job.n] = max(cached[ev.index // job.n], ev.num_cached_tokens)
+                if not ev.text and not ev.token_ids and ev.finish_reason is None:
+                    continue
+                if not ev.text and ev.finish_reason is None and job.logprobs is None:
+                    continue  # tokens whose text is held back (incomplete character or a possible stop string)
+                lp = None
+                if job.logprobs is not None:
+                    lp = self._logprobs_json(job, ev.token_ids, ev.logprobs or [], offsets.get(ev.index, 0))
+                    offsets[ev.index] = offsets.get(ev.index, 0) + sum(len(self._token_str(t)) for t in ev.token_ids)
+                if job.chat:
+                    delta: dict[str, Any] = {}
+                    if ev.index not in started:
+                        delta["role"] = "assistant"
+                        started.add(ev.index)
+                    if ev.text or "role" in delta:
+                        delta["content"] = ev.text
+                    choice = {"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
+                else:
+                    choice = {"index": ev.index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
+                yield {**head, "choices": [choice]}
         if job.include_usage:
             yield {**head, "choices": [], "usage": self._usage(job, completion, sum(cached))}
 

@@ -162,6 +162,7 @@ class Client:
         if not isinstance(data, bytes):
             filename = Path(data).name
             data = Path(data).read_bytes()
+        filename = re.sub(r'["\r\n\\]', "_", filename)  # it goes into a quoted header value
         boundary = f"megaserve-{secrets.token_hex(8)}"
         body = (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
                 f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
@@ -244,23 +245,36 @@ class BatchJob:
         return BatchStatus.from_api(self.client._json("POST", f"/v1/batches/{urllib.parse.quote(self.id)}/cancel"))
 
     def wait(self, progress: bool = True, poll_s: float = 0.5, timeout: float | None = None,
-             out: TextIO | None = None) -> BatchStatus:
-        """Poll until the job ends (completed, failed, cancelled, expired); draw a progress bar on stderr."""
+             out: TextIO | None = None, unreachable_s: float = 60.0) -> BatchStatus:
+        """Poll until the job ends (completed, failed, cancelled, expired); draw a progress bar on stderr.
+        A server that cannot be reached (or answers 502/503) is polled again for up to `unreachable_s`
+        seconds in a row, so a job outlives a server restart."""
         bar = _ProgressBar(out or sys.stderr) if progress else None
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            st = self.status()
+        down_since: float | None = None
+        try:
+            while True:
+                try:
+                    st = self.status()
+                    down_since = None
+                except ClientError as e:
+                    if e.status not in (0, 502, 503):
+                        raise
+                    down_since = down_since or time.monotonic()
+                    if time.monotonic() - down_since > unreachable_s:
+                        raise
+                    st = None
+                if st is not None and bar is not None:
+                    bar.draw(st)
+                if st is not None and st.done:
+                    return st
+                if deadline is not None and time.monotonic() > deadline:
+                    now = st.status if st is not None else "unreachable"
+                    raise TimeoutError(f"batch {self.id} is still {now} after {timeout}s")
+                time.sleep(poll_s)
+        finally:
             if bar is not None:
-                bar.draw(st)
-            if st.done:
-                if bar is not None:
-                    bar.close()
-                return st
-            if deadline is not None and time.monotonic() > deadline:
-                if bar is not None:
-                    bar.close()
-                raise TimeoutError(f"batch {self.id} is still {st.status} after {timeout}s")
-            time.sleep(poll_s)
+                bar.close()
 
     def results(self) -> Iterator[BatchResult]:
         """Every finished request of the job, output and errors together, in input order."""

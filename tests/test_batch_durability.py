@@ -8,6 +8,7 @@ import json
 import signal
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from test_client import HAS_SERVER, chat_line, free_port, start_server, stop_server
@@ -45,9 +46,11 @@ def test_batch_survives_sigterm_and_kill_9(tiny_ckpt, tmp_path):
         now = _written(out_path)
         assert now[:len(before)] == before and at <= len(now) < N, f"stopped after {len(now)} of {N}: not mid-job"
         before = now
+        # the client waits through the restart: it polls a server that is down, then up again
+        waiter = ThreadPoolExecutor(1).submit(job.wait, progress=False, poll_s=0.1, timeout=120)
         proc = start_server(tiny_ckpt, state, port)  # same state dir: the job resumes on start-up
     try:
-        st = job.wait(progress=False, poll_s=0.1, timeout=120)
+        st = waiter.result(130)
         assert st.status == "completed" and (st.total, st.completed, st.failed) == (N, N, 0), st
         results = list(job.results())
     finally:

@@ -153,6 +153,9 @@ def test_client_batch_generate_stream(server):
     assert results[0].text == single
     text = client.generate("Once upon a time", model=model, max_tokens=3, temperature=0)
     assert "".join(client.stream("Once upon a time", max_tokens=3, temperature=0)) == text
+    chat = [{"role": "user", "content": "Tell me a story"}]
+    assert "".join(client.stream(messages=chat, max_tokens=3, temperature=0)) == \
+        client.generate(messages=chat, max_tokens=3, temperature=0)
     with pytest.raises(ClientError) as e:
         client.generate("x", model="no-such-model", max_tokens=2)
     assert e.value.status == 404 and e.value.message
@@ -236,5 +239,9 @@ def test_client_errors_name_the_problem(tmp_path):
     with pytest.raises(ClientError) as e:
         Client(f"http://127.0.0.1:{free_port()}", api_key="k").batch("b").status()
     assert e.value.status == 0 and e.value.type == "connection_error"
+    t0 = time.monotonic()
+    with pytest.raises(ClientError, match="connection failed"):
+        Client(f"http://127.0.0.1:{free_port()}").batch("b").wait(progress=False, poll_s=0.05, unreachable_s=0.3)
+    assert 0.3 <= time.monotonic() - t0 < 5
     with pytest.raises(ValueError, match="exactly one of prompt"):
         Client("http://127.0.0.1:1").generate(model="m")

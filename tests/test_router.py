@@ -159,10 +159,15 @@ def test_reset_ranks_resumes_greedy_requests_unchanged(tiny_ckpt, reference):
             toks = list((await stream.__anext__()).new_token_ids)
             toks += (await stream.__anext__()).new_token_ids
             await asyncio.to_thread(w0.stop)  # the rank group dies mid-request
-            await asyncio.sleep(0.2)
+            for _ in range(100):
+                if not router.clients[0].connected:
+                    break
+                await asyncio.sleep(0.02)
+            late = router.submit(PROMPT, GREEDY, "late")  # arrives while no rank is up: waits for the reset
             w1 = RankWorker(_engine(tiny_ckpt), "127.0.0.1", 0).start()
             await router.reset_ranks([w1.address])
             rest, reason = await _collect(stream)
+            assert await _collect(late) == (reference, "length")
             return toks + rest, reason, router.generation
         finally:
             await router.close()

@@ -16,10 +16,11 @@ the backend made (their inputs are recorded during the timed run and replayed lo
 `summary`: per part, backend and world size, the best speedup over `sync` among the points where
 communication is at least 20% of the sync time (exposed / sync time >= 0.2).
 
-Model: the `small` preset with a wider hidden size (1536) and narrower experts (moe_intermediate_size 256),
-so the bytes per token on the wire are real while a step still runs in well under a second on a small CPU;
-`--preset/--hidden-size/--moe-intermediate-size` change it. `--quick` (tiny preset, 2 ranks, 2 token counts,
-2 repeats) only checks that everything runs; its numbers mean nothing.
+Model: the `small` preset with a wider hidden size (1536), narrower experts (moe_intermediate_size 256) and
+no MTP block (a step does not run it): the bytes per token on the wire are those of a real hidden size while
+the expert matmuls stay small enough for a 2-core CPU. Placement: static round robin, no redundancy. Each
+rank runs one thread on gloo. `--preset/--hidden-size/--moe-intermediate-size` change the model. `--quick`
+(tiny preset, 2 ranks, 1 and 8 tokens, 2 repeats) only checks that everything runs; its numbers mean nothing.
 
     python bench/moe_overlap.py --out out/moe_overlap.json [--world-sizes 2,4] [--tokens 1,8,64,512]
 """
@@ -61,13 +62,14 @@ class Spec:
 
 
 def bench_config(preset: str, hidden_size: int | None, moe_intermediate_size: int | None) -> ModelConfig:
+    """The preset, optionally wider/narrower, without the MTP block (a model step does not run it)."""
     cfg = get_preset(preset)
-    changes = {}
+    changes: dict = {"num_nextn_predict_layers": 0, "compress_ratios": cfg.compress_ratios[:cfg.num_hidden_layers]}
     if hidden_size:
         changes["hidden_size"] = hidden_size
     if moe_intermediate_size:
         changes["moe_intermediate_size"] = moe_intermediate_size
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    return dataclasses.replace(cfg, **changes)
 
 
 # ---------------------------------------------------------------------------------------------- per rank
@@ -89,34 +91,31 @@ class _Recorder:
             self.fn(x, slot, weight)
 
 
-class _Recording:
-    """Stands in for a model's Dispatcher: runs it and keeps each MoE call's expert inputs and its output."""
-
-    def __init__(self, dispatcher) -> None:
-        self.dispatcher = dispatcher
-        self.calls: list[tuple[_Recorder, torch.Tensor]] = []
-
-    def __call__(self, layer, x, topk_idx, topk_weights, expert_fn, shared_fn=None):
-        rec = _Recorder(expert_fn)
-        y = self.dispatcher(layer, x, topk_idx, topk_weights, rec, shared_fn)
-        self.calls.append((rec, y))
-        return y
+def _record_experts(moes: list) -> dict[int, _Recorder]:
+    """Patch each MoE layer's expert function (``experts.forward_slots``, the callable every backend is handed)
+    with a recorder, whatever path the model takes (layer by layer, or model-level two-batch overlap)."""
+    recorders = {}
+    for moe in moes:
+        rec = _Recorder(type(moe.experts).forward_slots.__get__(moe.experts))
+        moe.experts.forward_slots = rec  # instance attribute: shadows the method
+        recorders[moe.layer_id] = rec
+    return recorders
 
 
 class _Replay:
-    """No communication: per MoE call, the recorded expert calls and the shared expert run locally and the
-    recorded output is returned, so the rest of the step computes on the same values."""
+    """A dispatcher with no communication: each MoE layer re-runs the expert calls its layer made in the timed
+    step (same rows, same slots) and its shared expert, and returns the shared expert's output."""
 
-    def __init__(self, calls: list[tuple[_Recorder, torch.Tensor]]) -> None:
-        self.calls, self.next = calls, 0
+    backend = "replay"  # not "tbo": a model holding it runs layer by layer
+
+    def __init__(self, recorders: dict[int, _Recorder]) -> None:
+        self.recorders = recorders
+        self.layers_run = 0
 
     def __call__(self, layer, x, topk_idx, topk_weights, expert_fn, shared_fn=None):
-        rec, y = self.calls[self.next]
-        self.next += 1
-        rec.replay()
-        if shared_fn is not None:
-            shared_fn(x)
-        return y
+        self.recorders[layer].replay()
+        self.layers_run += 1
+        return shared_fn(x) if shared_fn is not None else torch.zeros_like(x)
 
 
 def _stats(xs: list[float]) -> dict:
@@ -133,33 +132,39 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _measure(moes: list, step, placement, rank: int, world: int, spec: Spec) -> dict:
-    """Time ``step()`` with every backend (interleaved per repeat) and with the local replay of its compute.
+def _measure(moes: list, step, use_backend, use_replay, spec: Spec) -> dict:
+    """Time ``step()`` under every backend (interleaved within each repeat, so drift hits all alike) and under
+    the local replay of the expert work that backend's step did.
 
-    ``moes``: the MoE modules whose ``dispatcher`` is swapped (they share one per backend).
+    ``use_backend(name) -> Dispatcher`` switches the MoE layers to a backend; ``use_replay(replay)`` swaps
+    in the no-communication stand-in.
     """
-    from comm.dispatch import Dispatcher
-
-    dispatchers = {b: Dispatcher(placement, rank, world, backend=b) for b in spec.backends}
+    recorders = _record_experts(moes)
     res = {b: {"time_s": [], "compute_s": [], "stats": None} for b in spec.backends}
     with torch.inference_mode():
         for i in range(spec.warmup + spec.repeats):
-            for backend, d in dispatchers.items():
-                rec = _Recording(d)
-                for moe in moes:
-                    moe.dispatcher = rec
+            for backend in spec.backends:
+                d = use_backend(backend)
                 d.reset_stats()
+                for rec in recorders.values():
+                    rec.calls.clear()
                 t = _timed(step)
-                replay = _Replay(rec.calls)
-                for moe in moes:
-                    moe.dispatcher = replay
+                stats = d.totals.as_dict()
+                rows = sum(call[0].shape[0] for rec in recorders.values() for call in rec.calls)
+                if rows != stats["assignments_recv"]:
+                    raise RuntimeError(f"{backend}: recorded {rows} expert rows, the dispatcher received "
+                                       f"{stats['assignments_recv']}; the replay would not match the step")
+                replay = _Replay(recorders)
+                use_replay(replay)
                 c = _timed(step)
-                if replay.next != len(rec.calls):
-                    raise RuntimeError(f"replay ran {replay.next} MoE calls, the {backend} step {len(rec.calls)}")
+                if replay.layers_run != len(moes):
+                    raise RuntimeError(f"the replay ran {replay.layers_run} MoE layers, expected {len(moes)}")
                 if i >= spec.warmup:
                     res[backend]["time_s"].append(t)
                     res[backend]["compute_s"].append(c)
-                    res[backend]["stats"] = d.totals.as_dict()
+                    res[backend]["stats"] = stats
+    for moe in moes:
+        del moe.experts.forward_slots  # back to the method
     return res
 
 
@@ -181,18 +186,27 @@ def _random_moe(cfg: ModelConfig, layer_id: int, local_experts: list[int], seed:
 
 def _layer_part(rank: int, world: int, spec: Spec) -> dict:
     """One MoE layer (learned gate) per backend and token count."""
+    from comm.dispatch import Dispatcher
     from comm.placement import Placement
 
     cfg = spec.cfg
     layer_id = cfg.num_hash_layers  # the first learned-gate layer
     placement = Placement.static(layer_id + 1, cfg.n_routed_experts, world)
     moe = _random_moe(cfg, layer_id, placement.local_logical(layer_id, rank), spec.seed, rank)
+
+    def use_backend(name: str) -> Dispatcher:
+        moe.dispatcher = Dispatcher(placement, rank, world, backend=name)
+        return moe.dispatcher
+
+    def use_replay(replay: _Replay) -> None:
+        moe.dispatcher = replay
+
     gx = torch.Generator().manual_seed(spec.seed + 1000 + rank)
     out = {}
     for tokens in spec.tokens:
         x = torch.randn(tokens, cfg.hidden_size, generator=gx)
         ids = torch.zeros(tokens, dtype=torch.int64)
-        res = _measure([moe], lambda x=x, ids=ids: moe(x, ids), placement, rank, world, spec)
+        res = _measure([moe], lambda x=x, ids=ids: moe(x, ids), use_backend, use_replay, spec)
         for backend, r in res.items():
             out[(tokens, backend)] = r
     return out
@@ -200,16 +214,26 @@ def _layer_part(rank: int, world: int, spec: Spec) -> dict:
 
 def _model_part(rank: int, world: int, spec: Spec) -> dict:
     """One full model step per backend and token count: a prefill chunk of `tokens` new tokens of one sequence
-    per rank (fresh state each time), embedding through the last token's logits."""
+    per rank (fresh state each time), embedding through the last token's logits. The compute-only run goes
+    layer by layer (the model's own tbo splits the batch in two; attention costs the same either way)."""
     from comm.placement import Placement
     from engine.loader import load_model
     from engine.moe import EPContext
 
     cfg = spec.cfg
-    num_moe_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    placement = Placement.static(num_moe_layers, cfg.n_routed_experts, world)
+    placement = Placement.static(cfg.num_hidden_layers, cfg.n_routed_experts, world)
     model = load_model(spec.checkpoint, dtype=torch.float32, ep=EPContext(rank, world, placement))
     moes = model.moe_layers()
+
+    def use_backend(name: str):
+        model.set_backend(name)
+        return model.dispatcher
+
+    def use_replay(replay: _Replay) -> None:
+        model.dispatcher = replay  # set_backend puts a real dispatcher back
+        for moe in moes:
+            moe.dispatcher = replay
+
     g = torch.Generator().manual_seed(spec.seed + 2000 + rank)
     out = {}
     for tokens in spec.tokens:
@@ -219,9 +243,10 @@ def _model_part(rank: int, world: int, spec: Spec) -> dict:
             h = model(ids, [model.new_state()], [tokens])
             model.compute_logits(h[-1:])
 
-        res = _measure(moes, step, placement, rank, world, spec)
+        res = _measure(moes, step, use_backend, use_replay, spec)
         for backend, r in res.items():
             out[(tokens, backend)] = r
+    model.set_backend(spec.backends[0])
     return out
 
 

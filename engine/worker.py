@@ -230,7 +230,7 @@ class RankWorker:
                     self._deliver(outs)
                 self._refresh_stats()
                 if engine.idle() and not self._inbox and not self._held:
-                    self._refresh_stats(force=True)  # the snapshot served while waiting is current
+                    self._refresh_stats(force=wait_s > STATS_INTERVAL_S)  # current while a long wait lasts
                     self._wake.wait(wait_s)
         except BaseException as e:  # a failed step ends this rank: its peers see the sockets close
             log.exception("rank %d: step loop failed", self.rank)

@@ -57,20 +57,17 @@ class PlacementConfig:
     load every `rebalance_interval_steps` steps, 0 = only on `EPEngine.request_rebalance()`).
     redundant_experts: extra physical slots (replicas of hot experts); experts + redundant must divide by
     ep_size. load_window_steps: the steps of expert load EPLB and the balancedness figures look at.
-    num_nodes: nodes the ranks span (EPLB packs experts node by node when it can).
     """
 
     policy: str = "static"
     redundant_experts: int = 0
     rebalance_interval_steps: int = 0
     load_window_steps: int = 128
-    num_nodes: int = 1
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"placement policy {self.policy!r}: must be one of {POLICIES}")
-        for key, lo in (("redundant_experts", 0), ("rebalance_interval_steps", 0), ("load_window_steps", 1),
-                        ("num_nodes", 1)):
+        for key, lo in (("redundant_experts", 0), ("rebalance_interval_steps", 0), ("load_window_steps", 1)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"placement {key} must be an int >= {lo}, got {v!r}")
@@ -79,11 +76,11 @@ class PlacementConfig:
                              "rebalances)")
 
     @classmethod
-    def from_spec(cls, spec: object, num_nodes: int = 1) -> PlacementConfig:
+    def from_spec(cls, spec: object) -> PlacementConfig:
         """From any object with the four topology fields (cluster.topology.PlacementSpec)."""
         return cls(policy=spec.policy, redundant_experts=spec.redundant_experts,
                    rebalance_interval_steps=spec.rebalance_interval_steps,
-                   load_window_steps=spec.load_window_steps, num_nodes=num_nodes)
+                   load_window_steps=spec.load_window_steps)
 
 
 class EPEngine:
@@ -121,8 +118,6 @@ class EPEngine:
 
         cfg = open_checkpoint(model_dir).config
         num_layers, num_experts = cfg.num_hidden_layers, cfg.n_routed_experts
-        if ep_size % pc.num_nodes:
-            raise ValueError(f"ep_size={ep_size} ranks cannot be split over num_nodes={pc.num_nodes}")
         # The runner runs the main layers only, so the placement covers those (no MTP experts are loaded).
         if placement is None:
             if (num_experts + pc.redundant_experts) % ep_size:
@@ -237,8 +232,8 @@ class EPEngine:
         if int(load.sum()) == 0:
             return  # nothing measured yet: no basis for a new placement (every rank sees the same sum)
         old = self.placement
-        phy2log, _, _ = rebalance_experts(load, old.num_physical, num_groups=1,
-                                          num_nodes=self.placement_config.num_nodes, num_gpus=self.ep_size)
+        # V4 routes without expert groups, so EPLB's global policy applies (one group, one node).
+        phy2log, _, _ = rebalance_experts(load, old.num_physical, num_groups=1, num_nodes=1, num_gpus=self.ep_size)
         new = Placement.from_phy2log(phy2log, self.ep_size, num_experts=old.num_experts)
         moved = 0
         for layer, moe in enumerate(self.model.moe_layers()):

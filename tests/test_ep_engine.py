@@ -181,6 +181,10 @@ def test_bad_arguments(tiny_ckpt):
         PlacementConfig(policy="random")
     with pytest.raises(ValueError, match="only 'eplb' rebalances"):
         PlacementConfig(rebalance_interval_steps=5)
+    from cluster.topology import PlacementSpec
+
+    spec = PlacementSpec(policy="eplb", redundant_experts=8, rebalance_interval_steps=100, load_window_steps=64)
+    assert PlacementConfig.from_spec(spec) == PlacementConfig("eplb", 8, 100, 64)
     with pytest.raises(RuntimeError, match="process group"):
         EPEngine(tiny_ckpt, CONFIG, 0, 1)
     with pytest.raises(ValueError, match="ranks"):

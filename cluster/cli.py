@@ -105,7 +105,8 @@ def _add_serve_options(s: argparse.ArgumentParser, sweep: bool = False) -> None:
     s.add_argument("--sharegpt-output-len", type=int, default=None, help="fix the output length of ShareGPT")
     if not sweep:
         s.add_argument("--trace-timestamp-unit", choices=["s", "ms"], default="s")
-    s.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to count ShareGPT tokens (default chars/4)")
+    s.add_argument("--tokenizer", metavar="PATH", help="the server's tokenizer.json (or a directory with one): exact "
+                   "random/trace prompt lengths, ShareGPT token counts, output counts without usage")
     if not sweep:
         s.add_argument("--request-rate", type=float, default=float("inf"),
                        help="requests/s (default inf: all at once)")

@@ -520,7 +520,7 @@ def test_token_counts_follow_vllm(fake_server, tmp_path):
     assert m["total_input_tokens"] == 3 * 21 and m["input_lens"] == [21] * 3
     # output tokens without usage: the tokenizer's count of the generated text (--tokenizer), else the chunks
     tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # prompts "[UNK] [UNK] ..." re-encode to their length
     tok.save(str(tmp_path / "tokenizer.json"))
     srv2 = fake_server(lambda n, body, inflight: Plan(first_s=0.01, inter_s=0.02, tokens=4, usage=False,
                                                       chunk_words=3))
@@ -549,3 +549,26 @@ def test_peaks_count_from_the_first_request():
     assert m["max_output_tokens_per_s"] == 6 and m["max_concurrent_requests"] == 2
     records[2] = rec(2, 1.65, [1.7, 1.75, 1.8, 1.85], tokens=8)
     assert compute_metrics(records, 2.0)["max_output_tokens_per_s"] == 10  # bucket [1.6, 2.6): 2 + 8
+
+
+def test_random_prompts_hit_the_length_with_the_servers_tokenizer(tiny_ckpt, tmp_path):
+    from argparse import Namespace
+
+    from cluster.loadtest.runner import DEFAULTS, load_specs, load_tokenizer
+
+    tok = load_tokenizer(tiny_ckpt)  # a checkpoint directory works; so does its tokenizer.json
+    specs = datasets.random_dataset(30, 64, 4, 0.5, seed=2, tokenizer=tok)
+    lens = [s.prompt_len for s in specs]
+    assert min(lens) >= 32 and max(lens) <= 96 and len(set(lens)) > 5
+    for s in specs:
+        ids = tok.encode(s.prompt, add_special_tokens=False).ids
+        assert len(ids) == s.prompt_len and not set(ids) & set(tok.get_added_tokens_decoder())
+    assert specs == datasets.random_dataset(30, 64, 4, 0.5, seed=2, tokenizer=tok)
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps({"timestamp": 0, "input_length": 40, "output_length": 2}) + "\n")
+    a = Namespace(**{**DEFAULTS, "dataset": "trace", "dataset_path": str(trace),
+                     "tokenizer": str(tiny_ckpt / "tokenizer.json")})
+    [spec] = load_specs(a)
+    assert spec.prompt_len == 40 == len(tok.encode(spec.prompt, add_special_tokens=False).ids)
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)

@@ -3,6 +3,8 @@
 Every dataset yields `RequestSpec(prompt, prompt_len, output_len, send_time)`. `prompt` is a string, or a list of
 token ids when the server accepts them (`/v1/completions` with `--random-token-ids`). Without a tokenizer, text
 lengths are counted with `approx_token_count` (about 4 characters per token); pass `count_tokens` to do better.
+With the server's tokenizer (`--tokenizer`), `random` and `trace` prompts are random non-special token ids decoded
+to text and adjusted until the text re-encodes to the target length, as vLLM's random dataset does.
 """
 
 from __future__ import annotations
@@ -44,9 +46,46 @@ def range_bounds(length: int, range_ratio: float) -> tuple[int, int]:
     return math.floor(length * (1 - range_ratio)), math.ceil(length * (1 + range_ratio))
 
 
+def tokenizer_prompt(tokenizer, length: int, rng: random.Random, max_retry: int = 10) -> tuple[str, int]:
+    """Text of random non-special tokens that re-encodes (without special tokens) to `length` tokens.
+
+    Decoding then re-encoding may merge or split tokens, so the ids are re-encoded and truncated or topped up with
+    fresh random ids up to `max_retry` times. Returns (text, its token count), the count exact unless the
+    retries ran out (then off by a few tokens, as in vLLM).
+    """
+    special = set(tokenizer.get_added_tokens_decoder())
+    vocab = tokenizer.get_vocab_size()
+
+    def draw(n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if (t := rng.randrange(vocab)) not in special:
+                out.append(t)
+        return out
+
+    ids = draw(length)
+    for _ in range(max_retry):
+        text = tokenizer.decode(ids)
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        if len(ids) == length:
+            return text, length
+        ids = ids[:length] if len(ids) > length else ids + draw(length - len(ids))
+    text = tokenizer.decode(ids)
+    return text, len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def _prompt(n_in: int, rng: random.Random, token_ids: bool, vocab_size: int, tokenizer) -> tuple[str | list[int], int]:
+    if token_ids:
+        return [rng.randrange(100, vocab_size) for _ in range(n_in)], n_in  # low ids: specials
+    if tokenizer is not None:
+        return tokenizer_prompt(tokenizer, n_in, rng)
+    return "".join(" " + rng.choice(_WORDS) for _ in range(n_in)).lstrip(), n_in
+
+
 def random_dataset(num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0, seed: int = 0,
-                   token_ids: bool = False, vocab_size: int = 32000) -> list[RequestSpec]:
-    """`random`: input/output lengths uniform in vLLM's range; prompts of random words, or of random token ids."""
+                   token_ids: bool = False, vocab_size: int = 32000, tokenizer=None) -> list[RequestSpec]:
+    """`random`: input/output lengths uniform in vLLM's range; prompts of random words, of random token ids, or
+    (with a `tokenizers.Tokenizer`) of text that encodes to exactly the input length."""
     rng = random.Random(seed)
     in_lo, in_hi = range_bounds(input_len, range_ratio)
     out_lo, out_hi = range_bounds(output_len, range_ratio)
@@ -55,11 +94,8 @@ def random_dataset(num_prompts: int, input_len: int, output_len: int, range_rati
     for _ in range(num_prompts):
         n_in = rng.randint(in_lo, in_hi)
         n_out = rng.randint(out_lo, max(out_hi, out_lo))
-        if token_ids:
-            prompt: str | list[int] = [rng.randrange(100, vocab_size) for _ in range(n_in)]  # low ids: specials
-        else:
-            prompt = "".join(" " + rng.choice(_WORDS) for _ in range(n_in)).lstrip()
-        specs.append(RequestSpec(prompt, n_in, n_out))
+        prompt, n_tok = _prompt(n_in, rng, token_ids, vocab_size, tokenizer)
+        specs.append(RequestSpec(prompt, n_tok, n_out))
     return specs
 
 
@@ -94,7 +130,7 @@ def sharegpt_dataset(path: str | Path, num_prompts: int, seed: int = 0, fixed_ou
 
 
 def trace_dataset(path: str | Path, num_prompts: int | None = None, seed: int = 0, timestamp_unit: str = "s",
-                  token_ids: bool = False, vocab_size: int = 32000) -> list[RequestSpec]:
+                  token_ids: bool = False, vocab_size: int = 32000, tokenizer=None) -> list[RequestSpec]:
     """`trace`: JSONL lines with `timestamp`, `input_len`, `output_len` (or `input_length`/`output_length`).
 
     Send times are the timestamps relative to the first line, in seconds (`timestamp_unit="ms"` for
@@ -114,9 +150,6 @@ def trace_dataset(path: str | Path, num_prompts: int | None = None, seed: int = 
     t0 = rows[0][0] if rows else 0.0
     specs = []
     for ts, n_in, n_out in rows:
-        if token_ids:
-            prompt: str | list[int] = [rng.randrange(100, vocab_size) for _ in range(n_in)]
-        else:
-            prompt = "".join(" " + rng.choice(_WORDS) for _ in range(n_in)).lstrip()
-        specs.append(RequestSpec(prompt, n_in, max(n_out, 1), send_time=ts - t0))
+        prompt, n_tok = _prompt(n_in, rng, token_ids, vocab_size, tokenizer)
+        specs.append(RequestSpec(prompt, n_tok, max(n_out, 1), send_time=ts - t0))
     return specs

@@ -33,9 +33,11 @@ DEFAULTS = dict(endpoint="completions", dataset="random", dataset_path=None, num
 
 
 def load_specs(a: Namespace) -> list[datasets.RequestSpec]:
+    tok = load_tokenizer(a.tokenizer) if a.tokenizer else None
     if a.dataset == "random":
         return datasets.random_dataset(a.num_prompts, a.random_input_len, a.random_output_len, a.random_range_ratio,
-                                       seed=a.seed, token_ids=a.random_token_ids, vocab_size=a.vocab_size)
+                                       seed=a.seed, token_ids=a.random_token_ids, vocab_size=a.vocab_size,
+                                       tokenizer=tok)
     if not a.dataset_path:
         raise ValueError(f"--dataset {a.dataset} needs --dataset-path")
     if a.dataset == "sharegpt":
@@ -44,22 +46,36 @@ def load_specs(a: Namespace) -> list[datasets.RequestSpec]:
     if a.dataset == "trace":
         return datasets.trace_dataset(a.dataset_path, a.num_prompts, seed=a.seed,
                                       timestamp_unit=a.trace_timestamp_unit, token_ids=a.random_token_ids,
-                                      vocab_size=a.vocab_size)
+                                      vocab_size=a.vocab_size, tokenizer=tok)
     raise ValueError(f"unknown dataset {a.dataset!r}")
 
 
-def token_counter(a: Namespace):
-    """Token counting for text datasets: a `tokenizers` tokenizer.json with --tokenizer, else ceil(chars/4)."""
-    if not a.tokenizer:
-        return datasets.approx_token_count
+def load_tokenizer(path: str | Path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json, or from a directory holding one (a checkpoint)."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(a.tokenizer))
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise ValueError(f"--tokenizer {path}: no tokenizer.json there")
+    return Tokenizer.from_file(str(p))
+
+
+def token_counter(a: Namespace):
+    """Token counting for text: the --tokenizer (tokenizer.json or a directory with one), else ceil(chars/4)."""
+    if not a.tokenizer:
+        return datasets.approx_token_count
+    tok = load_tokenizer(a.tokenizer)
     return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
 
 
 def _prompt_kind(a: Namespace) -> str:
-    return f"token ids in [100, {a.vocab_size})" if a.random_token_ids else "random words (~1 token each)"
+    if a.random_token_ids:
+        return f"token ids in [100, {a.vocab_size})"
+    if a.tokenizer:
+        return "random non-special token ids decoded to text, re-encoding to the input length (vLLM)"
+    return "random words (~1 token each)"
 
 
 def _dataset_semantics(a: Namespace) -> dict:

@@ -3,6 +3,10 @@
     d = Dispatcher(placement, ep_rank, ep_size, backend="sync" | "tbo" | "wave", group=None, num_waves=None)
     y = d(layer, x, topk_idx, topk_weights, expert_fn, shared_fn=None)     # collective: every rank calls it
 
+    fl = d.begin(layer, x, topk_idx, topk_weights, token_offset=0)          # staged form of one call (no
+    fl.run_experts(expert_fn); y = d.finish(fl)                             # shared expert), to interleave
+                                                                            # micro-batches (model-level tbo)
+
 Inputs per rank: ``x [T, D]`` (T may be 0), ``topk_idx [T, k]`` logical expert ids, ``topk_weights [T, k]``.
 Each assignment goes to the replica ``placement.route`` picks (token_index % logcnt), i.e. to rank
 ``phys // S`` and its local slot ``phys % S``. ``expert_fn(x_rows [N, D], slot [N] int64, weight [N] f32)
@@ -14,7 +18,8 @@ comm never imports engine: the model passes the callables.
 Backends (comm/backends/): ``sync`` — counts all-to-all, then one blocking variable-size all-to-all each
 way (the reference); ``tbo`` — two micro-batches of tokens, one in flight while the other computes;
 ``wave`` — MegaMoE schedule over waves of local slots. All produce the same result up to float32
-summation order. Every rank must call with the same ``layer`` sequence, even with T == 0.
+summation order. Every rank must call with the same ``layer`` sequence, even with T == 0, and drive staged
+calls (``begin``/``run_experts``/``finish``) in the same order as its peers.
 
 Statistics (what helper B's bench reads): ``d.last_stats`` is a ``DispatchStats`` for the last call,
 ``d.totals`` accumulates over calls until ``d.reset_stats()``. Fields: calls, tokens (T), assignments_sent
@@ -28,11 +33,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from comm.backends import sync, tbo, wave
-from comm.backends.exchange import Exchange
+from comm.backends.exchange import Exchange, make_plan
+from comm.backends.inflight import InFlight
 from comm.backends.pipeline import ExpertFn, SharedFn
 from comm.placement import Placement
 
@@ -94,14 +101,39 @@ class Dispatcher:
     def reset_stats(self) -> None:
         self.totals = DispatchStats()
 
-    def __call__(self, layer: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_fn: ExpertFn,
-                 shared_fn: SharedFn | None = None) -> Tensor:
+    def _check(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> None:
         if x.dim() != 2 or topk_idx.dim() != 2 or topk_idx.shape != topk_weights.shape \
                 or topk_idx.shape[0] != x.shape[0]:
             raise ValueError(f"shapes: x {tuple(x.shape)} must be [T, D], topk_idx {tuple(topk_idx.shape)} and "
                              f"topk_weights {tuple(topk_weights.shape)} both [T, k]")
         if topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= self.placement.num_experts):
             raise ValueError(f"topk_idx holds ids outside [0, {self.placement.num_experts})")
+
+    def begin(self, layer: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor,
+              token_offset: int = 0) -> InFlight:
+        """Start one call in stages (any backend name): count exchange, then the tokens leave asynchronously.
+
+        ``token_offset``: index of this micro-batch's first token in the rank's batch (replica choice).
+        Continue with ``fl.run_experts(expert_fn)`` and ``self.finish(fl)``.
+        """
+        self._check(x, topk_idx, topk_weights)
+        stats = DispatchStats(calls=1, tokens=int(x.shape[0]))
+        ex = Exchange(self.group, self.ep_rank, self.ep_size, stats)
+        phys = self.placement.route(layer, topk_idx, token_offset)
+        plan = make_plan(phys, topk_weights, torch.zeros_like(phys), 1, self.placement.slots_per_rank,
+                         self.ep_size)
+        return InFlight.launch(ex, plan, x)
+
+    def finish(self, fl: InFlight) -> Tensor:
+        """Wait for a staged call's results: the routed sum [T, D] in x.dtype (stats recorded here)."""
+        y = fl.finish()
+        self.last_stats = fl.ex.stats
+        self.totals.add(fl.ex.stats)
+        return y
+
+    def __call__(self, layer: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_fn: ExpertFn,
+                 shared_fn: SharedFn | None = None) -> Tensor:
+        self._check(x, topk_idx, topk_weights)
         stats = DispatchStats(calls=1, tokens=int(x.shape[0]))
         ex = Exchange(self.group, self.ep_rank, self.ep_size, stats)
         if self.backend == "sync":

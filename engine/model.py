@@ -18,7 +18,7 @@ with an empty batch (`input_ids` of length 0, no states) when it has no tokens. 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -76,6 +76,16 @@ class Block(nn.Module):
             h = hc_post(h, self.attn(self.attn_norm(y), positions, seqs), post, comb)
         y, post, comb = self._hc("ffn", h)
         return hc_post(h, self.ffn(self.ffn_norm(y), input_ids), post, comb)
+
+    def forward_steps(self, h: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                      seqs: list[SeqSlice], token_offset: int) -> Generator[None, None, torch.Tensor]:
+        """`forward` as a generator yielding while MoE communication is in flight (model-level tbo)."""
+        y, post, comb = self._hc("attn", h)
+        if seqs:
+            h = hc_post(h, self.attn(self.attn_norm(y), positions, seqs), post, comb)
+        y, post, comb = self._hc("ffn", h)
+        out = yield from self.ffn.forward_steps(self.ffn_norm(y), input_ids, token_offset)
+        return hc_post(h, out, post, comb)
 
 
 class HCHead(nn.Module):
@@ -226,9 +236,46 @@ class Transformer(nn.Module):
         input_ids = input_ids.to(device)
         positions = self.positions_for(states, seq_lens).to(device)
         h = self.embed(input_ids).unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()  # [T, hc, D]
+        if self.dispatcher is not None and self.dispatcher.backend == "tbo":
+            return self._forward_two_batches(h, input_ids, positions, states, seq_lens)
         for i, block in enumerate(self.layers):
             h = block(h, input_ids, positions, self._slices(states, seq_lens, i))
         return h
+
+    def _forward_two_batches(self, h: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+                             states: Sequence[SequenceState], seq_lens: Sequence[int]) -> torch.Tensor:
+        """EP `tbo`: the sequences split into two micro-batches of about half the tokens each, run layer by
+        layer in lock-step so one micro-batch's attention/experts compute while the other's MoE tokens or
+        results travel. Exact: attention is per sequence, everything else per token. A rank with fewer than
+        two sequences runs an empty micro-batch (the collectives still pair up with its peers)."""
+        lens = list(seq_lens)
+        total, k, acc = sum(lens), 0, 0
+        while k < len(lens) and acc < total / 2:
+            acc += lens[k]
+            k += 1
+        if k == len(lens) and k > 1:
+            k -= 1
+            acc -= lens[k]
+        parts = [(0, acc, states[:k], lens[:k]), (acc, total, states[k:], lens[k:])]
+
+        def run(lo: int, hi: int, sts: Sequence[SequenceState], ls: list[int]):
+            hh = h[lo:hi]
+            for i, block in enumerate(self.layers):
+                hh = yield from block.forward_steps(hh, input_ids[lo:hi], positions[lo:hi],
+                                                    self._slices(sts, ls, i), lo)
+            return hh
+
+        gens = [run(*p) for p in parts]
+        outs: list[torch.Tensor | None] = [None, None]
+        live = [0, 1]
+        while live:
+            for j in list(live):
+                try:
+                    next(gens[j])
+                except StopIteration as stop:
+                    outs[j] = stop.value
+                    live.remove(j)
+        return torch.cat(outs)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [T, hc, D] -> logits [T, V] in float32."""

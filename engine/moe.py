@@ -16,6 +16,7 @@ a `comm.expert_load.ExpertLoadWindow`; `Transformer.set_load_recorder` sets it o
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -230,3 +231,21 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
+
+    def forward_steps(self, x: torch.Tensor, input_ids: torch.Tensor,
+                      token_offset: int = 0) -> Generator[None, None, torch.Tensor]:
+        """EP, model-level two-batch overlap: `forward` as a generator that yields while this micro-batch's
+        tokens travel (the caller runs the other micro-batch) and again while its results travel back (the
+        shared expert runs before that second yield). Returns the same [T, D] as `forward`."""
+        if self.dispatcher is None:
+            raise RuntimeError("forward_steps needs an EP model (a dispatcher)")
+        topk_weights, topk_idx = self.gate(x, input_ids)
+        if self.load_recorder is not None:
+            self.load_recorder.record(self.layer_id, topk_idx)
+        fl = self.dispatcher.begin(self.layer_id, x, topk_idx, topk_weights, token_offset)
+        yield
+        fl.run_experts(self.experts.forward_slots)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        yield
+        y = self.dispatcher.finish(fl)
+        return y if shared is None else y + shared

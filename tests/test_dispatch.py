@@ -115,3 +115,14 @@ def test_single_rank_loopback_equals_reference():
               lambda xr, s, wr: wr[:, None] * torch.einsum("nd,ndo->no", xr, weights[torch.tensor(local)[s]]))
         assert (y - _reference(x, idx, w, weights, None)).abs().max().item() < 1e-5
         assert d.last_stats.bytes_sent_remote == 0 and d.totals.calls == 1
+    # the staged form (model-level tbo drives two of these interleaved)
+    d = Dispatcher(p, 0, 1, backend="tbo")
+    fls = [d.begin(0, x[:2], idx[:2], w[:2]), d.begin(0, x[2:], idx[2:], w[2:], token_offset=2)]
+    fn = lambda xr, s, wr: wr[:, None] * torch.einsum("nd,ndo->no", xr, weights[torch.tensor(local)[s]])  # noqa: E731
+    for fl in fls:
+        fl.run_experts(fn)
+    y = torch.cat([d.finish(fl) for fl in fls])
+    assert (y - _reference(x, idx, w, weights, None)).abs().max().item() < 1e-5
+    assert d.totals.calls == 2 and d.totals.tokens == 6
+    with pytest.raises(RuntimeError, match="stage 'done'"):
+        fls[0].finish()

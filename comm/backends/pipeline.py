@@ -21,7 +21,7 @@ ExpertFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 SharedFn = Callable[[Tensor], Tensor]
 
 
-def _experts(expert_fn: ExpertFn, rows: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+def run_local_experts(expert_fn: ExpertFn, rows: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
     if rows.shape[0] == 0:
         return rows.new_empty((0, dim), dtype=dtype)
     xs, slot, weight = unpack_dispatch(rows, dim, dtype)
@@ -51,7 +51,7 @@ def run_pipeline(ex: Exchange, plan: Plan, x: Tensor, expert_fn: ExpertFn, share
         for c in chunks:
             got, h = ex.start(rows[bounds[c]:bounds[c + 1]], send_splits[c], recv_splits[c], async_op=False)
             ex.wait(h)
-            y = _experts(expert_fn, got, dim, dtype)
+            y = run_local_experts(expert_fn, got, dim, dtype)
             back, h = ex.start(as_bytes(y), recv_splits[c], send_splits[c], async_op=False)
             ex.wait(h)
             out.index_add_(0, plan.tok[bounds[c]:bounds[c + 1]].to(x.device), from_bytes(back, dim, dtype).float())
@@ -64,7 +64,7 @@ def run_pipeline(ex: Exchange, plan: Plan, x: Tensor, expert_fn: ExpertFn, share
         for c in chunks:
             got, h = inflight[c]
             ex.wait(h)
-            y = _experts(expert_fn, got, dim, dtype)
+            y = run_local_experts(expert_fn, got, dim, dtype)
             returning.append(ex.start(as_bytes(y), recv_splits[c], send_splits[c], async_op=True))
         for c in chunks:
             back, h = returning[c]

@@ -207,7 +207,16 @@ class RankWorker:
         loop = self._loop
         if conn is None or loop is None or loop.is_closed():
             return
-        data = wire.encode(msg)
+        try:
+            data = wire.encode(msg)
+        except wire.WireError as e:  # over the frame limit: fail those requests, never the step loop
+            log.error("rank %d: cannot send %s: %s", self.rank, type(msg).__name__, e)
+            for out in getattr(msg, "outputs", []):
+                if not out.finished:
+                    self.engine.abort_request(out.req_id)
+                self._owner.pop(out.req_id, None)
+                self._send(cid, wire.Error(f"output too large for the wire: {e}", out.req_id))
+            return
         try:
             loop.call_soon_threadsafe(conn.send, data)
         except RuntimeError:  # loop closing

@@ -258,3 +258,30 @@ def test_shutdown_frame_stops_the_worker(echo_worker):
     with socket.create_connection(worker.address, timeout=10) as s:
         s.sendall(wire.encode(wire.Shutdown()))
     assert worker.wait(5)
+
+
+class BurstEngine(EchoEngine):
+    """Each request's whole output (its prompt, 100 times over) in one step."""
+
+    def step(self):
+        outs = [RequestOutput(r, [], True, "abort") for r in self.pending_aborts]
+        self.pending_aborts = []
+        for rid, rest in list(self.live.items()):
+            outs.append(RequestOutput(rid, rest * 100, True, "length"))
+            del self.live[rid]
+        return outs
+
+
+def test_an_output_over_the_frame_limit_fails_only_its_request(monkeypatch):
+    worker = RankWorker(BurstEngine(), "127.0.0.1", 0).start()
+    try:
+        with socket.create_connection(worker.address, timeout=10) as s:
+            monkeypatch.setattr(wire, "MAX_FRAME_BYTES", 250)  # the request fits, its 300-token output does not
+            s.sendall(wire.encode(wire.AddRequest("wide", [1, 2, 3], max_tokens=3)))
+            err = wire.recv_frame(s)
+            assert isinstance(err, wire.Error) and err.req_id == "wide" and "too large" in err.message
+            s.sendall(wire.encode(wire.AddRequest("ok", [2], max_tokens=1)))
+            assert _collect(s, "ok") == ([2] * 100, "length")
+        assert worker.running and worker.failure is None
+    finally:
+        worker.stop()

@@ -277,8 +277,11 @@ class BatchJob:
                 bar.close()
 
     def results(self) -> Iterator[BatchResult]:
-        """Every finished request of the job, output and errors together, in input order."""
+        """Every request of a finished job, output and errors together, in input order."""
         st = self.status()
+        if not st.done:
+            raise ClientError(0, f"batch {self.id} is {st.status}: its results come once it ends (call wait() first)",
+                              "batch_not_finished")
         records = []
         for fid in (st.output_file_id, st.error_file_id):
             if fid:

@@ -426,3 +426,12 @@ def test_runner_retries_server_errors_then_records_them(tmp_path):
     assert sorted(r["custom_id"] for r in out) == ["fine", "flaky"]
     assert err[0]["response"]["status_code"] == 503 and err[0]["response"]["body"]["error"]["message"] == \
         "no rank is up"
+
+
+def test_store_paths_survive_moving_the_state_dir(tmp_path):
+    store = BatchStore(tmp_path / "a")
+    f = _add_input(store, [_req("a")])
+    store.close()
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved = BatchStore(tmp_path / "b")
+    assert Path(moved.get_file(f.id).path).read_text() == _req("a") + "\n"

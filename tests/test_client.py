@@ -218,6 +218,8 @@ def test_client_cancel_and_progress(fake_server):
     assert job.status().raw["metadata"] == {"who": "test"}
     while job.status().completed < 4:
         time.sleep(0.02)
+    with pytest.raises(ClientError, match="call wait"):
+        next(job.results())
     assert job.cancel().status in ("cancelling", "cancelled")
     st = job.wait(progress=False, timeout=10)
     assert st.status == "cancelled" and st.total == 40 and 4 <= st.completed < 40

@@ -146,7 +146,7 @@ class BatchStore:
     """SQLite rows for files and batches. Thread-safe (one connection behind a lock); every write commits."""
 
     def __init__(self, state_dir: str | Path):
-        self.root = Path(state_dir)
+        self.root = Path(state_dir).absolute()
         self.files_dir = self.root / "files"
         self.batches_dir = self.root / "batches"
         self.files_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ class BatchStore:
     def add_file(self, rec: FileRecord) -> FileRecord:
         with self._lock:
             self._db.execute("INSERT INTO files (id, purpose, filename, bytes, created_at, path) VALUES (?,?,?,?,?,?)",
-                             (rec.id, rec.purpose, rec.filename, rec.bytes, rec.created_at, rec.path))
+                             (rec.id, rec.purpose, rec.filename, rec.bytes, rec.created_at, self._rel(rec.path)))
         return rec
 
     def get_file(self, file_id: str) -> FileRecord:
@@ -174,7 +174,7 @@ class BatchStore:
             row = self._db.execute("SELECT * FROM files WHERE id=?", (file_id,)).fetchone()
         if row is None:
             raise StoreError("not_found", f"No such file: {file_id!r}")
-        return _file(row)
+        return self._file(row)
 
     def list_files(self, purpose: str | None = None, after: str | None = None, limit: int = 10000,
                    order: str = "desc") -> tuple[list[FileRecord], bool]:
@@ -182,7 +182,7 @@ class BatchStore:
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
         rows = self._page("files", after, limit, order, ("purpose", purpose) if purpose else None)
-        return [_file(r) for r in rows[:limit]], len(rows) > limit
+        return [self._file(r) for r in rows[:limit]], len(rows) > limit
 
     def delete_file(self, file_id: str) -> FileRecord:
         rec = self.get_file(file_id)
@@ -257,7 +257,7 @@ class BatchStore:
                 for rec in new_files:
                     self._db.execute(
                         "INSERT INTO files (id, purpose, filename, bytes, created_at, path) VALUES (?,?,?,?,?,?)",
-                        (rec.id, rec.purpose, rec.filename, rec.bytes, rec.created_at, rec.path))
+                        (rec.id, rec.purpose, rec.filename, rec.bytes, rec.created_at, self._rel(rec.path)))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -270,6 +270,15 @@ class BatchStore:
                              (total, completed, failed, batch_id))
 
     # ---- helpers ----
+    def _rel(self, path: str) -> str:
+        """Paths inside the state directory are stored relative to it, so the directory can move."""
+        p = Path(path)
+        return str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p)
+
+    def _file(self, row: sqlite3.Row) -> FileRecord:
+        return FileRecord(row["id"], row["purpose"], row["filename"], row["bytes"], row["created_at"],
+                          str(self.root / row["path"]))
+
     def _page(self, table: str, after: str | None, limit: int, order: str,
               where: tuple[str, str] | None) -> list[sqlite3.Row]:
         if limit < 1:
@@ -290,8 +299,6 @@ class BatchStore:
                                     (*args, limit + 1)).fetchall()
 
 
-def _file(row: sqlite3.Row) -> FileRecord:
-    return FileRecord(row["id"], row["purpose"], row["filename"], row["bytes"], row["created_at"], row["path"])
 
 
 def _batch(row: sqlite3.Row) -> Batch:

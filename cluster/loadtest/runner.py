@@ -209,7 +209,10 @@ def _versions() -> dict:
 def print_summary(m: dict, percentiles: list[float], file=None) -> None:
     file = file or sys.stdout
     w = 50
+    rate = m.get("request_rate", "inf")
     rows = [("Successful requests:", m["completed"]), ("Failed requests:", m["failed"]),
+            ("Request rate configured (RPS):", rate if rate == "inf" else f"{float(rate):.2f}"),
+            ("Maximum request concurrency:", m.get("max_concurrency") or "none"),
             ("Benchmark duration (s):", f"{m['duration']:.2f}"),
             ("Total input tokens:", m["total_input_tokens"]), ("Total generated tokens:", m["total_output_tokens"]),
             ("Request throughput (req/s):", f"{m['request_throughput']:.2f}")]

@@ -164,6 +164,16 @@ def test_client_batch_generate_stream(server):
     assert e.value.status == 401
 
 
+def test_batch_demo(server, capsys):
+    from cluster.batch.demo import run_batch_demo
+
+    run_batch_demo(server, requests=4, max_tokens=2, api_key=API_KEY, show=2)
+    out = capsys.readouterr()
+    assert "batch completed" in out.out and "4 ok, 0 failed" in out.out
+    assert "demo-000: " in out.out and "demo-001: " in out.out and "demo-002" not in out.out
+    assert "4/4 (4 ok, 0 failed)" in out.err  # the progress bar
+
+
 # ---- an in-process app: batch routes on a slow fake service ----
 
 class SlowService:

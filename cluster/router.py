@@ -155,6 +155,9 @@ class Router:
             if not self.hold_on_loss:
                 del self._inflight[rid]
                 raise RankError(str(e)) from e
+        except BaseException:  # e.g. WireError: a prompt too large for one frame
+            del self._inflight[rid]
+            raise
         return RequestStream(self, req)
 
     def abort(self, req_id: str) -> bool:

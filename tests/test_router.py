@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from cluster.router import RankError, Router
+from comm import wire
 from engine.engine import EngineConfig, LLMEngine
 from engine.worker import RankWorker
 from scheduler.sampling import SamplingParams
@@ -116,7 +117,7 @@ def test_closing_a_stream_aborts_on_the_rank(workers):
     assert s["inflight"] == 0
 
 
-def test_rank_refusal_is_a_rank_error(workers):
+def test_rank_refusal_is_a_rank_error(workers, monkeypatch):
     async def main():
         router = await Router([w.address for w in workers[:1]]).start()
         try:
@@ -125,6 +126,10 @@ def test_rank_refusal_is_a_rank_error(workers):
             assert e.value.refused and "out of range" in str(e.value)
             with pytest.raises(ValueError, match="empty prompt"):
                 router.submit([], GREEDY)
+            monkeypatch.setattr(wire, "MAX_FRAME_BYTES", 1000)
+            with pytest.raises(wire.WireError, match="exceeds the limit"):
+                router.submit([1] * 1000, GREEDY, "huge")
+            assert router.loads() == [0] and router.abort("huge") is False  # nothing left behind
         finally:
             await router.close()
 

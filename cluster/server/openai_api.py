@@ -343,6 +343,8 @@ class OpenAIService:
             stream = self.router.submit(prompt, params, f"{job.id}-{index}", job.priority)
         except RankError as e:
             raise APIError(503, f"no rank can take the request: {e}", "server_error") from None
+        except ValueError as e:  # WireError: the request does not fit in a frame
+            raise bad_request(f"the request cannot be sent to a rank: {e}") from None
         text = TextStream(self.tokenizer, job.stop)
         ttft = None
         n_tokens = cached_tokens = 0

@@ -327,7 +327,7 @@ def test_plots_when_matplotlib_is_importable(fake_server, tmp_path):
     assert out.with_suffix(".throughput.png").stat().st_size > 0
 
 
-def test_cli_ramp_up_and_bad_args(fake_server, tmp_path):
+def test_cli_ramp_up_and_bad_args(fake_server, tmp_path, capsys):
     srv = fake_server(lambda n, body, inflight: Plan(first_s=0.002, inter_s=0.001, tokens=2))
     out = tmp_path / "ramp.json"
     assert main(["bench", "serve", "--base-url", srv.url, "--model", "m", "--num-prompts", "5", "--random-input-len",
@@ -336,6 +336,11 @@ def test_cli_ramp_up_and_bad_args(fake_server, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["ramp_up_strategy"] == "linear" and saved["ramp_up_end_rps"] == 200 and saved["completed"] == 5
     assert main(["bench", "serve", "--base-url", srv.url, "--model", "m", "--dataset", "sharegpt"]) == 2
+    assert main(["bench", "serve", "--base-url", srv.url, "--model", "m", "--max-concurrency", "0"]) == 2
+    assert main(["bench", "serve", "--base-url", srv.url, "--model", "m", "--random-input-len", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset sharegpt needs --dataset-path" in err and "--max-concurrency must be >= 1" in err
+    assert "--random-input-len must be >= 1" in err
 
 
 def test_sharegpt_counts_with_a_tokenizer_file(tmp_path):

@@ -86,6 +86,10 @@ def random_dataset(num_prompts: int, input_len: int, output_len: int, range_rati
                    token_ids: bool = False, vocab_size: int = 32000, tokenizer=None) -> list[RequestSpec]:
     """`random`: input/output lengths uniform in vLLM's range; prompts of random words, of random token ids, or
     (with a `tokenizers.Tokenizer`) of text that encodes to exactly the input length."""
+    for name, value in (("--num-prompts", num_prompts), ("--random-input-len", input_len),
+                        ("--random-output-len", output_len)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     rng = random.Random(seed)
     in_lo, in_hi = range_bounds(input_len, range_ratio)
     out_lo, out_hi = range_bounds(output_len, range_ratio)

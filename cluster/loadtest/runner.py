@@ -129,6 +129,10 @@ def run_benchmark(args: Namespace | dict) -> dict:
     a = Namespace(**{**DEFAULTS, **(vars(args) if isinstance(args, Namespace) else args)})
     percentiles = parse_percentiles(str(a.percentiles))
     slos = parse_goodput(a.goodput if not isinstance(a.goodput, str) else [a.goodput])
+    if a.max_concurrency is not None and a.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {a.max_concurrency}")
+    if a.endpoint not in ENDPOINT_PATHS:
+        raise ValueError(f"unknown endpoint {a.endpoint!r} (completions or chat)")
     specs = load_specs(a)
     if not specs:
         raise ValueError("the dataset produced no requests")

@@ -14,13 +14,7 @@ from cluster.batch.gate import AdmissionGate
 from cluster.batch.jsonl import InputError, parse_input
 from cluster.batch.runner import BatchRunner
 from cluster.batch.store import BatchStore, FileRecord, InvalidTransition, StoreError, new_id
-
-
-class FakeAPIError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, "invalid_request_error"
-        self.param = self.code = None
+from cluster.server.errors import APIError
 
 
 class FakeService:
@@ -41,7 +35,7 @@ class FakeService:
                 await self.block.wait()
             await asyncio.sleep(self.delay)
             if body.get("max_tokens", 1) <= 0:
-                raise FakeAPIError(400, "max_tokens must be at least 1")
+                raise APIError(400, "max_tokens must be at least 1")
             text = body["messages"][-1]["content"].upper()
             return {"id": f"chatcmpl-{len(self.calls)}", "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -411,7 +405,7 @@ def test_runner_retries_server_errors_then_records_them(tmp_path):
             if text == "flaky" and attempts[text, priority] == 1:
                 raise ConnectionResetError("rank connection lost")
             if text == "broken":
-                raise FakeAPIError(503, "no rank is up")
+                raise APIError(503, "no rank is up")
             return await super().chat_completions(body)
 
     async def main():

@@ -19,6 +19,7 @@ from aiohttp import web
 from cluster.batch.gate import AdmissionGate
 from cluster.batch.runner import ENDPOINTS, BatchRunner, Service
 from cluster.batch.store import BatchStore, FileRecord, InvalidTransition, StoreError, new_id
+from cluster.server.errors import APIError
 
 STORE_KEY = web.AppKey("batch_store", BatchStore)
 RUNNER_KEY = web.AppKey("batch_runner", BatchRunner)
@@ -29,31 +30,21 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _CHUNK = 1 << 16
 
 
-class _Bad(Exception):
-    """An OpenAI-style error response (status, message, type, param, code)."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+def _error(e: APIError) -> web.Response:
+    return web.json_response(e.body(), status=e.status)
 
 
-def _error(e: _Bad) -> web.Response:
-    return web.json_response({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
-                             status=e.status)
-
-
-def _store_error(e: StoreError) -> _Bad:
+def _store_error(e: StoreError) -> APIError:
     if e.kind == "not_found":
-        return _Bad(404, str(e), param=None, code="not_found")
-    return _Bad(409, str(e), code="conflict")
+        return APIError(404, str(e), param=None, code="not_found")
+    return APIError(409, str(e), code="conflict")
 
 
 def parse_window(window: Any) -> int:
     """Seconds in a completion window such as '24h' (OpenAI's only value); '<n>[smhd]' is accepted."""
     m = _WINDOW.match(window) if isinstance(window, str) else None
     if m is None:
-        raise _Bad(400, f"completion_window must look like '24h' (a number and s/m/h/d), got {window!r}",
+        raise APIError(400, f"completion_window must look like '24h' (a number and s/m/h/d), got {window!r}",
                    param="completion_window")
     return int(m.group(1)) * _UNIT_S[m.group(2)]
 
@@ -96,7 +87,7 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
         async def wrapped(request: web.Request) -> web.StreamResponse:
             try:
                 return await fn(request)
-            except _Bad as e:
+            except APIError as e:
                 return _error(e)
             except StoreError as e:
                 return _error(_store_error(e))
@@ -107,10 +98,10 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
     async def upload(request: web.Request) -> web.Response:
         length = request.content_length
         if length is not None and length > max_file + _CHUNK:
-            raise _Bad(413, f"the upload is {length} bytes; batch files are limited to {max_file} bytes",
+            raise APIError(413, f"the upload is {length} bytes; batch files are limited to {max_file} bytes",
                        code="file_too_large")
         if not request.content_type.startswith("multipart/"):
-            raise _Bad(400, f"upload a file as multipart/form-data with fields 'purpose' and 'file', "
+            raise APIError(400, f"upload a file as multipart/form-data with fields 'purpose' and 'file', "
                             f"got Content-Type {request.content_type!r}")
         reader = await request.multipart()
         purpose, saved = None, None
@@ -123,12 +114,12 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
                 else:
                     await part.release()
             if purpose is None:
-                raise _Bad(400, "missing form field 'purpose'", param="purpose")
+                raise APIError(400, "missing form field 'purpose'", param="purpose")
             if purpose != "batch":
-                raise _Bad(400, f"purpose must be 'batch' (the only purpose this server stores), got {purpose!r}",
+                raise APIError(400, f"purpose must be 'batch' (the only purpose this server stores), got {purpose!r}",
                            param="purpose")
             if saved is None:
-                raise _Bad(400, "missing form field 'file'", param="file")
+                raise APIError(400, "missing form field 'file'", param="file")
             fid, path, size, filename = saved
             rec = store.add_file(FileRecord(fid, purpose, filename, size, int(time.time()), str(path)))
         except BaseException:
@@ -143,7 +134,7 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
         limit = _int_param(q, "limit", 10000, 1, 10000)
         order = q.get("order", "desc")
         if order not in ("asc", "desc"):
-            raise _Bad(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
+            raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
         files, more = store.list_files(q.get("purpose"), q.get("after"), limit, order)
         return web.json_response(_page([f.to_openai() for f in files], more))
 
@@ -155,7 +146,7 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
     async def file_content(request: web.Request) -> web.StreamResponse:
         rec = store.get_file(request.match_info["file_id"])
         if not Path(rec.path).exists():
-            raise _Bad(404, f"the content of file {rec.id} is gone from disk", code="not_found")
+            raise APIError(404, f"the content of file {rec.id} is gone from disk", code="not_found")
         return web.FileResponse(rec.path, headers={"Content-Type": "application/octet-stream"})
 
     @route
@@ -169,32 +160,32 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
         try:
             body = await request.json()
         except ValueError as e:
-            raise _Bad(400, f"the request body is not valid JSON: {e}") from e
+            raise APIError(400, f"the request body is not valid JSON: {e}") from e
         if not isinstance(body, dict):
-            raise _Bad(400, "the request body must be a JSON object")
+            raise APIError(400, "the request body must be a JSON object")
         unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"})
         if unknown:
-            raise _Bad(400, f"unknown parameter(s) {unknown}", param=unknown[0])
+            raise APIError(400, f"unknown parameter(s) {unknown}", param=unknown[0])
         endpoint = body.get("endpoint")
         if endpoint not in ENDPOINTS:
-            raise _Bad(400, f"endpoint must be one of {list(ENDPOINTS)}, got {endpoint!r}", param="endpoint")
+            raise APIError(400, f"endpoint must be one of {list(ENDPOINTS)}, got {endpoint!r}", param="endpoint")
         window = body.get("completion_window", "24h")
         window_s = parse_window(window)
         metadata = body.get("metadata")
         if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
                 isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
                 for k, v in metadata.items())):
-            raise _Bad(400, "metadata must be an object of at most 16 string keys (<= 64 chars) and string values "
+            raise APIError(400, "metadata must be an object of at most 16 string keys (<= 64 chars) and string values "
                             "(<= 512 chars)", param="metadata")
         fid = body.get("input_file_id")
         if not isinstance(fid, str):
-            raise _Bad(400, "input_file_id must be the id of an uploaded file", param="input_file_id")
+            raise APIError(400, "input_file_id must be the id of an uploaded file", param="input_file_id")
         try:
             rec = store.get_file(fid)
         except StoreError as e:
-            raise _Bad(404, str(e), param="input_file_id", code="not_found") from e
+            raise APIError(404, str(e), param="input_file_id", code="not_found") from e
         if rec.purpose != "batch":
-            raise _Bad(400, f"file {fid} has purpose {rec.purpose!r}; a batch input needs purpose 'batch'",
+            raise APIError(400, f"file {fid} has purpose {rec.purpose!r}; a batch input needs purpose 'batch'",
                        param="input_file_id")
         batch = store.create_batch(endpoint, fid, window, window_s, metadata)
         request.app[RUNNER_KEY].start(batch.id)
@@ -216,7 +207,7 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
         try:
             batch = request.app[RUNNER_KEY].cancel(bid)
         except InvalidTransition as e:
-            raise _Bad(409, f"batch {bid} is {e.current} and cannot be cancelled", code="conflict") from e
+            raise APIError(409, f"batch {bid} is {e.current} and cannot be cancelled", code="conflict") from e
         return web.json_response(batch.to_openai())
 
     app.router.add_post("/v1/files", upload)
@@ -240,7 +231,7 @@ async def _save_part(part: Any, folder: Path, max_bytes: int) -> tuple[str, Path
         while chunk := await part.read_chunk(_CHUNK):
             size += len(chunk)
             if size > max_bytes:
-                raise _Bad(413, f"the file is over the limit of {max_bytes} bytes for batch files",
+                raise APIError(413, f"the file is over the limit of {max_bytes} bytes for batch files",
                            param="file", code="file_too_large")
             await asyncio.to_thread(fh.write, chunk)
         await asyncio.to_thread(lambda: (fh.flush(), os.fsync(fh.fileno())))
@@ -261,7 +252,7 @@ def _int_param(q: Any, name: str, default: int, lo: int, hi: int) -> int:
     except ValueError:
         val = lo - 1
     if not lo <= val <= hi:
-        raise _Bad(400, f"{name} must be an integer from {lo} to {hi}, got {raw!r}", param=name)
+        raise APIError(400, f"{name} must be an integer from {lo} to {hi}, got {raw!r}", param=name)
     return val
 
 

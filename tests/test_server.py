@@ -208,6 +208,13 @@ def test_text_stream_holds_back_possible_stop_prefixes(server):
     assert all("g" not in p for p in pieces)  # the 'g' that began the stop string never went out
     ts = TextStream(tok, stop=("gamut",))
     assert "".join([ts.push([t]) for t in ids] + [ts.finish()]) == "alpha beta gamma delta" and not ts.stopped
+    text = "héllo wörld ✓ — 数据 end"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    ts = TextStream(tok)
+    pieces = [ts.push([t]) for t in ids]
+    assert "".join(pieces) + ts.finish() == text and not any("\ufffd" in p for p in pieces)
+    ts = TextStream(tok, stop=["✓", "never"])  # a multi-byte stop string spread over several tokens
+    assert "".join([ts.push([t]) for t in ids] + [ts.finish()]) == "héllo wörld " and ts.stopped
 
 
 def test_logprobs(client):

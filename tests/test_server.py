@@ -143,6 +143,17 @@ def test_chat_uses_the_template(server, client):
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 5
 
 
+def test_chat_template_turns():
+    enc = lambda t: [ord(c) for c in t]  # noqa: E731 (a stand-in encoder: one id per character)
+    u, a = [ord(c) for c in "<｜User｜>"], [ord(c) for c in "<｜Assistant｜>"]
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "r1"}, {"role": "user", "content": [{"type": "text", "text": "q2"}]}]
+    assert apply_chat_template(msgs, enc, 0, 1) == [0, ord("S"), *u, *enc("q1"), *a, *enc("r1"), 1, *u, *enc("q2"),
+                                                     *a]
+    # a final assistant message is continued: no eos, no new generation prompt
+    assert apply_chat_template(msgs[1:3], enc, 0, 1) == [0, *u, *enc("q1"), *a, *enc("r1")]
+
+
 def test_streaming_matches_non_streaming(client):
     full = client.completions.create(model="tiny", prompt="Stream me", max_tokens=6, **GREEDY)
     chunks = list(client.completions.create(model="tiny", prompt="Stream me", max_tokens=6, stream=True,

@@ -496,8 +496,13 @@ def test_cli_bench_offline(tiny_ckpt, tmp_path, capsys):
     from cluster.loadtest.offline import OfflineWorkload, make_prompts
 
     out = tmp_path / "off.json"
-    assert main(["bench", "offline", "--model", str(tiny_ckpt), "--num-prompts", "3", "--prompt-len", "8",
-                 "--new-tokens", "3", "--repeats", "2", "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine's cores are shared
+    try:
+        assert main(["bench", "offline", "--model", str(tiny_ckpt), "--num-prompts", "3", "--prompt-len", "8",
+                     "--new-tokens", "3", "--repeats", "2", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     saved = json.loads(out.read_text())
     s = saved["summary"]
     assert len(saved["runs"]) == 2 and s["num_requests"] == 3

@@ -16,10 +16,14 @@ every Ray node carries). Before anything is created, the topology is matched aga
 Health: every `ping_interval_s` each rank actor's `health()` is called; a rank is failed when the call raises
 (dead actor or process), does not answer within `ping_timeout_s`, reports a failed step loop, or its step
 counter has not advanced for `step_timeout_s` (a hung step or collective). A failure restarts the whole EP
-group (collectives cannot survive a lost member): kill every actor, start new ones in the same placement
-groups with a new process group, then `on_restart(addresses)` (the frontend's Router.reset_ranks resubmits
+group (collectives cannot survive a lost member): kill every actor, start the next generation in the same
+placement groups with a new process group, then `on_restart(addresses)` (the frontend's Router.reset_ranks resubmits
 in-flight requests). Failures less than `stable_s` apart count as consecutive; consecutive restarts back off
 (0, 1, 2, 4 ... 30 s); more than `max_restarts` consecutive failures stop the monitor and call `on_fatal`.
+
+Warm standby (default): once a generation serves, the next generation's actors are created beside it (half a
+bundle each), so a restart finds processes that have already started and imported torch; it only forms the
+process group and loads weights.
 """
 
 from __future__ import annotations
@@ -165,7 +169,7 @@ class RecoveryEvent:
 class Launcher:
     def __init__(self, topo: Topology, *, on_restart: Callable[[list[tuple[str, int]]], None] | None = None,
                  on_fatal: Callable[[str], None] | None = None, ready_timeout_s: float = 180.0,
-                 stable_s: float = 60.0) -> None:
+                 stable_s: float = 60.0, warm_standby: bool = True) -> None:
         self.topo = topo
         self.on_restart = on_restart
         self.on_fatal = on_fatal
@@ -177,6 +181,9 @@ class Launcher:
         self.recoveries: list[RecoveryEvent] = []
         self.fatal: str | None = None
         self._pgs: dict[str, Any] = {}
+        self.warm_standby = warm_standby
+        self._standby: list[RankHandle] = []  # next generation's actors, started but idle (imports done)
+        self._standby_gen = -1
         self._consecutive = 0
         self._last_recovery = 0.0
         self._stop = threading.Event()
@@ -224,14 +231,15 @@ class Launcher:
                     f"{resource}s there, {avail.get(resource, 0):g} free (other work holds the rest); see "
                     f"`ray status`") from None
 
-    def _start_group(self) -> None:
-        """New actors (generation n) in the placement groups, a new process group, weights, step loops."""
+    def _new_actors(self, gen: int) -> list[RankHandle]:
+        """One actor per rank in its node's placement group bundle. Each takes half a bundle (CPU or GPU), so
+        the serving actor and the warm standby of the next generation share it; Ray gives both the bundle's
+        GPU. Creation returns at once; the processes start in the background."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from cluster.rank_actor import RankActor
 
-        gen = self.generation
         remote = ray.remote(RankActor)
         handles: list[RankHandle] = []
         bundle_of: dict[str, int] = {}
@@ -240,13 +248,25 @@ class Launcher:
             i = bundle_of.get(node.name, 0)
             bundle_of[node.name] = i + 1
             name = f"{ACTOR_PREFIX}{spec.rank}-g{gen}"
-            res = {"num_gpus": 1, "num_cpus": 0} if node.device == "cuda" else {"num_cpus": 1}
+            res = {"num_gpus": 0.5, "num_cpus": 0} if node.device == "cuda" else {"num_cpus": 0.5}
             actor = remote.options(
                 name=name, max_restarts=0, max_concurrency=1, **res,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pgs[node.name],
                                                                      placement_group_bundle_index=i),
             ).remote(self.topo, spec.rank, gen)
             handles.append(RankHandle(spec.rank, node.name, actor, name))
+        return handles
+
+    def _start_group(self) -> None:
+        """Generation n's actors (the warm standby when there is one, else new ones) form a new process
+        group, load their weights and start their step loops; then the next generation's standby starts."""
+        gen = self.generation
+        if self._standby and self._standby_gen == gen:
+            handles, self._standby = self._standby, []
+        else:
+            self._kill_actors(self._standby)
+            self._standby = []
+            handles = self._new_actors(gen)
         self.ranks = handles
         try:
             eps = self._get([h.actor.endpoint.remote() for h in handles], "find its node")
@@ -264,6 +284,8 @@ class Launcher:
             h.local_experts = [list(x) for x in st["local_experts"]]
             h.loaded_experts = list(st["loaded_experts"])
             h.last_steps, h.last_progress = -1, now
+        if self.warm_standby:
+            self._standby, self._standby_gen = self._new_actors(gen + 1), gen + 1
         log.info("generation %d: %d ranks serving at %s", gen, len(handles), self.addresses)
 
     def _get(self, refs: list[Any], what: str) -> list[Any]:
@@ -281,9 +303,24 @@ class Launcher:
                 raise LaunchError(f"{self.topo.source}: rank {h.rank} on node {h.node} failed to {what}: {e}") from e
         return out
 
+    def wait_standby(self, timeout_s: float) -> bool:
+        """Wait until the warm standby's processes have started (answer a call); False if there is none
+        or it is not up within `timeout_s`."""
+        import ray
+
+        with self._lock:
+            standby = list(self._standby)
+        if not standby:
+            return False
+        _, pending = ray.wait([h.actor.health.remote() for h in standby], num_returns=len(standby),
+                              timeout=timeout_s)
+        return not pending
+
     # ---- health -------------------------------------------------------------------------------------
     def check(self) -> str | None:
-        """Ping every rank once; the reason the group is unhealthy, or None."""
+        """Ping every rank once; why the group is unhealthy, or None. When several ranks fail at once (a dead
+        rank makes its peers' collectives fail), the most direct cause is named first: a dead rank, then one
+        that does not answer, then a hung step, then a step loop that stopped with an error."""
         import ray
 
         h = self.topo.health
@@ -293,22 +330,34 @@ class Launcher:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=h.ping_timeout_s)
         ready_set = set(ready)
         now = time.monotonic()
+        problems: list[tuple[int, str]] = []
+        hung: list[RankHandle] = []
         for r, ref in zip(ranks, refs):
+            where = f"rank {r.rank} (node {r.node})"
             if ref not in ready_set:
-                return f"rank {r.rank} (node {r.node}) did not answer a ping within {h.ping_timeout_s:g}s"
+                problems.append((1, f"{where} did not answer a ping within {h.ping_timeout_s:g}s"))
+                continue
             try:
                 st = ray.get(ref)
             except ray.exceptions.RayError as e:
-                return f"rank {r.rank} (node {r.node}) is dead: {type(e).__name__}"
+                problems.append((0, f"{where} is dead: {type(e).__name__}"))
+                continue
             r.health = st
             if st["failure"] or not st["running"]:
-                return f"rank {r.rank} (node {r.node}) step loop stopped: {st['failure'] or 'not running'}"
-            if st["steps"] != r.last_steps:
+                problems.append((3, f"{where} step loop stopped: {st['failure'] or 'not running'}"))
+            elif st["steps"] != r.last_steps:
                 r.last_steps, r.last_progress = st["steps"], now
             elif now - r.last_progress > h.step_timeout_s:
-                return (f"rank {r.rank} (node {r.node}) made no step for {now - r.last_progress:.1f}s "
-                        f"(step_timeout_s {h.step_timeout_s:g})")
-        return None
+                hung.append(r)
+        if hung:  # in an EP group one stuck step stalls every peer's collective: name them together
+            stalled = max(now - r.last_progress for r in hung)
+            problems.append((2, f"ranks {[r.rank for r in hung]} made no step for {stalled:.1f}s "
+                                f"(step_timeout_s {h.step_timeout_s:g})"))
+        if not problems:
+            return None
+        problems.sort(key=lambda p: p[0])
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        return problems[0][1] + more
 
     def start_monitor(self) -> None:
         self._monitor = threading.Thread(target=self._monitor_loop, name="megaserve-health", daemon=True)
@@ -377,6 +426,7 @@ class Launcher:
                       "steps": r.health.get("steps", 0), "stats": r.health.get("stats", {})} for r in self.ranks]
         return {
             "world_size": self.topo.world_size, "generation": self.generation, "fatal": self.fatal,
+            "standby_ranks": len(self._standby),
             "nodes": [{"name": n.name, "find": n.describe(), "device": n.device, "ranks": n.ranks,
                        "ray_node_id": self.node_ids.get(n.name, "")} for n in self.topo.nodes],
             "ranks": ranks,
@@ -402,7 +452,8 @@ class Launcher:
             if ray.is_initialized():
                 stops = [r.actor.stop.remote() for r in self.ranks]
                 ray.wait(stops, num_returns=len(stops), timeout=5)
-                self._kill_actors(self.ranks)
+                self._kill_actors(self.ranks + self._standby)
+                self._standby = []
                 for pg in self._pgs.values():
                     try:
                         remove_placement_group(pg)

@@ -185,29 +185,32 @@ def cache_budget_bytes(topo: Topology, device: str, n_local_experts: int | None)
 
 
 def build_rank_engine(topo: Topology, rank: int, device: str) -> tuple[Any, list[list[int]]]:
-    """This rank's engine and its logical experts per MoE layer (one entry per local slot).
+    """This rank's engine, and the logical expert of each of its slots per MoE layer as its model holds them.
 
-    World 1: the whole model in an LLMEngine. World > 1: the EP engine (engine/ep_engine.py), which loads
-    only the experts the placement gives this rank and steps collectively with its peers."""
+    World 1: the whole model in an LLMEngine. World > 1: the EP engine (engine/ep_engine.py), which loads only
+    the experts the placement gives this rank and steps collectively with its peers."""
     from comm.placement import Placement
 
     cfg = topo.model_config()
-    pl = topo.parallel.placement
-    placement = Placement.static(cfg.num_hidden_layers, cfg.n_routed_experts, topo.ep_size,
-                                 redundant=pl.redundant_experts)
-    local = [placement.local_logical(layer, rank) for layer in range(cfg.num_hidden_layers)]
     if topo.world_size == 1:
         from engine.engine import LLMEngine
 
-        return LLMEngine(topo.model.path, engine_config(topo, device)), local
-    try:
-        from engine.ep_engine import make_ep_engine
-    except ImportError:  # DEV ONLY until engine/ep_engine.py lands: world-1 engines per rank
-        from engine.engine import LLMEngine
+        engine = LLMEngine(topo.model.path, engine_config(topo, device))
+    else:
+        import dataclasses
 
-        return LLMEngine(topo.model.path, engine_config(topo, device)), local
+        from engine.ep_engine import PlacementConfig, make_ep_engine
 
-    engine = make_ep_engine(topo.model.path, engine_config(topo, device, placement.slots_per_rank),
-                            rank=rank, world_size=topo.world_size, placement=placement,
-                            backend=topo.parallel.ep_backend)
+        pl = topo.parallel.placement
+        pc = PlacementConfig.from_spec(pl)
+        if "num_nodes" in {f.name for f in dataclasses.fields(pc)}:
+            # EPLB packs experts node by node only over equal nodes; otherwise it balances globally.
+            pc = dataclasses.replace(pc, num_nodes=len(topo.nodes) if len({n.ranks for n in topo.nodes}) == 1 else 1)
+        placement = Placement.static(cfg.num_hidden_layers, cfg.n_routed_experts, topo.ep_size,
+                                     redundant=pl.redundant_experts)
+        engine = make_ep_engine(topo.model.path, engine_config(topo, device, placement.slots_per_rank),
+                                rank=rank, world_size=topo.world_size, placement=placement,
+                                backend=topo.parallel.ep_backend,
+                                placement_config=pc)
+    local = [list(map(int, block.ffn.experts.local_experts)) for block in engine.model.layers]
     return engine, local

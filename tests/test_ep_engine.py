@@ -63,6 +63,14 @@ def _rank_fn_4(rank: int, world: int, ckpt: str, prompts: list[list[int]]) -> di
         initial = engine.placement.phy2log.clone()
         mine = [(f"r{i}", p, GREEDY) for i, p in enumerate(prompts) if i % world == rank]
         outs = serve_until_idle(engine, mine)
+        rebalances, mid_generation = engine.rebalances, engine.stats()["last_rebalance"]
+        if pc.policy == "eplb" and rank == 2:
+            engine.request_rebalance()  # one rank asks while the group is idle: all rebalance at the next step
+        elif pc.policy == "static" and rank == 0:
+            try:
+                engine.request_rebalance()
+            except ValueError as e:
+                results[f"{name}-request"] = str(e)
         # The group is idle: a further step is collective but runs no forward; an abort is reported locally.
         if rank == 0:
             engine.add_request(prompts[0], GREEDY, "late")
@@ -71,6 +79,8 @@ def _rank_fn_4(rank: int, world: int, ckpt: str, prompts: list[list[int]]) -> di
         assert [(o.req_id, o.finish_reason) for o in late] == ([("late", "abort")] if rank == 0 else [])
         assert engine.idle() and engine.step() == []
         results[name] = {
+            "requested_rebalances": engine.rebalances - rebalances,
+            "mid_generation": mid_generation,
             "tokens": {rid: o.token_ids for rid, o in outs.items()},
             "finish": {rid: o.finish_reason for rid, o in outs.items()},
             "stats": engine.stats(),
@@ -148,12 +158,14 @@ def test_four_ranks_initial_placement(four_ranks):
 
 def test_four_ranks_rebalance_moved_experts_mid_generation(four_ranks):
     for res in four_ranks:
-        s = res["rebalance-wave"]["stats"]
-        assert s["rebalances"] >= 2 and s["last_rebalance"]["step"] < s["steps"], s
+        s, mid = res["rebalance-wave"]["stats"], res["rebalance-wave"]["mid_generation"]
+        assert s["rebalances"] >= 3 and mid["step"] < s["steps"], s  # the last one before the request
         assert res["rebalance-wave"]["placement_changed"]
-        assert s["last_rebalance"]["moved_slots"] > 0
-        assert s["last_rebalance"]["balancedness_after"] >= s["last_rebalance"]["balancedness_before"]
-        assert res["static-sync"]["stats"]["rebalances"] == 0
+        assert mid["moved_slots"] > 0
+        assert mid["balancedness_after"] >= mid["balancedness_before"]
+        assert res["rebalance-wave"]["requested_rebalances"] == 1  # rank 2 asked, every rank did it
+        assert res["static-sync"]["stats"]["rebalances"] == res["static-sync"]["requested_rebalances"] == 0
+    assert "needs placement policy 'eplb'" in four_ranks[0]["static-sync-request"]
 
 
 def test_two_ranks_one_busy_with_rebalance(tiny_ckpt, prompts, reference):

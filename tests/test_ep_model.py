@@ -148,3 +148,38 @@ def test_ep_model_equals_single_process(world, tiny_ckpt, tiny_model, references
             tokens += sum(map(len, one_p)) + len(one_p) * DECODE_STEPS
             for layer in range(TINY.num_hidden_layers):
                 assert int(counts[layer].sum()) == tokens * TINY.num_experts_per_tok
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.compute_logits(model(ids, [model.new_state()], [len(ids)]))
+
+
+def test_single_rank_ep_and_set_placement(tiny_ckpt, tiny_model):
+    """ep_size 1 (no process group: loopback exchange) equals the plain model, before and after a placement
+    switch in which the slot weights are moved by hand, as a rebalance does."""
+    n_layers = TINY.n_layers_total
+    first = Placement.static(n_layers, TINY.n_routed_experts, 1, redundant=2)
+    model = load_model(tiny_ckpt, dtype=torch.float32, ep=EPContext(0, 1, first, backend="wave"))
+    ids = _ids(23, 5)
+    ref = _logits(tiny_model, ids)
+    assert (_logits(model, ids) - ref).abs().max().item() <= TOL
+    g = torch.Generator().manual_seed(9)
+    rows = [torch.cat([torch.arange(8), torch.randint(0, 8, (2,), generator=g)])[torch.randperm(10, generator=g)]
+            for _ in range(n_layers)]
+    second = Placement.from_phy2log(torch.stack(rows), 1, num_experts=TINY.n_routed_experts)
+    full = tiny_model.moe_layers()
+    for layer, moe in enumerate(model.moe_layers()):
+        for name in ("w1", "w2", "w3"):
+            getattr(moe.experts, name).data.copy_(getattr(full[layer].experts, name)[second.phy2log[layer]])
+    model.set_placement(second)
+    assert model.moe_layers()[3].experts.local_experts == second.local_logical(3, 0)
+    assert (_logits(model, ids) - ref).abs().max().item() <= TOL
+    with pytest.raises(ValueError, match="slots per rank"):
+        model.set_placement(Placement.static(n_layers, TINY.n_routed_experts, 1))
+    with pytest.raises(ValueError, match="not both"):
+        load_model(tiny_ckpt, experts=[0, 1], ep=EPContext(0, 1, first))
+    with pytest.raises(ValueError, match="placement has 6 logical experts"):
+        load_model(tiny_ckpt, ep=EPContext(0, 1, Placement.static(n_layers, 6, 1)))
+    with pytest.raises(RuntimeError, match="replicated slots"):
+        model.moe_layers()[0].experts(torch.zeros(1, TINY.hidden_size), torch.ones(1, 2), torch.zeros(1, 2).long())

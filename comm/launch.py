@@ -123,7 +123,11 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device: str =
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    backend_for(device)  # reject unsupported devices before spawning anything
+    if backend_for(device) == "nccl":  # rejects unsupported devices before spawning anything
+        n_gpu = torch.cuda.device_count()
+        if world_size > n_gpu:
+            raise ValueError(f"world_size={world_size} ranks on device={device!r} need one GPU each; "
+                             f"{n_gpu} visible")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

@@ -58,6 +58,15 @@ class Placement:
 
     def __post_init__(self) -> None:
         self._validate()
+        object.__setattr__(self, "_on_device", {})  # device -> (log2phy, logcnt) copies used by route
+
+    def __getstate__(self) -> dict:
+        return {f: getattr(self, f) for f in ("phy2log", "log2phy", "logcnt", "ep_size")}
+
+    def __setstate__(self, state: dict) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "_on_device", {})
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -157,9 +166,12 @@ class Placement:
         """
         self._check(layer)
         dev = topk_idx.device
-        cnt = self.logcnt[layer].to(dev)[topk_idx]  # [T, k]
+        if dev not in self._on_device:
+            self._on_device[dev] = (self.log2phy.to(dev), self.logcnt.to(dev))
+        log2phy, logcnt = self._on_device[dev]
+        cnt = logcnt[layer][topk_idx]  # [T, k]
         tok = torch.arange(token_offset, token_offset + topk_idx.shape[0], device=dev).unsqueeze(1)
-        return self.log2phy[layer].to(dev)[topk_idx, tok % cnt]
+        return log2phy[layer][topk_idx, tok % cnt]
 
     def __repr__(self) -> str:
         return (f"Placement(layers={self.num_layers}, experts={self.num_experts}, physical={self.num_physical}, "

@@ -115,3 +115,9 @@ def test_rank_dying_without_result_is_reported():
     with pytest.raises(RankError, match="exited with code 3") as ei:
         run_ranks(_die_hard, 2, timeout_s=60)
     assert ei.value.rank == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpus_is_refused_before_spawning():
+    with pytest.raises(ValueError, match="need one GPU each"):
+        run_ranks(_sum_ranks, 2, 1, device="cuda")

@@ -126,3 +126,19 @@ def test_single_rank_loopback_equals_reference():
     assert d.totals.calls == 2 and d.totals.tokens == 6
     with pytest.raises(RuntimeError, match="stage 'done'"):
         fls[0].finish()
+
+
+def test_bfloat16_rows_survive_the_byte_packing():
+    p = Placement.static(num_layers=1, num_experts=E, ep_size=1, redundant=1)
+    weights = _weights()
+    local = torch.tensor(p.local_logical(0, 0))
+    x, idx, w = _batch(0, 5, 2)
+    ref = _reference(x, idx, w, weights, None)
+    for backend in BACKENDS:
+        d = Dispatcher(p, 0, 1, backend=backend, num_waves=3)
+        y = d(0, x.bfloat16(), idx, w,
+              lambda xr, s, wr: (wr[:, None] * torch.einsum("nd,ndo->no", xr.float(), weights[local[s]])).bfloat16())
+        assert y.dtype == torch.bfloat16
+        assert (y.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+        chunks = {"sync": 1, "tbo": 2, "wave": 3}[backend]
+        assert d.last_stats.bytes_sent == 5 * K * (2 * D * 2 + 8) + 8 * chunks  # bf16 rows + meta + counts

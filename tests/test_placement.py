@@ -88,3 +88,14 @@ def test_validation_errors_are_clear():
         p.local_logical(0, 2)
     with pytest.raises(PlacementError, match="integer tensor"):
         Placement.from_phy2log(torch.zeros(2, 4), ep_size=2)
+
+
+def test_placement_pickles_and_routes_after():
+    import pickle
+
+    p = Placement.static(num_layers=2, num_experts=4, ep_size=2, redundant=2)
+    topk = torch.tensor([[0, 1], [2, 3], [0, 2]])
+    before = p.route(1, topk)
+    q = pickle.loads(pickle.dumps(p))
+    assert torch.equal(q.phy2log, p.phy2log) and q.ep_size == 2
+    assert torch.equal(q.route(1, topk), before)

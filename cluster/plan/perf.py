@@ -3,7 +3,8 @@
 Per layer and rank, each kernel group takes max(FLOPs / (peak x compute_eff), bytes / (HBM BW x hbm_eff)):
 attention projections (incl. V4 compressors and indexer projections), the attention core by layer kind (V4:
 SWA window, CSA window + top-k compressed + lightning-indexer scores over all compressed keys, HCA window +
-every compressed entry; V3: MLA, absorbed in decode, MHA in prefill), mHC, router, routed experts (tokens
+every compressed entry; V3: MLA, absorbed in decode, MHA in prefill; V3.2: DSA, the lightning indexer over every
+previous token, then absorbed MLA over the top-k), mHC, router, routed experts (tokens
 received x top-k x imbalance; only the weights of the experts that receive a token are read), shared expert,
 V3's dense FFN, and the LM head once per step. Every kernel also costs a fixed launch/tail overhead.
 
@@ -70,8 +71,9 @@ class Efficiency:
 #   dispatch, expert GEMMs x2 + activation, combine, shared expert x3 -> 26; hca adds the compressor (GEMM,
 #   pool, norm+rope, write) -> 30; csa adds the indexer too (wq_b, rope+hadamard+quant, weights_proj, its
 #   compressor x4, logits, top-k) -> 39; mla (V3): norm x2, q_a, q_norm, q_b, kv_a, kv_norm+rope, cache write,
-#   absorb bmm x2, MLA, o_proj, router, top-k, dispatch, GEMMs x3, combine, shared x3, adds -> 24.
-KERNELS_PER_LAYER = {"swa": 26, "hca": 30, "csa": 39, "mla": 24}
+#   absorb bmm x2, MLA, o_proj, router, top-k, dispatch, GEMMs x3, combine, shared x3, adds -> 24; dsa (V3.2)
+#   adds the indexer (wq_b, wk, k LayerNorm + rope, key quant + cache write, weights_proj, logits, top-k) -> 31.
+KERNELS_PER_LAYER = {"swa": 26, "hca": 30, "csa": 39, "mla": 24, "dsa": 31}
 HEAD_KERNELS = 4  # final norm/hc head, LM head GEMM, sampling
 
 
@@ -167,6 +169,18 @@ def attention_core(model: PlanModel, layer: LayerSpec, qs: list[Queries]) -> tup
     core = idx = Cost()
     for q in qs:
         decode = q.length == 1
+        if layer.attn == "dsa":  # V3.2: indexer scores every previous token, absorbed MLA over the top-k of them
+            topk = s["index_topk"]
+            n_att = _span(lambda n, k=topk: _sum_min(n, k), q)
+            n_i = _span(lambda n: n * (n + 1) // 2, q)
+            ctx_end = q.start + q.length
+            flops = 2 * h * n_att * (s["kv_lora"] + s["rope_dim"]) + 2 * h * n_att * s["kv_lora"]
+            kv_read = n_att if decode else q.n_seqs * ctx_end
+            i_read = n_i if decode else q.n_seqs * ctx_end
+            core = dataclasses.replace(core, bf16=core.bf16 + flops, bytes=core.bytes + kv_read * s["kv_token_bytes"])
+            idx = dataclasses.replace(idx, fp8=idx.fp8 + 2 * s["index_heads"] * s["index_dim"] * n_i,
+                                      bytes=idx.bytes + i_read * s["index_entry_bytes"])
+            continue
         if layer.attn == "mla":
             n_att = _span(lambda n: n * (n + 1) // 2, q)
             if decode:  # absorbed: q.kv over (kv_lora + rope), p.v over kv_lora
@@ -201,8 +215,11 @@ def _g(layer: LayerSpec, kind: str) -> Group:
 
 
 def layer_costs(model: PlanModel, layer: LayerSpec, qs: list[Queries], lay: Layout, eff: Efficiency,
-                slots_per_rank: float) -> dict[str, Cost]:
-    """Kernel groups of one layer on one rank; weights are read once (a micro-batch multiplies them)."""
+                slots_per_rank: float, expert_share: float = 1.0) -> dict[str, Cost]:
+    """Kernel groups of one layer on one rank; weights are read once (a micro-batch multiplies them).
+    `expert_share`: the routed-expert tokens each rank receives, as a fraction of what it would receive if every
+    rank ran `qs` (1.0); a step in which ONE rank of the EP group prefills and the others have (almost) nothing
+    spreads that rank's tokens over all the experts: 1 / world."""
     t = sum(q.tokens for q in qs)
     dm = model.hidden
     attn = _g(layer, "attention") + _g(layer, "compressor") + _g(layer, "indexer") + _g(layer, "norm")
@@ -220,12 +237,12 @@ def layer_costs(model: PlanModel, layer: LayerSpec, qs: list[Queries], lay: Layo
     if layer.moe:
         router = _g(layer, "router")
         out["router"] = Cost(bf16=t * router.flops_bf16, bytes=router.bytes + 2 * t * dm, kernels=2)
-        recv = t * model.top_k * _imbalance(lay, eff)
+        recv = t * model.top_k * _imbalance(lay, eff) * expert_share
         per_expert = _g(layer, "routed_experts")
         e = model.n_routed_experts
         flops_per_copy = per_expert.flops_fp8 / e
         phys = e + lay.redundant
-        copies_total = t * lay.world * model.top_k
+        copies_total = t * lay.world * model.top_k * expert_share
         touched = slots_per_rank * (1.0 - math.exp(-copies_total / phys))
         out["experts"] = Cost(fp8=recv * flops_per_copy, bytes=touched * per_expert.bytes / e + 3 * recv * dm,
                               kernels=3)
@@ -300,8 +317,9 @@ class StepResult:
 
 
 def step_time(model: PlanModel, qs: list[Queries], lay: Layout, eff: Efficiency, slots_per_rank: float,
-              logits_rows: float) -> StepResult:
-    """One engine step on one rank: every main layer (MTP blocks are not run), then the LM head."""
+              logits_rows: float, expert_share: float = 1.0) -> StepResult:
+    """One engine step on one rank: every main layer (MTP blocks are not run), then the LM head.
+    `expert_share` as in `layer_costs` (the all-to-all is the sending rank's, unchanged)."""
     decode = all(q.length == 1 for q in qs)
     backend = lay.backend
     micro = 2 if backend == "tbo" else 1
@@ -312,7 +330,7 @@ def step_time(model: PlanModel, qs: list[Queries], lay: Layout, eff: Efficiency,
     intra_b = inter_b = disp_b = comb_b = 0.0
     per_layer: dict[str, dict] = {}
     for layer in model.layers[: model.n_main_layers]:
-        costs = layer_costs(model, layer, mqs, lay, eff, slots_per_rank)
+        costs = layer_costs(model, layer, mqs, lay, eff, slots_per_rank, expert_share)
         times = {name: micro * c.time(lay.hw, eff) for name, c in costs.items()}
         for name, v in times.items():
             by_comp[name] = by_comp.get(name, 0.0) + v
@@ -357,6 +375,25 @@ def _lat(lay: Layout, eff: Efficiency) -> float:
     return 2 * (eff.a2a_latency_scaleout_s if lay.n_domains > 1 else eff.a2a_latency_nvlink_s)
 
 
+def token_flops(model: PlanModel, position: int, hw: Hardware) -> dict[str, float]:
+    """FLOPs of generating ONE token whose query sits at `position` (it sees position + 1 tokens): every main
+    layer's kernel groups as `layer_costs` counts them for a decode step of one sequence on one GPU (no expert
+    imbalance, no all-to-all), plus the LM head. Returns FLOPs by component and their `total`; `hw` only sets
+    the Layout (FLOPs do not depend on it)."""
+    if not isinstance(position, int) or position < 0:
+        raise ValueError(f"position must be a non-negative integer, got {position!r}")
+    lay = Layout(1, 1, 1, hw)
+    eff = Efficiency()
+    qs = [Queries(1.0, position, 1)]
+    out: dict[str, float] = {}
+    for layer in model.layers[: model.n_main_layers]:
+        for name, c in layer_costs(model, layer, qs, lay, eff, float(model.n_routed_experts)).items():
+            out[name] = out.get(name, 0.0) + c.fp8 + c.bf16
+    out["head"] = float(model.top_groups.get("head", Group()).flops_bf16)
+    out["total"] = sum(out.values())
+    return out
+
+
 # ---- phases ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Phase:
@@ -364,9 +401,12 @@ class Phase:
     step: StepResult
 
 
-def prefill(model: PlanModel, lay: Layout, eff: Efficiency, slots: float, isl: int, tokens_per_rank: int) -> Phase:
+def prefill(model: PlanModel, lay: Layout, eff: Efficiency, slots: float, isl: int, tokens_per_rank: int,
+            alone: bool = False) -> Phase:
     """Prefill throughput with `tokens_per_rank` prompt tokens per step (whole prompts of `isl`, or one chunk
-    of a longer prompt at its average position)."""
+    of a longer prompt at its average position). `alone`: only this rank of the EP group prefills in the step
+    (colocated serving, where prefills of different ranks rarely coincide): the experts of every rank share
+    its tokens (expert_share 1 / world)."""
     if isl <= tokens_per_rank:
         qs = [Queries(tokens_per_rank / isl, 0, isl)]
         rows = tokens_per_rank / isl
@@ -375,7 +415,7 @@ def prefill(model: PlanModel, lay: Layout, eff: Efficiency, slots: float, isl: i
         qs = [Queries(1.0 / n_chunks, c * tokens_per_rank, min(tokens_per_rank, isl - c * tokens_per_rank))
               for c in range(n_chunks)]
         rows = 1.0 / n_chunks
-    st = step_time(model, qs, lay, eff, slots, rows)
+    st = step_time(model, qs, lay, eff, slots, rows, 1.0 / lay.world if alone else 1.0)
     return Phase(st.tokens_per_rank / st.time_s, st)
 
 

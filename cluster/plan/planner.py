@@ -98,13 +98,16 @@ class Perf:
     prefill_tok_s_gpu: float
     decode_tok_s_gpu: float
     ttft_s: float
-    tpot_s: float
-    output_tok_s_gpu: float  # colocated serving: every rank prefills its requests, then decodes them
+    tpot_s: float  # one decode step
+    output_tok_s_gpu: float  # colocated serving: see `colocated_step`
     output_tok_s_node: float
     prefill_step: dict
     decode_step: dict
     efficiency: dict
     layout: dict
+    cycle_s: float = 0.0  # one request's life: its prefill steps + osl decode steps (`colocated_step`)
+    user_tpot_s: float = 0.0  # what a user measures: the mean step, prefill steps of other ranks included
+    stall_fraction: float = 0.0  # of the steps, those in which some rank of the EP group prefills
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,25 @@ class Plan:
             "perf": dataclasses.asdict(self.perf) if self.perf else None,
             "problems": list(self.problems), "notes": list(self.notes),
         }
+
+
+def colocated_step(world: int, batch: float, prefill_steps: float, prefill_step_s: float, decode_step_s: float,
+                   osl: int) -> tuple[float, float]:
+    """(mean step time, fraction of steps that carry a prefill) in colocated serving on an EP group of `world`
+    ranks, each holding `batch` requests in a closed loop (every finished request is replaced). A request takes
+    `prefill_steps` steps of prefill (fractional when several prompts share one step) and then `osl` decode
+    steps. The group runs in lockstep (each MoE layer waits for every rank), so a step in which ANY rank
+    prefills takes `prefill_step_s` for all of them; decode tokens ride along in it (chunked prefill), one per
+    decoding sequence per step as in any step. One rank prefills in a fraction r = batch x prefill_steps /
+    (prefill_steps + osl) of the steps; ranks are independent, so 1 - (1 - r)^world of the steps prefill."""
+    if world < 1 or batch <= 0 or prefill_steps <= 0 or osl < 1:
+        raise ValueError(f"need world >= 1, batch > 0, prefill_steps > 0, osl >= 1; got {world}, {batch}, "
+                         f"{prefill_steps}, {osl}")
+    if prefill_step_s < decode_step_s or decode_step_s <= 0:
+        raise ValueError(f"need 0 < decode_step_s <= prefill_step_s, got {decode_step_s}, {prefill_step_s}")
+    r = min(1.0, batch * prefill_steps / (prefill_steps + osl))
+    q = 1.0 - (1.0 - r) ** world
+    return decode_step_s + q * (prefill_step_s - decode_step_s), q
 
 
 def domain_size(hw: Hardware, ranks_per_node: int) -> int:
@@ -194,16 +216,20 @@ def make_plan(inp: PlanInput, isl: int = 1024, osl: int = 1024, concurrency: int
     perf = None
     if batch > 0:
         t_pre = inp.max_num_batched_tokens
-        pre = prefill(model, lay, eff, slots, isl, t_pre)
+        pre = prefill(model, lay, eff, slots, isl, t_pre)  # every rank prefilling: the prefill throughput
+        alone = prefill(model, lay, eff, slots, isl, t_pre, alone=True)  # one rank prefilling: its TTFT and stalls
         ctx = isl + osl // 2
         dec = decode(model, lay, eff, slots, batch, ctx)
         tpot = dec.step.time_s
-        ttft = math.ceil(isl / t_pre) * pre.step.time_s if isl > t_pre else pre.step.time_s
-        cycle = batch * isl / pre.tokens_per_s_per_gpu + osl * tpot  # per rank: prefill its batch, then decode
+        ttft = math.ceil(isl / t_pre) * alone.step.time_s if isl > t_pre else alone.step.time_s
+        k = math.ceil(isl / t_pre) if isl > t_pre else isl / t_pre  # prefill steps per request
+        step, stall = colocated_step(world, batch, k, max(alone.step.time_s, tpot), tpot, osl)
+        cycle = (k + osl) * step
         out_gpu = batch * osl / cycle
         perf = Perf(isl, osl, concurrency, batch, ctx, t_pre, pre.tokens_per_s_per_gpu, dec.tokens_per_s_per_gpu,
                     ttft, tpot, out_gpu, out_gpu * rpn, pre.step.to_dict(), dec.step.to_dict(),
                     dataclasses.asdict(eff), {"world": world, "nvl_domain": dom, "ranks_per_node": rpn,
                                               "accelerator": hw.key, "ep_backend": backend, "policy": inp.policy,
-                                              "redundant_experts": inp.redundant_experts, "expert_slots": slots})
+                                              "redundant_experts": inp.redundant_experts, "expert_slots": slots},
+                    cycle, step, stall)
     return Plan(inp.model_name, world, tuple(rows), perf, tuple(problems), tuple(notes), model.weight_bytes)

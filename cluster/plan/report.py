@@ -63,6 +63,9 @@ def format_plan(plan: Plan) -> str:
                 f"{st['comm_s'] * 1e3:>7.1f} {st['exposed_comm_s'] * 1e3:>8.1f}  {batch}")
         add(f"  TTFT {p.ttft_s * 1e3:,.0f} ms, TPOT {p.tpot_s * 1e3:,.1f} ms ({1 / p.tpot_s:,.1f} tok/s per user); "
             f"colocated output {p.output_tok_s_gpu:,.0f} tok/s/GPU = {p.output_tok_s_node:,.0f} tok/s/node")
+        add(f"  colocated, EP group in lockstep: {p.stall_fraction:.0%} of steps carry a prefill; a user sees "
+            f"{p.user_tpot_s * 1e3:,.1f} ms per token ({1 / p.user_tpot_s:,.1f} tok/s), a request lives "
+            f"{p.cycle_s:,.1f} s")
         comp = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(p.decode_step["by_component_s"].items(),
                                                                   key=lambda kv: -kv[1]))
         add(f"  decode step by component (ms): {comp}")

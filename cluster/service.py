@@ -81,17 +81,32 @@ def up(topo_path: str | Path, *, ready_timeout_s: float = 300.0, port: int | Non
               f"{topo_path}` first", file=sys.stderr)
         return 1
     state_dir.mkdir(parents=True, exist_ok=True)
+    from cluster.launcher import connect_ray
+
+    up_state: dict[str, Any] = {"pid": os.getpid(), "phase": "starting", "topology": str(Path(topo_path).resolve()),
+                                "started_at": time.time()}
+    _write_json(state_dir / UP_FILE, up_state)
+    try:
+        conn = connect_ray(topo)  # in the main thread: an embedded Ray installs signal handlers
+    except Exception as e:
+        (state_dir / UP_FILE).unlink(missing_ok=True)
+        print(f"megaserve up: error: cannot start or join Ray: {e}", file=sys.stderr)
+        return 2
+    up_state.update(ray_address=conn.address, embedded=conn.embedded, ray_pids=conn.process_ids(),
+                    session_dir=conn.session_dir)
+    _write_json(state_dir / UP_FILE, up_state)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(_serve(topo, Path(topo_path), ready_timeout_s, port))
+    return asyncio.run(_serve(topo, Path(topo_path), conn, up_state, ready_timeout_s, port))
 
 
-async def _serve(topo: Topology, topo_path: Path, ready_timeout_s: float, port: int | None) -> int:
-    from cluster.launcher import Launcher, connect_ray
+async def _serve(topo: Topology, topo_path: Path, conn: Any, up_state: dict[str, Any], ready_timeout_s: float,
+                 port: int | None) -> int:
+    from cluster.launcher import Launcher
     from cluster.router import Router
 
     state_dir = topo.server.state_dir
@@ -100,16 +115,9 @@ async def _serve(topo: Topology, topo_path: Path, ready_timeout_s: float, port: 
     fatal: list[str] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    up_state: dict[str, Any] = {"pid": os.getpid(), "phase": "starting", "topology": str(topo_path.resolve()),
-                                "started_at": time.time()}
-    _write_json(state_dir / UP_FILE, up_state)
-    conn = launcher = router = runner = None
+    launcher = router = runner = None
     status_task: asyncio.Task | None = None
     try:
-        conn = await asyncio.to_thread(connect_ray, topo)
-        up_state.update(ray_address=conn.address, embedded=conn.embedded, ray_pids=conn.process_ids(),
-                        session_dir=conn.session_dir)
-        _write_json(state_dir / UP_FILE, up_state)
 
         def on_restart(addresses: list[tuple[str, int]]) -> None:  # monitor thread
             asyncio.run_coroutine_threadsafe(router.reset_ranks(addresses), loop).result(ready_timeout_s)
@@ -154,31 +162,22 @@ async def _serve(topo: Topology, topo_path: Path, ready_timeout_s: float, port: 
             await router.close()
         if launcher is not None:
             await asyncio.to_thread(launcher.shutdown)
-        if conn is not None:
-            await asyncio.to_thread(conn.shutdown)
+        conn.shutdown()
         for name in (UP_FILE, STATUS_FILE):
             (state_dir / name).unlink(missing_ok=True)
 
 
 async def _start_frontend(topo: Topology, router: Any, port: int | None) -> tuple[Any, str]:
     """The OpenAI-compatible HTTP app (cluster.server) over the router; (aiohttp runner, base URL)."""
-    from aiohttp import web
-
-    from cluster.server.app import build_app
+    from cluster.server.app import build_app, serve
     from cluster.server.openai_api import OpenAIService
     from cluster.server.settings import ServerSettings
 
     overrides = {} if port is None else {"port": port}
     settings = ServerSettings.from_topology(topo, **overrides)
-    service = OpenAIService.from_router(router, topo.model.path, settings)
-    app = build_app(service, settings)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[:2] if site._server and site._server.sockets else \
-        (settings.host, settings.port)
-    return runner, f"http://{bound[0]}:{bound[1]}"
+    service = OpenAIService.from_router(router, topo.model.path, settings, max_model_len=topo.scheduler.max_model_len)
+    runner, bound = await serve(build_app(service, settings), settings.host, settings.port)
+    return runner, f"http://{settings.host}:{bound}"
 
 
 def _status(launcher: Any, up_state: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,12 @@ def test_up_status_down_leaves_no_process(tiny_ckpt: Path, tmp_path: Path) -> No
     rank_pids = {r["pid"] for r in status["ranks"]}
     tree = _descendants(up["pid"]) | {up["pid"]} | rank_pids | set(up["ray_pids"])
     assert len(rank_pids) == 4 and rank_pids <= tree
+
+    body = json.dumps({"model": tiny_ckpt.name, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}).encode()
+    req = urllib.request.Request(up["http"] + "/v1/completions", body, {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        answer = json.loads(resp.read())
+    assert answer["usage"]["completion_tokens"] == 4 and answer["choices"][0]["finish_reason"] == "length"
 
     s = subprocess.run(cli + ["status", str(topo_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert s.returncode == 0, s.stderr

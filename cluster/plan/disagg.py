@@ -30,9 +30,8 @@ class DisaggPoint:
     batch_per_decode_gpu: float  # sequences decoding per decode GPU
     tpot_s: float
     prefill_bound: bool
-
-    isl: int = 0
-    osl: int = 0
+    isl: int
+    osl: int
 
     @property
     def tok_s_per_gpu(self) -> float:

@@ -199,14 +199,38 @@ class Launcher:
         """Check the topology against Ray, reserve every node's ranks, start the ranks; their worker addresses."""
         matched = match_nodes(self.topo, ray_nodes())
         self.node_ids = {name: rn.node_id for name, rn in matched.items()}
-        self._create_placement_groups(matched)
-        self._start_group()
+        try:
+            self._create_placement_groups(matched)
+            self._start_group()
+        except BaseException:
+            self._remove_placement_groups()  # a pending group would grab the resources when they free up
+            raise
         return self.addresses
+
+    def _remove_placement_groups(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self._pgs.values():
+            try:
+                remove_placement_group(pg)
+            except Exception:  # already gone with the cluster
+                pass
+        self._pgs.clear()
 
     def _create_placement_groups(self, matched: dict[str, RayNode]) -> None:
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import get_placement_group, placement_group
 
+        for node in self.topo.nodes:
+            name = f"{PG_PREFIX}-{node.name}"
+            try:
+                get_placement_group(name)
+            except ValueError:
+                pass  # free: the usual case
+            else:
+                raise LaunchError(f"{self.topo.source}: Ray namespace {self.topo.ray.namespace!r} already has a "
+                                  f"placement group {name!r}: another `megaserve up` with this namespace holds node "
+                                  f"{node.name}; stop it (`megaserve down`) or set ray.namespace")
         for node in self.topo.nodes:
             bundle: dict[str, float] = {"GPU": 1.0} if node.device == "cuda" else {"CPU": 1.0}
             kw: dict[str, Any] = {}
@@ -443,7 +467,6 @@ class Launcher:
     def shutdown(self) -> None:
         """Stop the monitor, stop and kill every rank, remove the placement groups."""
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         self._stop.set()
         if self._monitor is not None and self._monitor is not threading.current_thread():
@@ -454,11 +477,7 @@ class Launcher:
                 ray.wait(stops, num_returns=len(stops), timeout=5)
                 self._kill_actors(self.ranks + self._standby)
                 self._standby = []
-                for pg in self._pgs.values():
-                    try:
-                        remove_placement_group(pg)
-                    except Exception:  # already gone with the cluster
-                        pass
+                self._remove_placement_groups()
             self._pgs.clear()
             self.ranks = []
 

@@ -280,6 +280,34 @@ def test_unknown_node_fails_before_anything_starts(env, tmp_path: Path, tiny_ckp
     assert len(placement_group_table()) == groups
 
 
+def test_resources_held_elsewhere_time_out_with_a_clear_message(env, tmp_path: Path, tiny_ckpt: Path) -> None:
+    from ray.util import placement_group_table
+
+    from cluster.launcher import Launcher, LaunchError
+
+    _, conn, _, _ = env  # the launched group holds every CPU of both nodes
+    pending = lambda: sum(1 for g in placement_group_table().values() if g["state"] == "PENDING")  # noqa: E731
+    before = pending()
+    nodes = [{"name": "x", "label": {"megaserve.node": "a"}, "ranks": 2},
+             {"name": "y", "label": {"megaserve.node": "b"}, "ranks": 2}]
+    topo = load_topology(_topology(tmp_path, tiny_ckpt, nodes=nodes, ray={"address": conn.address}))
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError, match=r"node x .*2 ranks could not be placed within 2s; Ray has 2 CPUs there, "
+                                          r"0 free"):
+        Launcher(topo, ready_timeout_s=2).start()
+    assert time.monotonic() - t0 < 30
+    assert pending() == before  # the groups it asked for were removed, not left waiting
+
+
+def test_second_up_in_the_same_namespace_is_refused(env, tmp_path: Path, tiny_ckpt: Path) -> None:
+    from cluster.launcher import Launcher, LaunchError
+
+    _, conn, _, _ = env
+    topo = load_topology(_topology(tmp_path, tiny_ckpt, ray={"address": conn.address}))
+    with pytest.raises(LaunchError, match="already has a placement group 'megaserve-node-a'"):
+        Launcher(topo, ready_timeout_s=2).start()
+
+
 # ---- restart policy (no Ray: the group start is replaced) ----------------------------------------------
 def test_repeated_failures_back_off_then_report(tmp_path: Path, tiny_ckpt: Path) -> None:
     from cluster.launcher import Launcher, LaunchError

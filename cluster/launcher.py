@@ -465,7 +465,7 @@ class Launcher:
         ray.get(self.ranks[rank].actor.inject_fault.remote(kind, seconds), timeout=10)
 
     def shutdown(self) -> None:
-        """Stop the monitor, stop and kill every rank, remove the placement groups."""
+        """Stop the monitor, kill every rank (and the standby), remove the placement groups."""
         import ray
 
         self._stop.set()
@@ -473,8 +473,7 @@ class Launcher:
             self._monitor.join(timeout=self.topo.health.ping_timeout_s + 10)
         with self._lock:
             if ray.is_initialized():
-                stops = [r.actor.stop.remote() for r in self.ranks]
-                ray.wait(stops, num_returns=len(stops), timeout=5)
+                # Kill, not stop one by one: a rank stopping first would fail its peers' collectives.
                 self._kill_actors(self.ranks + self._standby)
                 self._standby = []
                 self._remove_placement_groups()

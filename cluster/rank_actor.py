@@ -1,8 +1,9 @@
 """RankActor: the body of one rank's Ray actor (the launcher wraps it with `ray.remote`).
 
-Life of a rank: `__init__` (nothing heavy) -> `endpoint()` (rank 0: its IP and a free port for the process
-group) -> `start(master_addr, master_port)` (join torch.distributed, load only this rank's weights, start the
-RankWorker: step loop + TCP server) -> `health()` every ping interval -> `stop()` or a kill.
+Life of a rank: `__init__` (imports torch; a warm standby waits here) -> `endpoint()` (rank 0: its IP and a
+free port for the process group) -> `start(master_addr, master_port)` (join torch.distributed, load only this
+rank's weights, start the RankWorker: step loop + TCP server) -> `health()` every ping interval -> killed by
+the launcher, together with its whole group.
 
 `health()` answers from the actor's own thread while the step thread runs, so a rank whose step hangs
 still answers: its step counter stops advancing, and the launcher calls that a hang after step_timeout_s.
@@ -114,18 +115,6 @@ class RankActor:
         failure = None if w.failure is None else f"{type(w.failure).__name__}: {w.failure}"
         return {"rank": self.rank, "started": True, "steps": int(w.steps), "running": bool(w.running),
                 "failure": failure, "stats": dict(getattr(w, "_stats", {}) or {})}
-
-    # ---- stop ---------------------------------------------------------------------------------------
-    def stop(self) -> bool:
-        from comm.group import destroy_process_group
-
-        if self.worker is not None:
-            self.worker.stop(timeout=5.0)
-        try:
-            destroy_process_group()
-        except Exception:  # a group whose peer died cannot be torn down cleanly; the process exits anyway
-            pass
-        return True
 
     # ---- tests only ---------------------------------------------------------------------------------
     def inject_fault(self, kind: str, seconds: float = 0.0) -> bool:

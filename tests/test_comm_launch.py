@@ -45,12 +45,15 @@ def _die_hard(rank: int, world_size: int) -> None:
     time.sleep(600)
 
 
-def _assert_all_gone(pid_dir: Path, n: int) -> None:
+def _assert_all_gone(pid_dir: Path, n: int, all_started: bool = True) -> None:
+    import multiprocessing
+
     pids = [int(p.read_text()) for p in sorted(pid_dir.glob("*.pid"))]
-    assert len(pids) == n
+    assert len(pids) == n if all_started else len(pids) <= n
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    assert multiprocessing.active_children() == []
 
 
 def test_backend_follows_device():
@@ -106,9 +109,9 @@ def test_rank_exception_reraised_with_rank_and_traceback(tmp_path):
 def test_timeout_kills_every_rank(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match=r"rank\(s\) \[0, 1\]"):
-        run_ranks(_sleep_forever, 2, str(tmp_path), timeout_s=12)
-    assert time.monotonic() - t0 < 40
-    _assert_all_gone(tmp_path, 2)
+        run_ranks(_sleep_forever, 2, str(tmp_path), timeout_s=6)
+    assert time.monotonic() - t0 < 30
+    _assert_all_gone(tmp_path, 2, all_started=False)  # on a busy machine a rank may not have started yet
 
 
 def test_rank_dying_without_result_is_reported():

@@ -343,8 +343,8 @@ class Launcher:
     # ---- health -------------------------------------------------------------------------------------
     def check(self) -> str | None:
         """Ping every rank once; why the group is unhealthy, or None. When several ranks fail at once (a dead
-        rank makes its peers' collectives fail), the most direct cause is named first: a dead rank, then one
-        that does not answer, then a hung step, then a step loop that stopped with an error."""
+        rank makes its peers' collectives fail or stall), the most direct cause is named first: a dead rank,
+        then a step loop that stopped with an error, then a rank that does not answer, then stalled steps."""
         import ray
 
         h = self.topo.health
@@ -359,7 +359,7 @@ class Launcher:
         for r, ref in zip(ranks, refs):
             where = f"rank {r.rank} (node {r.node})"
             if ref not in ready_set:
-                problems.append((1, f"{where} did not answer a ping within {h.ping_timeout_s:g}s"))
+                problems.append((2, f"{where} did not answer a ping within {h.ping_timeout_s:g}s"))
                 continue
             try:
                 st = ray.get(ref)
@@ -368,14 +368,14 @@ class Launcher:
                 continue
             r.health = st
             if st["failure"] or not st["running"]:
-                problems.append((3, f"{where} step loop stopped: {st['failure'] or 'not running'}"))
+                problems.append((1, f"{where} step loop stopped: {st['failure'] or 'not running'}"))
             elif st["steps"] != r.last_steps:
                 r.last_steps, r.last_progress = st["steps"], now
             elif now - r.last_progress > h.step_timeout_s:
                 hung.append(r)
         if hung:  # in an EP group one stuck step stalls every peer's collective: name them together
             stalled = max(now - r.last_progress for r in hung)
-            problems.append((2, f"ranks {[r.rank for r in hung]} made no step for {stalled:.1f}s "
+            problems.append((3, f"ranks {[r.rank for r in hung]} made no step for {stalled:.1f}s "
                                 f"(step_timeout_s {h.step_timeout_s:g})"))
         if not problems:
             return None

@@ -252,6 +252,19 @@ def test_hung_rank_detected_by_step_timeout(env, reference) -> None:
     assert outs == reference
 
 
+def test_crashed_step_loop_is_restarted(env) -> None:
+    _, _, launcher, _ = env
+    before, gen = len(launcher.recoveries), launcher.generation
+    launcher.inject_fault(3, "crash")  # the next step raises: the rank's step loop ends, its process lives
+    deadline = time.monotonic() + 60
+    while len(launcher.recoveries) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(launcher.recoveries) == before + 1 and launcher.generation == gen + 1
+    assert "step loop stopped" in launcher.recoveries[-1].reason
+    assert "injected crash on rank 3" in launcher.recoveries[-1].reason
+    assert launcher.check() is None
+
+
 def test_too_many_ranks_fail_before_anything_starts(env, tmp_path: Path, tiny_ckpt: Path) -> None:
     from ray.util import placement_group_table
 

@@ -244,19 +244,39 @@ class Transformer(nn.Module):
 
     def _forward_two_batches(self, h: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
                              states: Sequence[SequenceState], seq_lens: Sequence[int]) -> torch.Tensor:
-        """EP `tbo`: the sequences split into two micro-batches of about half the tokens each, run layer by
-        layer in lock-step so one micro-batch's attention/experts compute while the other's MoE tokens or
-        results travel. Exact: attention is per sequence, everything else per token. A rank with fewer than
-        two sequences runs an empty micro-batch (the collectives still pair up with its peers)."""
-        lens = list(seq_lens)
-        total, k, acc = sum(lens), 0, 0
-        while k < len(lens) and acc < total / 2:
-            acc += lens[k]
-            k += 1
-        if k == len(lens) and k > 1:
-            k -= 1
-            acc -= lens[k]
-        parts = [(0, acc, states[:k], lens[:k]), (acc, total, states[k:], lens[k:])]
+        """EP `tbo`: the batch split at half its tokens into two micro-batches, run layer by layer in lock-step
+        so one micro-batch's attention/experts compute while the other's MoE tokens or results travel.
+
+        Exact: attention is per sequence and everything else per token. A sequence straddling the split is cut
+        in two chunks (micro-batch 0 always runs a layer's attention first, so the second chunk sees the first
+        in the cache: chunked prefill) unless a prefix-cache snapshot is pending for it this step; then it goes
+        whole to one side. A rank that cannot split (one decode token, no tokens) runs an empty micro-batch:
+        the collectives still pair up with its peers."""
+        half = (sum(seq_lens) + 1) // 2
+        parts: list[tuple[list[SequenceState], list[int]]] = [([], []), ([], [])]
+        cut, cum = 0, 0
+        for st, n in zip(states, seq_lens, strict=True):
+            if cum + n <= half:
+                parts[0][0].append(st)
+                parts[0][1].append(n)
+                cut = cum + n
+            elif cum >= half:
+                parts[1][0].append(st)
+                parts[1][1].append(n)
+            elif not any(layer.snapshot_at for layer in st.layers):
+                a = half - cum
+                parts[0][0].append(st)
+                parts[0][1].append(a)
+                parts[1][0].append(st)
+                parts[1][1].append(n - a)
+                cut = half
+            else:
+                side = 0 if half - cum >= cum + n - half else 1
+                parts[side][0].append(st)
+                parts[side][1].append(n)
+                cut = cum + n if side == 0 else cum
+            cum += n
+        bounds = [(0, cut), (cut, cum)]
 
         def run(lo: int, hi: int, sts: Sequence[SequenceState], ls: list[int]):
             hh = h[lo:hi]
@@ -265,7 +285,7 @@ class Transformer(nn.Module):
                                                     self._slices(sts, ls, i), lo)
             return hh
 
-        gens = [run(*p) for p in parts]
+        gens = [run(lo, hi, sts, ls) for (lo, hi), (sts, ls) in zip(bounds, parts, strict=True)]
         outs: list[torch.Tensor | None] = [None, None]
         live = [0, 1]
         while live:

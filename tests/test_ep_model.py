@@ -175,6 +175,19 @@ def test_single_rank_ep_and_set_placement(tiny_ckpt, tiny_model):
     model.set_placement(second)
     assert model.moe_layers()[3].experts.local_experts == second.local_logical(3, 0)
     assert (_logits(model, ids) - ref).abs().max().item() <= TOL
+    # model-level tbo cuts a lone prefill in two chunks (chunked prefill inside one step), still exact
+    model.set_backend("tbo")
+    sizes = []
+
+    class _Sizes:
+        def record(self, layer, topk_idx):
+            if layer == 0:
+                sizes.append(topk_idx.shape[0])
+
+    model.set_load_recorder(_Sizes())
+    assert (_logits(model, ids) - ref).abs().max().item() <= TOL
+    assert sizes == [12, 11]
+    model.set_load_recorder(None)
     with pytest.raises(ValueError, match="slots per rank"):
         model.set_placement(Placement.static(n_layers, TINY.n_routed_experts, 1))
     with pytest.raises(ValueError, match="not both"):

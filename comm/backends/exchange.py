@@ -59,6 +59,9 @@ def unpack_dispatch(buf: Tensor, dim: int, dtype: torch.dtype) -> tuple[Tensor, 
     """Inverse of pack_dispatch: (x [N, D] dtype, slot [N] int64, weight [N] float32)."""
     n = buf.shape[0]
     xbytes = buf.shape[1] - META_BYTES
+    if xbytes != dim * dtype.itemsize:
+        raise ValueError(f"dispatch rows carry {xbytes} activation bytes, expected {dim} x {dtype} "
+                         "(do all ranks run the model in the same dtype?)")
     x = buf[:, :xbytes].contiguous().view(dtype)
     slot = buf[:, xbytes:xbytes + 4].contiguous().view(torch.int32).reshape(n).long()
     weight = buf[:, xbytes + 4:].contiguous().view(torch.float32).reshape(n)

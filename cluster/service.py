@@ -80,6 +80,10 @@ def up(topo_path: str | Path, *, ready_timeout_s: float = 300.0, port: int | Non
         print(f"megaserve up: already up (pid {prev['pid']}, state in {state_dir}); run `megaserve down "
               f"{topo_path}` first", file=sys.stderr)
         return 1
+    problem = preflight(topo)
+    if problem:
+        print(f"megaserve up: error: {problem}", file=sys.stderr)
+        return 2
     state_dir.mkdir(parents=True, exist_ok=True)
     from cluster.launcher import connect_ray
 
@@ -165,6 +169,24 @@ async def _serve(topo: Topology, topo_path: Path, conn: Any, up_state: dict[str,
         conn.shutdown()
         for name in (UP_FILE, STATUS_FILE):
             (state_dir / name).unlink(missing_ok=True)
+
+
+def preflight(topo: Topology) -> str | None:
+    """What would make `up` fail after Ray and the ranks started, found before: the checkpoint (the driver
+    reads its tokenizer; the ranks read the same path) and the API key variable."""
+    from cluster.server.settings import ServerSettings
+
+    path = topo.model.path
+    if path is None:
+        return f"{topo.source}: field 'model.path': required to serve (model.config alone only plans)"
+    if not (path / "config.json").is_file():
+        hint = " (`make demo` writes it)" if path.parts[-3:] == ("out", "demo", "tiny") else ""
+        return f"{topo.source}: field 'model.path': {path} holds no checkpoint (no config.json){hint}"
+    try:
+        ServerSettings.from_topology(topo).api_key()
+    except ValueError as e:
+        return f"{topo.source}: field 'server.api_key_env': {e}"
+    return None
 
 
 async def _start_frontend(topo: Topology, router: Any, port: int | None) -> tuple[Any, str]:

@@ -321,6 +321,19 @@ def test_second_up_in_the_same_namespace_is_refused(env, tmp_path: Path, tiny_ck
         Launcher(topo, ready_timeout_s=2).start()
 
 
+# ---- before anything starts (no Ray) -------------------------------------------------------------------
+def test_up_refuses_a_missing_checkpoint_or_api_key(tmp_path: Path, tiny_ckpt: Path, capsys, monkeypatch) -> None:
+    from cluster import service
+
+    model = {"path": str(tmp_path / "nowhere"), "dtype": "float32", "config": "tiny"}  # plans, cannot serve
+    assert service.up(_topology(tmp_path, tiny_ckpt, model=model)) == 2
+    assert "field 'model.path'" in capsys.readouterr().err and not (tmp_path / "state" / "up.json").exists()
+    monkeypatch.delenv("D_TEST_UNSET_KEY", raising=False)
+    server = {"state_dir": "st", "api_key_env": "D_TEST_UNSET_KEY"}
+    assert service.up(_topology(tmp_path, tiny_ckpt, server=server)) == 2
+    assert "field 'server.api_key_env'" in capsys.readouterr().err
+
+
 # ---- restart policy (no Ray: the group start is replaced) ----------------------------------------------
 def test_repeated_failures_back_off_then_report(tmp_path: Path, tiny_ckpt: Path) -> None:
     from cluster.launcher import Launcher, LaunchError

@@ -108,6 +108,10 @@ def connect_ray(topo: Topology, address: str | None = None, log_to_driver: bool 
     if addressed:
         raise TopologyError(f"{topo.source}: field 'ray.address': empty (embedded Ray on this machine), but nodes "
                             f"{addressed} are found by address; give them labels, or set ray.address")
+    if len(topo.nodes) > 1 and any(n.device == "cuda" for n in topo.nodes):
+        raise TopologyError(f"{topo.source}: field 'ray.address': empty (embedded Ray on this machine) with "
+                            f"{len(topo.nodes)} cuda nodes; simulated nodes on one machine would share its GPUs. "
+                            f"Use one cuda node, cpu nodes, or a real Ray cluster (ray start ...; ray.address)")
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args=embedded_node_args(topo.nodes[0], head=True))

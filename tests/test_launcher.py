@@ -334,6 +334,15 @@ def test_up_refuses_a_missing_checkpoint_or_api_key(tmp_path: Path, tiny_ckpt: P
     assert "field 'server.api_key_env'" in capsys.readouterr().err
 
 
+def test_embedded_ray_refuses_several_cuda_nodes(tmp_path: Path, tiny_ckpt: Path) -> None:
+    from cluster.launcher import connect_ray
+
+    nodes = [{"name": n, "device": "cuda", "accelerator": "b200", "ranks": 4} for n in ("a", "b")]
+    topo = load_topology(_topology(tmp_path, tiny_ckpt, nodes=nodes))
+    with pytest.raises(TopologyError, match="field 'ray.address'.*2 cuda nodes.*share its GPUs"):
+        connect_ray(topo)
+
+
 # ---- restart policy (no Ray: the group start is replaced) ----------------------------------------------
 def test_repeated_failures_back_off_then_report(tmp_path: Path, tiny_ckpt: Path) -> None:
     from cluster.launcher import Launcher, LaunchError

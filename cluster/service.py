@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ LOG_FILE = "up.log"
 # ---- state files -------------------------------------------------------------------------------------
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     os.replace(tmp, path)
 
@@ -209,8 +210,14 @@ def _status(launcher: Any, up_state: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _status_writer(launcher: Any, up_state: dict[str, Any], state_dir: Path) -> None:
-    while True:
+    """Rewrite status.json every ping interval, off the event loop (the launcher's lock is held during a
+    restart; HTTP must not wait for it)."""
+
+    def write() -> None:
         _write_json(state_dir / STATUS_FILE, _status(launcher, up_state))
+
+    while True:
+        await asyncio.to_thread(write)
         await asyncio.sleep(launcher.topo.health.ping_interval_s)
 
 

@@ -65,6 +65,7 @@ def _rank_fn(rank: int, world: int) -> list:
     return errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_backends_match_reference(world):
     out = run_ranks(_rank_fn, world, timeout_s=120)

@@ -63,16 +63,6 @@ class RayConnection:
     def embedded(self) -> bool:
         return self.cluster is not None
 
-    def process_ids(self) -> list[int]:
-        """PIDs of the embedded Ray's own processes (GCS, raylets, ...); empty when joined."""
-        if self.cluster is None:
-            return []
-        out: list[int] = []
-        for node in self.cluster.list_all_nodes():
-            for infos in node.all_processes.values():
-                out.extend(int(i.process.pid) for i in infos if i.process is not None)
-        return out
-
     def shutdown(self) -> None:
         import ray
 

@@ -6,14 +6,16 @@ HTTP from this (the driver) process, and restarts the EP group when a rank fails
 SIGINT, or when the launcher gives up (max_restarts), and then stops everything it started.
 
 State files, under the topology's `server.state_dir`:
-    up.json       {pid, phase: starting|ready, ray_address, embedded, ray_pids, session_dir, http, topology}
+    up.json       {pid, phase: starting|ready, ray_address, embedded, session_dir, http, topology, processes}
                   written at start, updated when ready, removed on a clean stop.
+                  processes: [pid, start time] of every descendant of the driver (an embedded Ray's
+                  processes, the rank processes it runs), refreshed in status.json.
     status.json   the launcher's view (nodes, ranks, experts per layer, latest stats, recoveries),
                   rewritten every ping interval while up.
     up.log        output of a detached `up`.
 `down` reads up.json, sends the driver SIGTERM and waits; if the driver does not exit in time (or was
-killed), it kills the rank processes and, for an embedded Ray, Ray's own processes, all by the PIDs the
-state files recorded, then removes the state files.
+killed), it kills every recorded descendant still alive (same PID and start time), and for a joined Ray
+kills our rank actors by name; then it removes the state files.
 """
 
 from __future__ import annotations
@@ -71,6 +73,39 @@ def pid_alive(pid: int) -> bool:
             return True
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], starttime [19])."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_tree(root: int) -> list[list[int]]:
+    """[pid, start time] of every live descendant of `root` (the start time tells a reused PID apart)."""
+    children: dict[int, list[int]] = {}
+    start: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            fields = _stat_fields(int(d))
+            if fields is not None and fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(d))
+                start[int(d)] = int(fields[19])
+    out: list[list[int]] = []
+    todo = [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append([c, start[c]])
+            todo.append(c)
+    return out
+
+
+def _same_process(pid: int, start_time: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z" and int(fields[19]) == start_time
+
+
 # ---- up ----------------------------------------------------------------------------------------------
 def up(topo_path: str | Path, *, ready_timeout_s: float = 300.0, port: int | None = None) -> int:
     """Serve the topology in the foreground until SIGTERM/SIGINT or a fatal failure; the exit status."""
@@ -97,8 +132,8 @@ def up(topo_path: str | Path, *, ready_timeout_s: float = 300.0, port: int | Non
         (state_dir / UP_FILE).unlink(missing_ok=True)
         print(f"megaserve up: error: cannot start or join Ray: {e}", file=sys.stderr)
         return 2
-    up_state.update(ray_address=conn.address, embedded=conn.embedded, ray_pids=conn.process_ids(),
-                    session_dir=conn.session_dir)
+    up_state.update(ray_address=conn.address, embedded=conn.embedded, session_dir=conn.session_dir,
+                    processes=process_tree(os.getpid()))
     _write_json(state_dir / UP_FILE, up_state)
     try:
         import uvloop
@@ -204,7 +239,8 @@ async def _start_frontend(topo: Topology, router: Any, port: int | None) -> tupl
 
 
 def _status(launcher: Any, up_state: dict[str, Any]) -> dict[str, Any]:
-    return {**launcher.status(), "pid": up_state["pid"], "http": up_state.get("http"),
+    return {**launcher.status(), "pid": up_state["pid"], "processes": process_tree(up_state["pid"]),
+            "http": up_state.get("http"),
             "ray_address": up_state.get("ray_address"), "embedded": up_state.get("embedded"),
             "updated_at": time.time()}
 
@@ -260,26 +296,26 @@ def down(topo_path: str | Path, *, timeout_s: float = 60.0) -> int:
         return 0
     status = read_state(state_dir, STATUS_FILE) or {}
     pid = int(st["pid"])
+    clean = False  # did the driver stop everything itself?
     if pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if pid_alive(pid):
+        clean = not pid_alive(pid)
+        if not clean:
             print(f"megaserve down: pid {pid} did not stop within {timeout_s:g}s; killing it", file=sys.stderr)
             _kill(pid)
-    # What the driver should have stopped: rank processes, and an embedded Ray's own processes.
-    leftovers = [int(r["pid"]) for r in status.get("ranks", []) if r.get("pid")]
-    if st.get("embedded"):
-        leftovers += [int(p) for p in st.get("ray_pids", [])]
-    left = [p for p in leftovers if pid_alive(p)]
-    for p in left:
-        _kill(p)
-    if not st.get("embedded") and st.get("ray_address") and status.get("ranks"):
+    # What the driver should have stopped, if it could not: its recorded descendants (an embedded Ray's
+    # processes and the ranks it ran), each only while it is still the same process.
+    recorded = {(int(p), int(t)) for p, t in [*st.get("processes", []), *status.get("processes", [])]}
+    left = sorted(p for p, t in recorded if _same_process(p, t))
+    _kill_all(left)
+    if not clean and not st.get("embedded") and st.get("ray_address"):
         _kill_named_actors(topo, st["ray_address"])
     for name in (UP_FILE, STATUS_FILE):
         (state_dir / name).unlink(missing_ok=True)
-    still = [p for p in [pid, *leftovers] if pid_alive(p)]
+    still = [p for p in [pid, *left] if pid_alive(p)]
     if still:
         print(f"megaserve down: processes still running: {still}", file=sys.stderr)
         return 1
@@ -288,18 +324,28 @@ def down(topo_path: str | Path, *, timeout_s: float = 60.0) -> int:
 
 
 def _kill(pid: int, grace_s: float = 5.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if pid_alive(pid):
+    _kill_all([pid], grace_s)
+
+
+def _kill_all(pids: list[int], grace_s: float = 5.0) -> None:
+    """SIGTERM each, wait up to `grace_s` for all, then SIGKILL the rest (Ray's agents ignore SIGTERM)."""
+    for p in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(p, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + grace_s
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in pids:
+        if pid_alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _kill_named_actors(topo: Topology, address: str) -> None:

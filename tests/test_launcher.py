@@ -85,7 +85,7 @@ def test_up_status_down_leaves_no_process(tiny_ckpt: Path, tmp_path: Path) -> No
         time.sleep(0.2)
     status = read_state(state_dir, "status.json")
     rank_pids = {r["pid"] for r in status["ranks"]}
-    tree = _descendants(up["pid"]) | {up["pid"]} | rank_pids | set(up["ray_pids"])
+    tree = _descendants(up["pid"]) | {up["pid"]} | rank_pids | {p for p, _ in status["processes"]}
     assert len(rank_pids) == 4 and rank_pids <= tree
 
     body = json.dumps({"model": tiny_ckpt.name, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}).encode()
@@ -106,6 +106,30 @@ def test_up_status_down_leaves_no_process(tiny_ckpt: Path, tmp_path: Path) -> No
     assert read_state(state_dir) is None and not (state_dir / "status.json").exists()
     s = subprocess.run(cli + ["status", str(topo_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert s.returncode == 1 and "not up" in s.stdout
+
+
+def test_down_after_the_driver_was_killed(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """kill -9 of `up` leaves Ray and the ranks running; `down` finds them in the state files."""
+    from cluster.service import pid_alive, read_state
+
+    topo_path = _topology(tmp_path, tiny_ckpt)
+    state_dir = tmp_path / "state"
+    cli = [sys.executable, "-m", "cluster.cli"]
+    r = subprocess.run(cli + ["up", str(topo_path), "--detach", "--port", "0", "--ready-timeout", "240"],
+                       cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr + (state_dir / "up.log").read_text()
+    up = read_state(state_dir)
+    deadline = time.monotonic() + 30
+    while read_state(state_dir, "status.json") is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    tree = _descendants(up["pid"])
+    os.kill(up["pid"], 9)
+    time.sleep(0.5)
+    assert any(pid_alive(p) for p in tree), "nothing outlived the driver: this test would prove nothing"
+    d = subprocess.run(cli + ["down", str(topo_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert d.returncode == 0, d.stdout + d.stderr
+    alive = sorted(p for p in tree if pid_alive(p))
+    assert alive == [], f"left running after down: {alive}"
 
 
 # ---- the shared cluster ---------------------------------------------------------------------------------

@@ -303,6 +303,9 @@ class _ProgressBar:
         self.t0 = time.monotonic()
         self.first_done: int | None = None
         self.last_len = 0
+        # Not a terminal (a log file, CI): one line per change in progress instead of carriage-return redraws.
+        self.live = bool(getattr(out, "isatty", lambda: False)())
+        self.last_key: tuple | None = None
 
     def draw(self, st: BatchStatus) -> None:
         done = st.completed + st.failed
@@ -312,12 +315,17 @@ class _ProgressBar:
         rate = (done - self.first_done) / dt if dt > 0 else 0.0
         frac = done / st.total if st.total else 0.0
         fill = int(frac * self.WIDTH)
-        line = (f"\r{st.id[:20]} [{'#' * fill}{'.' * (self.WIDTH - fill)}] {done}/{st.total or '?'} "
+        line = (f"{st.id[:20]} [{'#' * fill}{'.' * (self.WIDTH - fill)}] {done}/{st.total or '?'} "
                 f"({st.completed} ok, {st.failed} failed) {rate:.1f} req/s {st.status}")
-        self.out.write(line + " " * max(0, self.last_len - len(line)))
-        self.last_len = len(line)
+        if self.live:
+            self.out.write("\r" + line + " " * max(0, self.last_len - len(line)))
+            self.last_len = len(line)
+        elif (done, st.status) != self.last_key:
+            self.out.write(line + "\n")
+        self.last_key = (done, st.status)
         self.out.flush()
 
     def close(self) -> None:
-        self.out.write("\n")
-        self.out.flush()
+        if self.live:
+            self.out.write("\n")
+            self.out.flush()

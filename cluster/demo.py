@@ -4,13 +4,25 @@
 2. Loads it into the offline API (`engine.LLM`: continuous batching over the paged hybrid cache) and
    generates text for a batch of prompts sharing a system prompt (prefix-cache hits), greedy and sampled.
 3. Runs the MTP block (the speculative-decoding head) on a result.
-4. Prints the V4-Pro manifest and per-sequence KV cache next to the published figures.
+4. Expert parallelism without Ray: the same prompts on 4 ranks (gloo), experts sharded, EPLB rebalancing
+   at run time; the greedy tokens equal the single-rank run's.
+5. The local cluster: `megaserve up examples/local.yaml` (embedded Ray, 2 nodes x 2 ranks), `megaserve
+   status`, a batch job through the Python client with a progress bar, a short load test with
+   `megaserve bench serve`, then `megaserve down`.
+6. The capacity planner on the V4-Pro Blackwell topology, and the V4-Pro manifest and KV cache next to the
+   published figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -32,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default="out/demo", help="where the demo writes its checkpoint")
     ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--load-prompts", type=int, default=32, help="requests in the load test against the cluster")
     args = ap.parse_args(argv)
 
     cfg = get_preset("tiny")
@@ -78,13 +91,95 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[3] MTP head: guessed token t+2 at {len(guess)} generated positions; "
           f"{agree:.0%} equal the greedy tokens (the draft acceptance speculative decoding would see)")
 
+    # Expert parallelism without Ray: 4 rank processes (gloo), each with its own scheduler and cache (DP
+    # attention) and a quarter of the routed experts (EP), the wave (MegaMoE) dispatch/combine, EPLB.
+    from engine.engine import EngineConfig
+    from engine.ep_engine import PlacementConfig
+    from engine.ep_group import run_engine_group
+
+    t0 = time.perf_counter()
+    res = run_engine_group(ckpt, 4, prompts, SamplingParams(temperature=0, max_tokens=args.max_new_tokens,
+                                                             ignore_eos=True),
+                           backend="wave", engine_config=EngineConfig(page_tokens=128, max_num_seqs=16),
+                           placement_config=PlacementConfig(policy="eplb", redundant_experts=4,
+                                                            rebalance_interval_steps=8))
+    same = sum(o.token_ids == g for o, g in zip(res.outputs, outs))
+    st0 = res.stats[0]
+    print(f"[4] expert parallelism: {len(prompts)} requests over 4 ranks (gloo), {cfg.n_routed_experts} experts + 4 "
+          f"redundant in 12 slots (3 per rank), wave dispatch/combine, EPLB every 8 steps: "
+          f"{st0['rebalances']} rebalances, balancedness {st0['balancedness'] or 0:.2f}; "
+          f"{same}/{len(prompts)} greedy outputs equal the single-rank run ({time.perf_counter() - t0:.1f}s)")
+
+    _cluster_demo(Path(__file__).resolve().parents[1] / "examples" / "local.yaml", args.load_prompts)
+
+    plan = _megaserve("plan", str(Path(__file__).resolve().parents[1] / "examples" / "v4-pro-blackwell.yaml"))
+    print("[7] megaserve plan examples/v4-pro-blackwell.yaml (the capacity planner, on paper):")
+    print("    " + plan.stdout.rstrip().replace("\n", "\n    "))
+
     m = build_manifest(get_preset("v4-pro"))
-    print(f"[4] v4-pro manifest: {len(m.tensors):,} tensors, {m.bytes:,} bytes, "
+    print(f"[8] v4-pro manifest: {len(m.tensors):,} tensors, {m.bytes:,} bytes, "
           f"{m.params_total / 1e9:.1f}B params ({m.params_active / 1e9:.1f}B active)")
     print("    published:       145,116 tensors, 864,704,792,696 bytes, 1,598.8B params (49.8B active)")
     kv = sequence_cache_bytes(get_preset("v4-pro"), 1 << 20).kv / 2**30
     print(f"    KV cache per 1M-token sequence in bf16: {kv:.3f} GiB (vLLM publishes ~9.62 GiB)")
     return 0
+
+
+def _megaserve(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the `megaserve` CLI exactly as a user would (same interpreter)."""
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", *argv], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"megaserve {' '.join(argv)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cluster_demo(topology: Path, load_prompts: int) -> None:
+    from cluster.batch.demo import run_batch_demo
+    from cluster.loadtest.runner import run_benchmark
+
+    port = _free_port()
+    t0 = time.perf_counter()
+    _megaserve("up", str(topology), "--detach", "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+            model = json.load(r)["data"][0]["id"]
+        print(f"[5] megaserve up {topology.name}: 4 ranks on 2 Ray nodes ready in {time.perf_counter() - t0:.1f}s, "
+              f"serving {model!r} at {url}")
+        status = _megaserve("status", str(topology)).stdout.rstrip()
+        print("    " + status.replace("\n", "\n    "))
+        print("    batch job through the Python client (cluster.Client):")
+        run_batch_demo(url, requests=24, max_tokens=8, show=3)
+        print(f"[6] load test: megaserve bench serve --base-url {url} --model {model} --num-prompts {load_prompts} "
+              "--request-rate 8 --random-input-len 48 --random-output-len 12 --ignore-eos")
+        run_benchmark({"base_url": url, "model": model, "dataset": "random", "num_prompts": load_prompts,
+                       "random_input_len": 48, "random_output_len": 12, "request_rate": 8.0, "ignore_eos": True,
+                       "seed": 0, "percentiles": "50,99", "progress": sys.stderr.isatty(), "out": None})
+    finally:
+        down = _megaserve("down", str(topology), check=False)
+        left = _leftover_processes()
+        print(f"    megaserve down: exit {down.returncode}; processes left behind: {left or 'none'}")
+
+
+def _leftover_processes() -> list[str]:
+    """Ray or rank processes still alive (their command lines), children of nobody we know."""
+    left = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(k in cmd for k in ("raylet", "gcs_server", "ray::", "default_worker.py")):
+            left.append(cmd[:80])
+    return left
 
 
 if __name__ == "__main__":

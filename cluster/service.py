@@ -116,6 +116,7 @@ def up(topo_path: str | Path, *, ready_timeout_s: float = 300.0, port: int | Non
         print(f"megaserve up: already up (pid {prev['pid']}, state in {state_dir}); run `megaserve down "
               f"{topo_path}` first", file=sys.stderr)
         return 1
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     problem = preflight(topo)
     if problem:
         print(f"megaserve up: error: {problem}", file=sys.stderr)
@@ -176,7 +177,8 @@ async def _serve(topo: Topology, topo_path: Path, conn: Any, up_state: dict[str,
             stopper.cancel()
             return 1
         addresses = start.result()
-        router = await Router(addresses, hold_on_loss=True, connect_timeout_s=ready_timeout_s).start()
+        router = await Router(addresses, affinity_tokens=topo.scheduler.page_tokens, hold_on_loss=True,
+                              connect_timeout_s=ready_timeout_s).start()
         runner, http = await _start_frontend(topo, router, port)
         launcher.start_monitor()
         up_state.update(phase="ready", http=http, ready_at=time.time())

@@ -13,6 +13,7 @@ Paths in the file (`model.path`, `server.state_dir`) are relative to the YAML's 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,16 @@ EP_BACKENDS = ("sync", "tbo", "wave")
 PLACEMENT_POLICIES = ("static", "eplb")
 KV_DTYPES = ("bfloat16", "float32", "fp8")
 DEFAULT_LABEL_KEY = "megaserve.node"
+
+
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _label_key_ok(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    return bool(_LABEL_NAME.fullmatch(name)) and (not prefix or (len(prefix) <= 253
+                                                                  and bool(_DNS_SUBDOMAIN.fullmatch(prefix))))
 
 
 class TopologyError(ValueError):
@@ -345,6 +356,10 @@ def _nodes(top: _Reader, base: Path) -> tuple[NodeSpec, ...]:
                     if not isinstance(k, str) or not isinstance(v, str) or not k or not v:
                         raise r.error(r.path(f"label.{k}"), f"label keys and values must be non-empty strings, "
                                       f"got {_kind(k)}: {_kind(v)}")
+                    if not _label_key_ok(k) or not _LABEL_NAME.fullmatch(v):
+                        raise r.error(r.path(f"label.{k}"), f"{k}: {v} is not a Ray (Kubernetes-style) label: key "
+                                      "[prefix/]name and value of at most 63 letters, digits, '-', '_', '.', "
+                                      "beginning and ending with a letter or digit")
                 label = dict(lab)
         device = r.str_("device", "cpu", choices=DEVICES)
         if "ranks" not in r.raw:

@@ -172,6 +172,17 @@ def test_label_value_wrong_type(tmp_path: Path) -> None:
     _bad(tmp_path, _with("nodes.1.label", {"megaserve.node": 3}), "'nodes[1].label.megaserve.node'", "strings")
 
 
+@pytest.mark.parametrize("label", [{"megaserve node": "b"}, {"megaserve.node": "b c"}, {"x/y/z": "b"},
+                                   {"megaserve.node": "-b"}, {"megaserve.node": "b" * 64}])
+def test_label_syntax(tmp_path: Path, label: dict) -> None:
+    _bad(tmp_path, _with("nodes.1.label", label), "'nodes[1].label.", "not a Ray (Kubernetes-style) label")
+
+
+def test_label_with_prefix(tmp_path: Path) -> None:
+    t = load_topology(_write(tmp_path, _with("nodes.1.label", {"example.com/rack": "r-1_b.2"})))
+    assert t.nodes[1].label == {"example.com/rack": "r-1_b.2"}
+
+
 def test_missing_ranks(tmp_path: Path) -> None:
     _bad(tmp_path, _with("nodes.0.ranks", ...), "'nodes[0].ranks'", "missing")
 

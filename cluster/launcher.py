@@ -361,6 +361,7 @@ class Launcher:
                 problems.append((0, f"{where} is dead: {type(e).__name__}"))
                 continue
             r.health = st
+            r.local_experts = st.get("local_experts") or r.local_experts
             if st["failure"] or not st["running"]:
                 problems.append((1, f"{where} step loop stopped: {st['failure'] or 'not running'}"))
             elif st["steps"] != r.last_steps:

@@ -107,14 +107,15 @@ class RankActor:
 
     # ---- health -------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        """Step count (advances every loop iteration, idle or not), whether the loop runs, its failure,
-        and the latest stats snapshot (queue and cache use)."""
+        """Step count (advances every loop iteration, idle or not), whether the loop runs, its failure, the
+        latest stats snapshot (queue and cache use) and the experts of each slot now (a rebalance moves them)."""
         w = self.worker
         if w is None:
             return {"rank": self.rank, "started": False, "steps": 0, "running": False, "failure": None, "stats": {}}
         failure = None if w.failure is None else f"{type(w.failure).__name__}: {w.failure}"
         return {"rank": self.rank, "started": True, "steps": int(w.steps), "running": bool(w.running),
-                "failure": failure, "stats": dict(getattr(w, "_stats", {}) or {})}
+                "failure": failure, "stats": dict(getattr(w, "_stats", {}) or {}),
+                "local_experts": _slots(self.engine)}
 
     # ---- tests only ---------------------------------------------------------------------------------
     def inject_fault(self, kind: str, seconds: float = 0.0) -> bool:
@@ -201,5 +202,9 @@ def build_rank_engine(topo: Topology, rank: int, device: str) -> tuple[Any, list
                                 rank=rank, world_size=topo.world_size, placement=placement,
                                 backend=topo.parallel.ep_backend,
                                 placement_config=pc)
-    local = [list(map(int, block.ffn.experts.local_experts)) for block in engine.model.layers]
-    return engine, local
+    return engine, _slots(engine)
+
+
+def _slots(engine: Any) -> list[list[int]]:
+    """The logical expert of each local slot, per MoE layer, as the engine's model holds them."""
+    return [list(map(int, block.ffn.experts.local_experts)) for block in engine.model.layers]

@@ -398,14 +398,16 @@ def status(topo_path: str | Path, *, as_json: bool = False) -> int:
     for n in s.get("nodes", []):
         print(f"  node {n['name']}: {n['device']} x {n['ranks']} ranks, {n['find']}, Ray node {n['ray_node_id'][:12]}")
     print(f"  {'rank':>4} {'node':<8} {'pid':>7} {'address':<21} {'experts (layer 0)':<20} {'run':>4} {'wait':>5} "
-          f"{'pages used/total':>16} {'steps':>8}")
+          f"{'pages used/total':>16} {'balance':>7} {'rebal':>5} {'steps':>8}")
     for r in s.get("ranks", []):
         es = r.get("stats", {})
         used, free = es.get("pages_used"), es.get("pages_free")
         pages = f"{used}/{used + free}" if used is not None and free is not None else "-"
         experts = r["local_experts"][0] if r.get("local_experts") else []
+        bal = es.get("balancedness")
         print(f"  {r['rank']:>4} {r['node']:<8} {r['pid']:>7} {r['address']:<21} {str(experts):<20} "
-              f"{es.get('running', '-'):>4} {es.get('waiting', '-'):>5} {pages:>16} {r.get('steps', 0):>8}")
+              f"{es.get('running', '-'):>4} {es.get('waiting', '-'):>5} {pages:>16} "
+              f"{'-' if bal is None else f'{bal:.2f}':>7} {es.get('rebalances', '-'):>5} {r.get('steps', 0):>8}")
     for ev in s.get("recoveries", []):
         print(f"  restart -> generation {ev['generation']} in {ev['recovery_s']:.2f}s: {ev['reason']}")
     if s.get("fatal"):

@@ -367,6 +367,37 @@ def test_embedded_ray_refuses_several_cuda_nodes(tmp_path: Path, tiny_ckpt: Path
         connect_ray(topo)
 
 
+def _rank_engine(rank: int, world_size: int, topo_path: str) -> dict:
+    from cluster.rank_actor import build_rank_engine
+
+    topo = load_topology(topo_path)
+    engine, slots = build_rank_engine(topo, rank, "cpu")
+    st = engine.stats()
+    return {"slots": slots, "backend": st["ep_backend"], "policy": st["placement_policy"],
+            "ep": (st["ep_rank"], st["ep_size"]),
+            "config": (engine.config.max_num_seqs, engine.config.max_num_batched_tokens, engine.config.page_tokens,
+                       engine.config.cache_budget_bytes, engine.config.dtype)}
+
+
+def test_rank_engine_follows_the_topology(tmp_path: Path, tiny_ckpt: Path) -> None:
+    """The EP engine each rank builds: backend, placement policy and redundant slots from the topology."""
+    from comm.launch import run_ranks
+    from comm.placement import Placement
+
+    nodes = [{"name": "a", "ranks": 1}, {"name": "b", "ranks": 1}]
+    parallel = {"ep_backend": "tbo", "placement": {"policy": "eplb", "redundant_experts": 2,
+                                                   "rebalance_interval_steps": 64}}
+    topo = load_topology(_topology(tmp_path, tiny_ckpt, nodes=nodes, parallel=parallel))
+    got = run_ranks(_rank_engine, 2, str(topo.source), timeout_s=120)
+    cfg = topo.model_config()
+    placement = Placement.static(cfg.num_hidden_layers, cfg.n_routed_experts, 2, redundant=2)
+    for rank, g in enumerate(got):
+        assert (g["backend"], g["policy"], tuple(g["ep"])) == ("tbo", "eplb", (rank, 2))
+        assert g["slots"] == [placement.local_logical(layer, rank) for layer in range(cfg.num_hidden_layers)]
+        assert all(len(row) == 5 for row in g["slots"])  # (8 experts + 2 redundant) / 2 ranks
+        assert tuple(g["config"]) == (16, 256, 128, 16 * 2**20, "float32")
+
+
 # ---- restart policy (no Ray: the group start is replaced) ----------------------------------------------
 def test_repeated_failures_back_off_then_report(tmp_path: Path, tiny_ckpt: Path) -> None:
     from cluster.launcher import Launcher, LaunchError

@@ -449,7 +449,7 @@ def test_cli_plan_prints_a_table(capsys):
     assert "Memory per rank (GB)" in out and "KV tokens" in out
     assert "0-7" in out and "8-15" in out
     assert "TTFT" in out and "TPOT" in out and "tok/s/node" in out
-    assert "wave (MegaMoE) works only inside one NVLink domain" in out  # 16 B200s span two HGX boards
+    assert "backend tbo" in out and "Everything fits." in out  # tbo: 16 B200s span two NVLink domains
 
 
 def test_cli_plan_json(capsys):

@@ -267,15 +267,9 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     from cluster import service
-    from cluster.topology import TopologyError
 
-    try:
-        if args.detach:
-            return service.up_detached(args.topology, ready_timeout_s=args.ready_timeout, port=args.port)
-        return service.up(args.topology, ready_timeout_s=args.ready_timeout, port=args.port)
-    except TopologyError as e:
-        print(f"megaserve up: error: {e}", file=sys.stderr)
-        return 2
+    start = service.up_detached if args.detach else service.up
+    return _on_topology("up", lambda: start(args.topology, ready_timeout_s=args.ready_timeout, port=args.port))
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
@@ -287,13 +281,8 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     from cluster import service
-    from cluster.topology import TopologyError
 
-    try:
-        return service.status(args.topology, as_json=args.json)
-    except TopologyError as e:
-        print(f"megaserve status: error: {e}", file=sys.stderr)
-        return 2
+    return _on_topology("status", lambda: service.status(args.topology, as_json=args.json))
 
 
 def _add_down(sub: argparse._SubParsersAction) -> None:
@@ -305,12 +294,18 @@ def _add_down(sub: argparse._SubParsersAction) -> None:
 
 def _down(args: argparse.Namespace) -> int:
     from cluster import service
+
+    return _on_topology("down", lambda: service.down(args.topology, timeout_s=args.timeout))
+
+
+def _on_topology(command: str, run: Callable[[], int]) -> int:
+    """Run a topology command; a bad topology file is a one-line error and exit status 2."""
     from cluster.topology import TopologyError
 
     try:
-        return service.down(args.topology, timeout_s=args.timeout)
+        return run()
     except TopologyError as e:
-        print(f"megaserve down: error: {e}", file=sys.stderr)
+        print(f"megaserve {command}: error: {e}", file=sys.stderr)
         return 2
 
 

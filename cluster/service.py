@@ -336,16 +336,18 @@ def _kill_all(pids: list[int], grace_s: float = 5.0) -> None:
             os.kill(p, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + grace_s
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_gone(pids, grace_s)
     for p in pids:
         if pid_alive(p):
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + grace_s
+    _wait_gone(pids, grace_s)
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
 

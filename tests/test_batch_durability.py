@@ -11,7 +11,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_client import HAS_SERVER, chat_line, free_port, start_server, stop_server
+from test_client import chat_line, free_port, start_server, stop_server
 
 from cluster import Client
 
@@ -23,7 +23,6 @@ def _written(path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_SERVER, reason="cluster.server is not there yet")
 def test_batch_survives_sigterm_and_kill_9(tiny_ckpt, tmp_path):
     state = tmp_path / "state"
     port = free_port()

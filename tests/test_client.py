@@ -24,7 +24,6 @@ import pytest
 from cluster import Client, ClientError
 
 ROOT = Path(__file__).resolve().parents[1]
-HAS_SERVER = (ROOT / "cluster" / "server" / "__main__.py").exists()
 API_KEY = "test-key-123"
 
 
@@ -76,8 +75,6 @@ def chat_line(cid: str, text: str, max_tokens: int = 2, model: str = "tiny") -> 
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
-    if not HAS_SERVER:
-        pytest.skip("cluster.server is not there yet")
     port = free_port()
     proc = start_server(tiny_ckpt, tmp_path_factory.mktemp("state"), port, env={"MEGASERVE_API_KEY": API_KEY},
                         extra=("--api-key-env", "MEGASERVE_API_KEY"))

@@ -68,13 +68,11 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
-def test_up_status_down_leaves_no_process(tiny_ckpt: Path, tmp_path: Path) -> None:
-    pytest.importorskip("cluster.server.openai_api", reason="the HTTP frontend (cluster.server) is not there yet")
+
+def _up_detached(cli: list[str], topo_path: Path, state_dir: Path) -> dict:
+    """`megaserve up --detach`; returns up.json once the driver is ready and has written status.json."""
     from cluster.service import pid_alive, read_state
 
-    topo_path = _topology(tmp_path, tiny_ckpt)
-    state_dir = tmp_path / "state"
-    cli = [sys.executable, "-m", "cluster.cli"]
     r = subprocess.run(cli + ["up", str(topo_path), "--detach", "--port", "0", "--ready-timeout", "240"],
                        cwd=REPO, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr + (state_dir / "up.log").read_text()
@@ -83,6 +81,15 @@ def test_up_status_down_leaves_no_process(tiny_ckpt: Path, tmp_path: Path) -> No
     deadline = time.monotonic() + 30
     while read_state(state_dir, "status.json") is None and time.monotonic() < deadline:
         time.sleep(0.2)
+    return up
+
+def test_up_status_down_leaves_no_process(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from cluster.service import pid_alive, read_state
+
+    topo_path = _topology(tmp_path, tiny_ckpt)
+    state_dir = tmp_path / "state"
+    cli = [sys.executable, "-m", "cluster.cli"]
+    up = _up_detached(cli, topo_path, state_dir)
     status = read_state(state_dir, "status.json")
     rank_pids = {r["pid"] for r in status["ranks"]}
     tree = _descendants(up["pid"]) | {up["pid"]} | rank_pids | {p for p, _ in status["processes"]}
@@ -110,18 +117,12 @@ def test_up_status_down_leaves_no_process(tiny_ckpt: Path, tmp_path: Path) -> No
 
 def test_down_after_the_driver_was_killed(tiny_ckpt: Path, tmp_path: Path) -> None:
     """kill -9 of `up` leaves Ray and the ranks running; `down` finds them in the state files."""
-    from cluster.service import pid_alive, read_state
+    from cluster.service import pid_alive
 
     topo_path = _topology(tmp_path, tiny_ckpt)
     state_dir = tmp_path / "state"
     cli = [sys.executable, "-m", "cluster.cli"]
-    r = subprocess.run(cli + ["up", str(topo_path), "--detach", "--port", "0", "--ready-timeout", "240"],
-                       cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stdout + r.stderr + (state_dir / "up.log").read_text()
-    up = read_state(state_dir)
-    deadline = time.monotonic() + 30
-    while read_state(state_dir, "status.json") is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    up = _up_detached(cli, topo_path, state_dir)
     tree = _descendants(up["pid"])
     os.kill(up["pid"], 9)
     time.sleep(0.5)

@@ -435,8 +435,6 @@ def test_settings_from_topology():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "engine" / "ep_engine.py").exists(),
-                    reason="needs the EP engine")
 def test_two_ep_ranks_serve_the_same_greedy_text(tiny_ckpt, tmp_path, client):
     """`--ranks 2`: two local EP rank processes; greedy text equals the one-rank server's."""
     want = [client.completions.create(model="tiny", prompt=p, max_tokens=4, **GREEDY).choices[0].text

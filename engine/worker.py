@@ -72,9 +72,15 @@ class _Conn:
         self.cid = cid
         self.writer = writer
         self.closed = False
+        self.drop_posted = False  # the step thread saw the transport close and asked for this connection's aborts
+
+    @property
+    def gone(self) -> bool:
+        """The peer went away: the handler finished, or a failed write already closed the transport."""
+        return self.closed or self.writer.transport.is_closing()
 
     def send(self, data: bytes) -> None:
-        if not self.closed:
+        if not self.gone:
             self.writer.write(data)
 
 
@@ -206,6 +212,13 @@ class RankWorker:
         conn = self._conns.get(cid)
         loop = self._loop
         if conn is None or loop is None or loop.is_closed():
+            return
+        if conn.gone:
+            # Abort its requests now, from this thread: the server thread may sit behind a backlog of sends
+            # queued for this very connection, and would see the close only after working through it.
+            if not conn.drop_posted:
+                conn.drop_posted = True
+                self._post(("drop", cid))
             return
         try:
             data = wire.encode(msg)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -133,17 +132,12 @@ def _megaserve(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cluster_demo(topology: Path, load_prompts: int) -> None:
     from cluster.batch.demo import run_batch_demo
     from cluster.loadtest.runner import run_benchmark
+    from comm.launch import free_port
 
-    port = _free_port()
+    port = free_port()
     t0 = time.perf_counter()
     _megaserve("up", str(topology), "--detach", "--port", str(port))
     url = f"http://127.0.0.1:{port}"

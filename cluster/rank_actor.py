@@ -23,13 +23,6 @@ from cluster.topology import Topology
 _SAFETY_BYTES = 2 * 2**30  # on cuda: memory kept free beside weights and cache (activations, NCCL buffers)
 
 
-def free_port(host: str) -> int:
-    """A TCP port that is free on `host` right now (bind to port 0 and read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 class _FaultInjector:
     """Wraps an engine; a test can make its next step sleep or raise. Everything else passes through."""
 
@@ -78,6 +71,8 @@ class RankActor:
     def endpoint(self) -> dict[str, Any]:
         """This rank's node IP, Ray node id, pid, and a free port (rank 0's is the process group's)."""
         import ray
+
+        from comm.launch import free_port
 
         ip = ray.util.get_node_ip_address()
         return {"rank": self.rank, "ip": ip, "port": free_port(ip), "pid": os.getpid(),

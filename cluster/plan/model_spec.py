@@ -137,11 +137,6 @@ class PlanModel:
         return sum(g.bytes for g in self.top_groups.values()) + sum(
             g.bytes for layer in self.layers for g in layer.groups.values())
 
-    def expert_bytes(self, layer_id: int) -> int:
-        """Bytes of ONE routed expert (weights + scales) in a layer."""
-        layer = self.layers[layer_id]
-        return layer.groups["routed_experts"].bytes // self.n_routed_experts if layer.moe else 0
-
     @property
     def moe_layers(self) -> tuple[LayerSpec, ...]:
         return tuple(layer for layer in self.layers if layer.moe)

@@ -64,11 +64,6 @@ class RankClient:
             raise RankConnectionError(f"rank {self.rank} is not connected ({self.lost_reason or 'not started'})")
         self._writer.write(wire.encode(msg))
 
-    async def flush(self) -> None:
-        """Wait until queued frames are handed to the OS."""
-        if self.connected and self._writer is not None:
-            await self._writer.drain()
-
     async def stats(self, timeout_s: float = 5.0) -> dict[str, Any]:
         fut = asyncio.get_running_loop().create_future()
         self._stats_waiters.append(fut)

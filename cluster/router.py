@@ -287,10 +287,3 @@ class Router:
             return row
 
         return list(await asyncio.gather(*(one(c) for c in self.clients)))
-
-    async def shutdown_ranks(self) -> None:
-        """Ask every rank's worker to stop (local rank processes; a supervisor's ranks are its business)."""
-        for c in self.clients:
-            if c.connected:
-                c.send(wire.Shutdown())
-                await c.flush()

@@ -182,21 +182,15 @@ def build_rank_engine(topo: Topology, rank: int, device: str) -> tuple[Any, list
 
         engine = LLMEngine(topo.model.path, engine_config(topo, device))
     else:
-        import dataclasses
-
         from engine.ep_engine import PlacementConfig, make_ep_engine
 
         pl = topo.parallel.placement
-        pc = PlacementConfig.from_spec(pl)
-        if "num_nodes" in {f.name for f in dataclasses.fields(pc)}:
-            # EPLB packs experts node by node only over equal nodes; otherwise it balances globally.
-            pc = dataclasses.replace(pc, num_nodes=len(topo.nodes) if len({n.ranks for n in topo.nodes}) == 1 else 1)
         placement = Placement.static(cfg.num_hidden_layers, cfg.n_routed_experts, topo.ep_size,
                                      redundant=pl.redundant_experts)
         engine = make_ep_engine(topo.model.path, engine_config(topo, device, placement.slots_per_rank),
                                 rank=rank, world_size=topo.world_size, placement=placement,
                                 backend=topo.parallel.ep_backend,
-                                placement_config=pc)
+                                placement_config=PlacementConfig.from_spec(pl))
     return engine, _slots(engine)
 
 

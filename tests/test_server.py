@@ -28,8 +28,7 @@ from aiohttp import web
 from cluster.router import Router
 from cluster.server.app import build_app, serve
 from cluster.server.chat_template import apply_chat_template
-from cluster.server.openai_api import OpenAIService
-from cluster.server.ranks import model_info
+from cluster.server.openai_api import ModelInfo, OpenAIService
 from cluster.server.settings import ServerSettings
 from cluster.server.text import TextStream
 from engine.engine import EngineConfig, LLMEngine
@@ -69,7 +68,7 @@ def server(tiny_ckpt, tmp_path_factory):
 
     async def main():
         router = await Router([worker.address]).start()
-        service = OpenAIService(router, tokenizer, model_info(tiny_ckpt, "tiny", MAX_MODEL_LEN))
+        service = OpenAIService(router, tokenizer, ModelInfo.from_checkpoint(tiny_ckpt, "tiny", MAX_MODEL_LEN))
         runner, port = await serve(build_app(service, settings), "127.0.0.1", 0)
         # a second app on the same service under a plain runner (no handler cancellation, as an embedder
         # might build it): client disconnects must still abort

@@ -84,14 +84,15 @@ async def run(args: argparse.Namespace, settings: ServerSettings) -> int:
     """Serve until SIGINT/SIGTERM (exit code 0) or until a rank dies (1)."""
     from cluster.router import Router
     from cluster.server.app import build_app, serve
-    from cluster.server.ranks import EngineArgs, model_info, start_ranks
+    from cluster.server.openai_api import ModelInfo, OpenAIService
+    from cluster.server.ranks import EngineArgs, start_ranks
     from engine.tokenizer import load_tokenizer
 
     engine_args = EngineArgs(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                              max_num_batched_tokens=args.max_num_batched_tokens, page_tokens=args.page_tokens,
                              cache_budget_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
                              ep_backend=args.ep_backend)
-    info = model_info(args.model, settings.model_name or args.model.resolve().name, args.max_model_len)
+    info = ModelInfo.from_checkpoint(args.model, settings.model_name or args.model.resolve().name, args.max_model_len)
     tokenizer = load_tokenizer(args.model)
     # Local ranks listen on loopback only, whatever interface the HTTP server is exposed on.
     ranks = await asyncio.to_thread(start_ranks, args.model, args.ranks, engine_args, "127.0.0.1")
@@ -100,8 +101,6 @@ async def run(args: argparse.Namespace, settings: ServerSettings) -> int:
     code = 0
     try:
         router = await Router(ranks.addresses, affinity_tokens=args.page_tokens).start()
-        from cluster.server.openai_api import OpenAIService
-
         service = OpenAIService(router, tokenizer, info, default_max_tokens=args.default_max_tokens)
         app = build_app(service, settings)
         runner, port = await serve(app, settings.host, settings.port)

@@ -19,8 +19,6 @@ from multiprocessing.connection import wait as wait_sentinels
 from pathlib import Path
 from typing import Any
 
-from cluster.server.openai_api import ModelInfo
-
 
 @dataclass(frozen=True)
 class EngineArgs:
@@ -41,11 +39,6 @@ class EngineArgs:
         fields = asdict(self)
         fields.pop("ep_backend")
         return EngineConfig(**fields)
-
-
-def model_info(model_dir: str | Path, name: str, max_model_len: int | None = None) -> ModelInfo:
-    """The frontend's view of a checkpoint: name, context length, vocabulary, bos/eos ids."""
-    return ModelInfo.from_checkpoint(model_dir, name, max_model_len)
 
 
 class RankSet:

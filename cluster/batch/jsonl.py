@@ -101,10 +101,8 @@ class ResultFiles:
         self.output_path = folder / "output.jsonl"
         self.error_path = folder / "errors.jsonl"
         self.done: set[int] = set()  # line numbers with a record
-        self.completed = 0
-        self.failed = 0
-        self.completed += self._recover(self.output_path)
-        self.failed += self._recover(self.error_path)
+        self.completed = self._recover(self.output_path)
+        self.failed = self._recover(self.error_path)
         _fsync_dir(folder)
 
     def _recover(self, path: Path) -> int:

@@ -248,10 +248,10 @@ class BatchRunner:
     def _finish(self, batch: Batch, files: ResultFiles, status: str) -> None:
         now = int(time.time())
         recs, fields = [], {}
-        for path, n, purpose, key in ((files.output_path, files.completed, "batch_output", "output_file_id"),
-                                      (files.error_path, files.failed, "batch_output", "error_file_id")):
+        for path, n, key in ((files.output_path, files.completed, "output_file_id"),
+                             (files.error_path, files.failed, "error_file_id")):
             if n:
-                rec = FileRecord(new_id("file-"), purpose, f"{batch.id}_{Path(path).stem}.jsonl",
+                rec = FileRecord(new_id("file-"), "batch_output", f"{batch.id}_{Path(path).stem}.jsonl",
                                  Path(path).stat().st_size, now, str(path))
                 recs.append(rec)
                 fields[key] = rec.id

@@ -127,22 +127,12 @@ _HINTS: dict[type, dict[str, Any]] = {cls: typing.get_type_hints(cls) for cls in
 
 
 # ======================= encoding =======================
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 def encode(msg: Any) -> bytes:
     """One frame (header + payload) for a message dataclass."""
     cls = type(msg)
     if _BY_TAG.get(cls.__name__) is not cls:
         raise WireError(f"not a wire message: {cls.__name__}")
-    payload = msgpack.packb([cls.__name__, _plain(asdict(msg))], use_bin_type=True)
+    payload = msgpack.packb([cls.__name__, asdict(msg)], use_bin_type=True)  # tuples pack as arrays
     if len(payload) > MAX_FRAME_BYTES:
         raise WireError(f"{cls.__name__} frame of {len(payload)} bytes exceeds the limit of {MAX_FRAME_BYTES}")
     return HEADER.pack(len(payload)) + payload

@@ -284,7 +284,7 @@ class RankWorker:
     def _admit(self) -> None:
         if not self._held:
             return
-        waiting = int(self._stats_now().get("waiting", 0))
+        waiting = int(self.engine.stats().get("waiting", 0))
         while self._held and waiting < BACKGROUND_QUEUE:
             _, _, cid, msg = heapq.heappop(self._held)
             if self._add(cid, msg):
@@ -330,9 +330,6 @@ class RankWorker:
                 int(ro.num_cached_tokens)))
         for cid, items in by_conn.items():
             self._send(cid, wire.Outputs(items))
-
-    def _stats_now(self) -> dict[str, Any]:
-        return self.engine.stats()
 
     def _refresh_stats(self, force: bool = False) -> None:
         now = time.monotonic()

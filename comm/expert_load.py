@@ -81,13 +81,6 @@ class ExpertLoadWindow:
             return torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64)
         return self._ring.sum(0).cpu()
 
-    def reset(self) -> None:
-        """Forget everything recorded (e.g. after a rebalance changed what the counts mean)."""
-        if self._ring is not None and self._current is not None:
-            self._ring.zero_()
-            self._current.zero_()
-        self._steps = 0
-
 
 def balancedness(load: Tensor, placement: _PlacementTables) -> list[dict]:
     """Per MoE layer: mean and max tokens per rank under `placement`, and balancedness = mean / max.

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 from cluster.plan.hardware import Hardware
 from cluster.plan.model_spec import Group, LayerSpec, PlanModel
-
-BACKENDS = ("sync", "tbo", "wave")
+from cluster.topology import EP_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -90,8 +89,8 @@ class Layout:
     redundant: int = 0
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"ep_backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in EP_BACKENDS:
+            raise ValueError(f"ep_backend must be one of {EP_BACKENDS}, got {self.backend!r}")
         if self.world < 1 or self.domain < 1 or self.ranks_per_node < 1:
             raise ValueError("world, domain and ranks_per_node must be positive")
 

@@ -68,12 +68,15 @@ class Job:
     prompts: list[list[int]]
     params: SamplingParams
     n: int
-    stop: tuple[str, ...]
-    logprobs: int | None  # top alternatives per token (None: no logprobs)
     stream: bool
     include_usage: bool
     priority: int
     arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def logprobs(self) -> int | None:
+        """Top alternatives per token (None: no logprobs)."""
+        return self.params.logprobs
 
 
 @dataclass
@@ -173,9 +176,8 @@ class OpenAIService:
         if model != self.model.name:
             raise APIError(404, f"The model {model!r} does not exist; this server serves {self.model.name!r}",
                            "invalid_request_error", "model", "model_not_found")
-        for key in ("echo",):
-            if body.get(key):
-                raise bad_request(f"{key} is not supported", key)
+        if body.get("echo"):
+            raise bad_request("echo is not supported", "echo")
         if body.get("suffix") is not None:
             raise bad_request("suffix is not supported", "suffix")
         n = _int(body, "n", 1, 1, MAX_N)
@@ -228,13 +230,13 @@ class OpenAIService:
         include_usage = _bool(opts or {}, "include_usage", False)
         try:
             params = SamplingParams(temperature=temperature, top_p=top_p, top_k=-1 if top_k == 0 else top_k,
-                                    max_tokens=max_tokens, stop_token_ids=tuple(stop_ids), seed=seed,
+                                    max_tokens=max_tokens, stop_token_ids=tuple(stop_ids), stop=stop, seed=seed,
                                     ignore_eos=_bool(body, "ignore_eos", False), logprobs=logprobs)
         except ValueError as e:
             raise bad_request(str(e)) from None
         prefix = "chatcmpl-" if chat else "cmpl-"
-        return Job(chat, prefix + uuid.uuid4().hex[:24], int(time.time()), prompts, params, n, stop, logprobs,
-                   stream, include_usage, _int(body, "priority", 0))
+        return Job(chat, prefix + uuid.uuid4().hex[:24], int(time.time()), prompts, params, n, stream,
+                   include_usage, _int(body, "priority", 0))
 
     async def run(self, job: Job) -> dict:
         """A non-streaming response for a prepared job."""
@@ -345,7 +347,7 @@ class OpenAIService:
             raise APIError(503, f"no rank can take the request: {e}", "server_error") from None
         except ValueError as e:  # WireError: the request does not fit in a frame
             raise bad_request(f"the request cannot be sent to a rank: {e}") from None
-        text = TextStream(self.tokenizer, job.stop)
+        text = TextStream(self.tokenizer, job.params.stop)
         ttft = None
         n_tokens = cached_tokens = 0
         reason = None

@@ -148,7 +148,7 @@ class Transformer(nn.Module):
         else:
             if local_experts is not None:
                 raise ValueError("pass either local_experts or ep (the placement decides the experts), not both")
-            _check_placement(cfg, ep)
+            _check_placement(cfg, ep.placement)
             if ep.placement.num_layers < cfg.num_hidden_layers + n_mtp:
                 n_mtp = 0  # the placement does not cover the MTP blocks: build none
             self.dispatcher = ep.dispatcher()
@@ -190,14 +190,15 @@ class Transformer(nn.Module):
         dispatcher and each layer's slot -> logical expert list. Collective use: every rank, same placement."""
         if self.ep is None or self.dispatcher is None:
             raise RuntimeError("set_placement needs a model built with ep=EPContext(...)")
-        _check_placement(self.cfg, replace(self.ep, placement=placement))
+        ep = replace(self.ep, placement=placement)  # validates placement.ep_size
+        _check_placement(self.cfg, placement)
         moes = self.moe_layers()
         if placement.num_layers < len(moes):
             raise ValueError(f"placement has {placement.num_layers} layers, the model {len(moes)} MoE layers")
         if placement.slots_per_rank != len(moes[0].experts.local_experts):
             raise ValueError(f"placement has {placement.slots_per_rank} slots per rank, the model holds "
                              f"{len(moes[0].experts.local_experts)}")
-        self.ep = replace(self.ep, placement=placement)
+        self.ep = ep
         self.dispatcher.set_placement(placement)
         for i, moe in enumerate(moes):
             moe.experts.local_experts = placement.local_logical(i, self.ep.ep_rank)
@@ -404,8 +405,7 @@ class Transformer(nn.Module):
             raise KeyError(f"{len(missing)} tensors never loaded: {sorted(missing)[:20]}")
 
 
-def _check_placement(cfg: ModelConfig, ep: EPContext) -> None:
-    p = ep.placement
+def _check_placement(cfg: ModelConfig, p: Placement) -> None:
     if p.num_experts != cfg.n_routed_experts:
         raise ValueError(f"placement has {p.num_experts} logical experts, the model {cfg.n_routed_experts}")
     if p.num_layers < cfg.num_hidden_layers:

@@ -130,7 +130,7 @@ class Router:
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
         for req in list(self._inflight.values()):
-            self._fail(req, RankError("the router was closed"))
+            self._end(req, RankError("the router was closed"))
 
     @property
     def num_ranks(self) -> int:
@@ -168,7 +168,7 @@ class Router:
         try:
             self.clients[req.rank].send(wire.Abort(req_id))
         except RankConnectionError:
-            self._finish(req, wire.Output(req_id, [], True, "abort"))
+            self._end(req, wire.Output(req_id, [], True, "abort"))
         return True
 
     def _add_message(self, req: _Inflight) -> wire.AddRequest:
@@ -218,7 +218,7 @@ class Router:
         req.prompt_pending = 0
         req.produced.extend(out.new_token_ids)
         if out.finished:
-            self._finish(req, out)
+            self._end(req, out)
         else:
             req.queue.put_nowait(out)
 
@@ -228,23 +228,19 @@ class Router:
             return
         req = self._inflight.get(err.req_id)
         if req is not None:
-            self._fail(req, RankError(err.message, refused=True))
+            self._end(req, RankError(err.message, refused=True))
 
     def _on_lost(self, rank: int, reason: str) -> None:
         if self.hold_on_loss:
             return  # paused until reset_ranks
         for req in [r for r in self._inflight.values() if r.rank == rank]:
-            self._fail(req, RankError(f"rank {rank} was lost ({reason})"))
+            self._end(req, RankError(f"rank {rank} was lost ({reason})"))
 
-    def _finish(self, req: _Inflight, out: wire.Output) -> None:
+    def _end(self, req: _Inflight, last: wire.Output | BaseException) -> None:
+        """Retire a request: its stream ends with `last` (a finished Output, or the error it raises)."""
         req.finished = True
         self._inflight.pop(req.req_id, None)
-        req.queue.put_nowait(out)
-
-    def _fail(self, req: _Inflight, err: BaseException) -> None:
-        req.finished = True
-        self._inflight.pop(req.req_id, None)
-        req.queue.put_nowait(err)
+        req.queue.put_nowait(last)
 
     # ---------------- recovery and stats ----------------
     async def reset_ranks(self, addresses: Sequence[tuple[str, int]]) -> None:
@@ -261,7 +257,7 @@ class Router:
             req.prompt_pending = len(req.prompt_ids) + len(req.produced)
         for req in pending:
             if len(req.produced) >= req.params.max_tokens:
-                self._finish(req, wire.Output(req.req_id, [], True, "length"))
+                self._end(req, wire.Output(req.req_id, [], True, "length"))
                 continue
             req.rank = self._pick(req.prompt_ids + req.produced)
             self.clients[req.rank].send(self._add_message(req))

@@ -285,8 +285,10 @@ class OpenAIService:
                     continue  # tokens whose text is held back (incomplete character or a possible stop string)
                 lp = None
                 if job.logprobs is not None:
-                    lp = self._logprobs_json(job, ev.token_ids, ev.logprobs or [], offsets.get(ev.index, 0))
-                    offsets[ev.index] = offsets.get(ev.index, 0) + sum(len(self._token_str(t)) for t in ev.token_ids)
+                    start = offsets.get(ev.index, 0)
+                    lp = self._logprobs_json(job, ev.token_ids, ev.logprobs or [], start)
+                    if not job.chat:  # text_offset exists only in completions logprobs
+                        offsets[ev.index] = start + sum(len(self._token_str(t)) for t in ev.token_ids)
                 if job.chat:
                     delta: dict[str, Any] = {}
                     if ev.index not in started:

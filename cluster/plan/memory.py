@@ -119,7 +119,7 @@ def rank_memory(model: PlanModel, hw: Hardware, ep_size: int, redundant: int, kv
     slot = model.kv.slot_bytes()
     page = model.kv.page_bytes(kv.page_tokens)
     reserved = kv.max_num_seqs * slot
-    pages = max(0, (budget - reserved) // page) if budget >= reserved else 0
+    pages = max(0, (budget - reserved) // page)
     if budget > 0 and pages < 1:
         problems.append(f"KV budget {budget / 1e9:.2f} GB cannot hold max_num_seqs={kv.max_num_seqs} slots x "
                         f"{slot / 1e6:.1f} MB plus one page of {page / 1e6:.1f} MB")

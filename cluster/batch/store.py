@@ -37,6 +37,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 # The timestamp column each status sets when entered (validating is the creation time).
 STATUS_TIME = {s: f"{s}_at" for s in STATUSES if s != "validating"}
 STATUS_TIME["validating"] = "created_at"
+# The per-status timestamp columns, in the order OpenAI's batch object lists them.
+TIME_COLUMNS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
+                "cancelled_at")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -130,8 +133,7 @@ class Batch:
             "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
             "created_at": self.created_at, "expires_at": self.expires_at,
         }
-        for col in ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
-                    "cancelling_at", "cancelled_at"):
+        for col in TIME_COLUMNS:
             out[col] = self.times.get(col)
         out["request_counts"] = {"total": self.total, "completed": self.completed, "failed": self.failed}
         out["metadata"] = self.metadata
@@ -165,8 +167,7 @@ class BatchStore:
     # ---- files ----
     def add_file(self, rec: FileRecord) -> FileRecord:
         with self._lock:
-            self._db.execute("INSERT INTO files (id, purpose, filename, bytes, created_at, path) VALUES (?,?,?,?,?,?)",
-                             (rec.id, rec.purpose, rec.filename, rec.bytes, rec.created_at, self._rel(rec.path)))
+            self._insert_file(rec)
         return rec
 
     def get_file(self, file_id: str) -> FileRecord:
@@ -255,9 +256,7 @@ class BatchStore:
                     raise InvalidTransition(batch_id, cur, new)
                 self._db.execute(f"UPDATE batches SET status=?, {sets} WHERE id=?", (new, *values.values(), batch_id))
                 for rec in new_files:
-                    self._db.execute(
-                        "INSERT INTO files (id, purpose, filename, bytes, created_at, path) VALUES (?,?,?,?,?,?)",
-                        (rec.id, rec.purpose, rec.filename, rec.bytes, rec.created_at, self._rel(rec.path)))
+                    self._insert_file(rec)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -270,6 +269,10 @@ class BatchStore:
                              (total, completed, failed, batch_id))
 
     # ---- helpers ----
+    def _insert_file(self, rec: FileRecord) -> None:  # the caller holds the lock
+        self._db.execute("INSERT INTO files (id, purpose, filename, bytes, created_at, path) VALUES (?,?,?,?,?,?)",
+                         (rec.id, rec.purpose, rec.filename, rec.bytes, rec.created_at, self._rel(rec.path)))
+
     def _rel(self, path: str) -> str:
         """Paths inside the state directory are stored relative to it, so the directory can move."""
         p = Path(path)
@@ -302,8 +305,7 @@ class BatchStore:
 
 
 def _batch(row: sqlite3.Row) -> Batch:
-    times = {col: row[col] for col in ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
-                                       "cancelling_at", "cancelled_at")}
+    times = {col: row[col] for col in TIME_COLUMNS}
     return Batch(id=row["id"], status=row["status"], endpoint=row["endpoint"], input_file_id=row["input_file_id"],
                  completion_window=row["completion_window"], created_at=row["created_at"],
                  expires_at=row["expires_at"], output_file_id=row["output_file_id"],

@@ -226,7 +226,7 @@ class Launcher:
                                   f"placement group {name!r}: another `megaserve up` with this namespace holds node "
                                   f"{node.name}; stop it (`megaserve down`) or set ray.namespace")
         for node in self.topo.nodes:
-            bundle: dict[str, float] = {"GPU": 1.0} if node.device == "cuda" else {"CPU": 1.0}
+            bundle: dict[str, float] = {node.resource: 1.0}
             kw: dict[str, Any] = {}
             if node.address is not None:
                 bundle[f"node:{node.address}"] = 0.001
@@ -242,7 +242,7 @@ class Launcher:
             except ray.exceptions.GetTimeoutError:
                 rn = matched[node.name]
                 avail = _available(rn.node_id)
-                resource = "GPU" if node.device == "cuda" else "CPU"
+                resource = node.resource
                 raise LaunchError(
                     f"{self.topo.source}: node {node.name} ({node.describe()}): {node.ranks} ranks could not be "
                     f"placed within {self.ready_timeout_s:g}s; Ray has {rn.resources.get(resource, 0):g} "
@@ -489,8 +489,6 @@ class Launcher:
             while time.monotonic() < deadline:
                 try:
                     ray.get(h.actor.health.remote(), timeout=1)
-                except ray.exceptions.RayActorError:
-                    break
                 except ray.exceptions.GetTimeoutError:
                     continue
                 except ray.exceptions.RayError:

@@ -307,7 +307,7 @@ def down(topo_path: str | Path, *, timeout_s: float = 60.0) -> int:
         clean = not pid_alive(pid)
         if not clean:
             print(f"megaserve down: pid {pid} did not stop within {timeout_s:g}s; killing it", file=sys.stderr)
-            _kill(pid)
+            _kill_all([pid])
     # What the driver should have stopped, if it could not: its recorded descendants (an embedded Ray's
     # processes and the ranks it ran), each only while it is still the same process.
     recorded = {(int(p), int(t)) for p, t in [*st.get("processes", []), *status.get("processes", [])]}
@@ -323,10 +323,6 @@ def down(topo_path: str | Path, *, timeout_s: float = 60.0) -> int:
         return 1
     print(f"megaserve down: stopped pid {pid}" + (f" and {len(left)} leftover processes" if left else ""))
     return 0
-
-
-def _kill(pid: int, grace_s: float = 5.0) -> None:
-    _kill_all([pid], grace_s)
 
 
 def _kill_all(pids: list[int], grace_s: float = 5.0) -> None:

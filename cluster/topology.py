@@ -71,6 +71,11 @@ class NodeSpec:
     ranks: int = 1
     accelerator: str | None = None  # hardware profile (planner); required for cuda
 
+    @property
+    def resource(self) -> str:
+        """The Ray resource each rank takes: GPU on cuda nodes, CPU on cpu nodes."""
+        return "GPU" if self.device == "cuda" else "CPU"
+
     def describe(self) -> str:
         """How this node is found in Ray, for messages."""
         if self.address is not None:
@@ -534,11 +539,10 @@ def match_nodes(topo: Topology, ray_nodes: Sequence[RayNode]) -> dict[str, RayNo
         if taken:
             raise TopologyError(f"{topo.source}: field 'nodes[{i}]': node {node.name!r} finds the same Ray node as "
                                 f"node {taken[0]!r} ({rn.address})")
-        resource = "GPU" if node.device == "cuda" else "CPU"
-        have = rn.resources.get(resource, 0.0)
+        have = rn.resources.get(node.resource, 0.0)
         if have < node.ranks:
             raise TopologyError(f"{topo.source}: field 'nodes[{i}].ranks': topology asks for {node.ranks} ranks on "
-                                f"node {node.name}; Ray has {have:g} {resource}s there ({rn.address})")
+                                f"node {node.name}; Ray has {have:g} {node.resource}s there ({rn.address})")
         out[node.name] = rn
     return out
 

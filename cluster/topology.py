@@ -300,7 +300,7 @@ def parse_topology(raw: Any, file: str | Path) -> Topology:
     if "nodes" not in top.raw:
         raise top.error("nodes", "missing; give a list of nodes, e.g. [{name: a, ranks: 2}]")
     model = _model(top.sub("model"), base)
-    nodes = _nodes(top, base)
+    nodes = _nodes(top)
     parallel = _parallel(top.sub("parallel"))
     topo = Topology(
         source=file, model=model, nodes=nodes, parallel=parallel,
@@ -324,7 +324,7 @@ def _model(r: _Reader, base: Path) -> ModelSpec:
     return ModelSpec(path=(base / path).resolve() if path is not None else None, dtype=dtype, config=config)
 
 
-def _nodes(top: _Reader, base: Path) -> tuple[NodeSpec, ...]:
+def _nodes(top: _Reader) -> tuple[NodeSpec, ...]:
     raw = top.raw["nodes"]
     if not isinstance(raw, list) or not raw:
         raise top.error("nodes", f"must be a non-empty list of nodes, got {_kind(raw)}")

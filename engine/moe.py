@@ -149,8 +149,6 @@ class RoutedExperts(nn.Module):
 
         Row i is weight_i * Expert_{slot_i}(x_i), weight applied before w2 as in `forward`.
         """
-        if x.shape[0] == 0:
-            return x.new_zeros(x.shape)
         counts = torch.bincount(slot, minlength=len(self.local_experts))
         return self._grouped(x, weight.unsqueeze(1), slot, counts)
 

@@ -51,7 +51,6 @@ class _Inflight:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     produced: list[int] = field(default_factory=list)
     prompt_pending: int = 0  # prompt tokens not yet served (until the first output)
-    finished: bool = False
 
     @property
     def outstanding(self) -> int:
@@ -213,7 +212,7 @@ class Router:
     # ---------------- from the rank clients ----------------
     def _on_output(self, out: wire.Output) -> None:
         req = self._inflight.get(out.req_id)
-        if req is None or req.finished:
+        if req is None:  # finished, failed or aborted already
             return
         req.prompt_pending = 0
         req.produced.extend(out.new_token_ids)
@@ -238,7 +237,6 @@ class Router:
 
     def _end(self, req: _Inflight, last: wire.Output | BaseException) -> None:
         """Retire a request: its stream ends with `last` (a finished Output, or the error it raises)."""
-        req.finished = True
         self._inflight.pop(req.req_id, None)
         req.queue.put_nowait(last)
 

@@ -71,9 +71,8 @@ class Metrics:
         self.e2e = Histogram(E2E_BUCKETS)
         self.requests_in_progress = 0
 
-    def record_request(self, prompt_tokens: int, cached_tokens: int) -> None:
+    def record_request(self, prompt_tokens: int) -> None:
         self.prompt_tokens += prompt_tokens
-        self.cached_prompt_tokens += cached_tokens
 
     def record_choice(self, finish_reason: str | None, num_tokens: int, ttft: float | None, e2e: float) -> None:
         """One generated sequence ended (`ttft` None when it produced no token)."""

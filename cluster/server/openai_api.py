@@ -306,7 +306,7 @@ class OpenAIService:
     # ======================= running =======================
     async def _events(self, job: Job) -> AsyncIterator[_Event]:
         """Events of all choices of a job, merged in arrival order; aborts every request if abandoned."""
-        self.metrics.record_request(sum(len(p) for p in job.prompts), 0)
+        self.metrics.record_request(sum(len(p) for p in job.prompts))
         self.metrics.requests_in_progress += 1
         queue: asyncio.Queue = asyncio.Queue()
         done = object()

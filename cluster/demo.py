@@ -32,6 +32,7 @@ from engine.config import get_preset
 from engine.make_checkpoint import write_checkpoint
 from engine.manifest import build_manifest
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
     "In expert parallelism, every rank holds a slice of the experts and",
@@ -96,22 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     from engine.ep_engine import PlacementConfig
     from engine.ep_group import run_engine_group
 
+    ranks, placement = 4, PlacementConfig(policy="eplb", redundant_experts=4, rebalance_interval_steps=8)
+    slots = cfg.n_routed_experts + placement.redundant_experts
     t0 = time.perf_counter()
-    res = run_engine_group(ckpt, 4, prompts, SamplingParams(temperature=0, max_tokens=args.max_new_tokens,
-                                                             ignore_eos=True),
+    res = run_engine_group(ckpt, ranks, prompts, SamplingParams(temperature=0, max_tokens=args.max_new_tokens,
+                                                                 ignore_eos=True),
                            backend="wave", engine_config=EngineConfig(page_tokens=128, max_num_seqs=16),
-                           placement_config=PlacementConfig(policy="eplb", redundant_experts=4,
-                                                            rebalance_interval_steps=8))
+                           placement_config=placement)
     same = sum(o.token_ids == g for o, g in zip(res.outputs, outs))
     st0 = res.stats[0]
-    print(f"[4] expert parallelism: {len(prompts)} requests over 4 ranks (gloo), {cfg.n_routed_experts} experts + 4 "
-          f"redundant in 12 slots (3 per rank), wave dispatch/combine, EPLB every 8 steps: "
+    print(f"[4] expert parallelism: {len(prompts)} requests over {ranks} ranks (gloo), {cfg.n_routed_experts} experts "
+          f"+ {placement.redundant_experts} redundant in {slots} slots ({slots // ranks} per rank), wave "
+          f"dispatch/combine, EPLB every {placement.rebalance_interval_steps} steps: "
           f"{st0['rebalances']} rebalances, balancedness {st0['balancedness'] or 0:.2f}; "
           f"{same}/{len(prompts)} greedy outputs equal the single-rank run ({time.perf_counter() - t0:.1f}s)")
 
-    _cluster_demo(Path(__file__).resolve().parents[1] / "examples" / "local.yaml", args.load_prompts)
+    _cluster_demo(EXAMPLES / "local.yaml", args.load_prompts)
 
-    plan = _megaserve("plan", str(Path(__file__).resolve().parents[1] / "examples" / "v4-pro-blackwell.yaml"))
+    plan = _megaserve("plan", str(EXAMPLES / "v4-pro-blackwell.yaml"))
     print("[7] megaserve plan examples/v4-pro-blackwell.yaml (the capacity planner, on paper):")
     print("    " + plan.stdout.rstrip().replace("\n", "\n    "))
 
@@ -135,6 +138,7 @@ def _megaserve(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 def _cluster_demo(topology: Path, load_prompts: int) -> None:
     from cluster.batch.demo import run_batch_demo
     from cluster.loadtest.runner import run_benchmark
+    from cluster.topology import load_topology
     from comm.launch import free_port
 
     port = free_port()
@@ -144,7 +148,9 @@ def _cluster_demo(topology: Path, load_prompts: int) -> None:
     try:
         with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
             model = json.load(r)["data"][0]["id"]
-        print(f"[5] megaserve up {topology.name}: 4 ranks on 2 Ray nodes ready in {time.perf_counter() - t0:.1f}s, "
+        topo = load_topology(topology)
+        print(f"[5] megaserve up {topology.name}: {topo.world_size} ranks on {len(topo.nodes)} Ray nodes ready in "
+              f"{time.perf_counter() - t0:.1f}s, "
               f"serving {model!r} at {url}")
         status = _megaserve("status", str(topology)).stdout.rstrip()
         print("    " + status.replace("\n", "\n    "))

@@ -99,7 +99,7 @@ class Exchange:
         """send [C, ep_size] rows this rank sends -> recv [C, ep_size] rows it receives from each rank."""
         c = send.shape[0]
         buf = send.t().contiguous().to(device)  # [ep_size, C]: C numbers for each destination
-        self._account(buf, buf, [c] * self.ep_size, [c] * self.ep_size, row_bytes=8)
+        self._account([c] * self.ep_size, [c] * self.ep_size, row_bytes=8)
         if self._local():
             return send.clone()
         out = torch.empty_like(buf)
@@ -109,7 +109,7 @@ class Exchange:
     def start(self, rows: Tensor, send_splits: list[int], recv_splits: list[int], async_op: bool):
         """Launch a variable-size all_to_all of uint8 rows; returns (recv_rows, handle with .wait())."""
         out = rows.new_empty((sum(recv_splits), rows.shape[1]))
-        self._account(rows, out, send_splits, recv_splits, row_bytes=rows.shape[1])
+        self._account(send_splits, recv_splits, row_bytes=rows.shape[1])
         if self._local():
             out.copy_(rows)
             return out, _Done()
@@ -121,7 +121,7 @@ class Exchange:
         handle.wait()
         self.stats.wait_s += time.perf_counter() - t0
 
-    def _account(self, rows: Tensor, out: Tensor, send_splits, recv_splits, row_bytes: int) -> None:
+    def _account(self, send_splits: list[int], recv_splits: list[int], row_bytes: int) -> None:
         st = self.stats
         st.collectives += 1
         st.bytes_sent += sum(send_splits) * row_bytes

@@ -131,10 +131,6 @@ class Router:
         for req in list(self._inflight.values()):
             self._end(req, RankError("the router was closed"))
 
-    @property
-    def num_ranks(self) -> int:
-        return len(self.clients)
-
     # ---------------- requests ----------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, req_id: str | None = None,
                priority: int = 0) -> RequestStream:

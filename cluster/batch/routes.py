@@ -21,9 +21,7 @@ from cluster.batch.runner import ENDPOINTS, BatchRunner, Service
 from cluster.batch.store import BatchStore, FileRecord, InvalidTransition, StoreError, new_id
 from cluster.server.errors import APIError
 
-STORE_KEY = web.AppKey("batch_store", BatchStore)
 RUNNER_KEY = web.AppKey("batch_runner", BatchRunner)
-GATE_KEY = web.AppKey("batch_gate", AdmissionGate)
 INTERACTIVE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -54,8 +52,6 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
     max_file = int(settings.max_batch_file_bytes)
     store = BatchStore(state_dir)
     gate = AdmissionGate(int(settings.batch_concurrency))
-    app[STORE_KEY] = store
-    app[GATE_KEY] = gate
 
     @web.middleware
     async def interactive_first(request: web.Request, handler):

@@ -29,8 +29,6 @@ from cluster.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-SERVICE_KEY = web.AppKey("service", OpenAIService)
-SETTINGS_KEY = web.AppKey("settings", ServerSettings)
 _READ_CHUNK = 1 << 16
 
 
@@ -120,8 +118,6 @@ def build_app(service: OpenAIService, settings: ServerSettings) -> web.Applicati
 
     app = web.Application(middlewares=[errors, auth],
                           client_max_size=max(settings.max_body_bytes, settings.max_batch_file_bytes) + (1 << 20))
-    app[SERVICE_KEY] = service
-    app[SETTINGS_KEY] = settings
 
     async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
         body = await read_json(request, settings.max_body_bytes)

@@ -210,8 +210,9 @@ async def _serve(topo: Topology, topo_path: Path, conn: Any, up_state: dict[str,
 
 
 def preflight(topo: Topology) -> str | None:
-    """What would make `up` fail after Ray and the ranks started, found before: the checkpoint (the driver
-    reads its tokenizer; the ranks read the same path) and the API key variable."""
+    """What would make `up` fail after Ray and the ranks started (or silently differ from the file), found
+    before: the checkpoint (the driver reads its tokenizer; the ranks read the same path), a KV cache dtype
+    the ranks do not serve, and the API key variable."""
     from cluster.server.settings import ServerSettings
 
     path = topo.model.path
@@ -220,6 +221,10 @@ def preflight(topo: Topology) -> str | None:
     if not (path / "config.json").is_file():
         hint = " (`make demo` writes it)" if path.parts[-3:] == ("out", "demo", "tiny") else ""
         return f"{topo.source}: field 'model.path': {path} holds no checkpoint (no config.json){hint}"
+    kv_dtype = topo.kv_cache.dtype
+    if kv_dtype is not None and kv_dtype != topo.model.dtype:
+        return (f"{topo.source}: field 'kv_cache.dtype': {kv_dtype!r}: ranks cache in the model dtype "
+                f"({topo.model.dtype!r}); another cache dtype is only planned (`megaserve plan`), not served yet")
     try:
         ServerSettings.from_topology(topo).api_key()
     except ValueError as e:

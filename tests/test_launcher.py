@@ -357,6 +357,8 @@ def test_up_refuses_a_missing_checkpoint_or_api_key(tmp_path: Path, tiny_ckpt: P
     server = {"state_dir": "st", "api_key_env": "D_TEST_UNSET_KEY"}
     assert service.up(_topology(tmp_path, tiny_ckpt, server=server)) == 2
     assert "field 'server.api_key_env'" in capsys.readouterr().err
+    assert service.up(_topology(tmp_path, tiny_ckpt, kv_cache={"dtype": "fp8"})) == 2
+    assert "field 'kv_cache.dtype': 'fp8'" in capsys.readouterr().err
 
 
 def test_embedded_ray_refuses_several_cuda_nodes(tmp_path: Path, tiny_ckpt: Path) -> None:

@@ -1,0 +1,53 @@
+"""Hand-written CPU kernels, compiled with the system C compiler at first use (see `build`).
+
+`moe_mlp(x, offsets, route_w, w1, w3, w2, limit)`: the routed-expert MLP over rows grouped by expert slot
+(layout and math in `engine.cpu_kernels.moe_mlp`). Call it only when `moe_mlp_available()` is True: that is
+False when env MEGASERVE_CPU_KERNELS=0, or there is no compiler, or compiling/loading failed (one warning
+says why); callers then use their torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from engine.cpu_kernels.build import KernelBuildError
+from engine.cpu_kernels.moe_mlp import MoeMlpKernel, check_args
+
+__all__ = ["moe_mlp", "moe_mlp_available", "MoeMlpKernel", "KernelBuildError", "check_args"]
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _default_kernel() -> MoeMlpKernel | None:
+    if os.environ.get("MEGASERVE_CPU_KERNELS", "1").strip() == "0":
+        log.warning("CPU kernels disabled (MEGASERVE_CPU_KERNELS=0): routed experts use the torch path")
+        return None
+    try:
+        return MoeMlpKernel()
+    except (KernelBuildError, OSError, AttributeError) as e:
+        log.warning("CPU moe_mlp kernel unavailable, routed experts use the torch path: %s", e)
+        return None
+
+
+def moe_mlp_available() -> bool:
+    """True when the kernel is compiled and loaded on this machine and not disabled (decided once, cached)."""
+    return _default_kernel() is not None
+
+
+def moe_mlp(x: torch.Tensor, offsets: torch.Tensor, route_w: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+            w2: torch.Tensor, limit: float) -> torch.Tensor:
+    """y [N, D] with y[r] = w2[s] @ (route_w[r] * silu(min(w1[s] x[r], limit)) * clamp(w3[s] x[r], ±limit)).
+
+    Rows offsets[s]:offsets[s+1] of x [N, D] belong to slot s; w1, w3 [S, I, D], w2 [S, D, I]; all float32
+    contiguous on CPU, offsets int64 [S+1]. Bad input raises ValueError naming the argument; RuntimeError
+    when the kernel is unavailable (check `moe_mlp_available()` first).
+    """
+    kernel = _default_kernel()
+    if kernel is None:
+        raise RuntimeError("the CPU moe_mlp kernel is unavailable (see moe_mlp_available())")
+    return kernel.run(x, offsets, route_w, w1, w3, w2, limit)

@@ -1,0 +1,87 @@
+"""Routed-expert MLP on CPU for rows grouped by expert slot, as one C call (fp32).
+
+Layout: x [N, D] float32 contiguous with rows grouped by local expert slot (rows offsets[s]:offsets[s+1] go to
+slot s; offsets int64 [S+1], offsets[0] = 0, non-decreasing, offsets[S] = N, empty groups allowed);
+route_w [N] float32; w1, w3 [S, I, D] and w2 [S, D, I] float32 contiguous (RoutedExperts' stacked layout).
+
+Math (v4-model.md §4.2), for row r of slot s:
+    g = w1[s] @ x[r],  u = w3[s] @ x[r]                                  (fp32)
+    a = route_w[r] * silu(min(g, limit)) * clamp(u, -limit, limit)       (weight applied before w2)
+    y[r] = w2[s] @ a
+
+The kernel streams every weight row once per call and computes up to 6 rows against it in registers, so at
+decode sizes (a few rows per expert) it runs at memory bandwidth instead of padding rows into a bmm.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from pathlib import Path
+
+import torch
+
+from engine.cpu_kernels.build import DEFAULT_FLAGS, compile_shared
+from engine.cpu_kernels.moe_mlp_src import SOURCE
+
+_SYMBOL = "megaserve_moe_mlp"
+
+
+def check_args(x: torch.Tensor, offsets: torch.Tensor, route_w: torch.Tensor, w1: torch.Tensor,
+               w3: torch.Tensor, w2: torch.Tensor, limit: float) -> tuple[int, int, int, int]:
+    """Validate the layout above (not the offsets' values); returns (N, S, D, I). ValueError names the argument."""
+    named = {"x": x, "offsets": offsets, "route_w": route_w, "w1": w1, "w3": w3, "w2": w2}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        want = torch.int64 if name == "offsets" else torch.float32
+        if t.dtype != want:
+            raise ValueError(f"{name}: dtype {t.dtype}, expected {want}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{name}: on {t.device}, expected a CPU tensor")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}: must be contiguous")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [N, D], got shape {tuple(x.shape)}")
+    n, d = x.shape
+    if w1.dim() != 3 or w1.shape[2] != d:
+        raise ValueError(f"w1: expected [S, I, D={d}], got shape {tuple(w1.shape)}")
+    s, i = w1.shape[0], w1.shape[1]
+    if w3.shape != w1.shape:
+        raise ValueError(f"w3: shape {tuple(w3.shape)} differs from w1 {tuple(w1.shape)}")
+    if tuple(w2.shape) != (s, d, i):
+        raise ValueError(f"w2: expected [S, D, I] = {(s, d, i)}, got {tuple(w2.shape)}")
+    if tuple(offsets.shape) != (s + 1,):
+        raise ValueError(f"offsets: expected shape [S+1] = [{s + 1}], got {tuple(offsets.shape)}")
+    if tuple(route_w.shape) != (n,):
+        raise ValueError(f"route_w: expected shape [N] = [{n}], got {tuple(route_w.shape)}")
+    if not isinstance(limit, (int, float)) or math.isnan(limit) or limit <= 0:
+        raise ValueError(f"limit: expected a positive float (inf allowed), got {limit!r}")
+    return n, s, d, i
+
+
+class MoeMlpKernel:
+    """The compiled kernel (one shared library); `run` is `moe_mlp` on it."""
+
+    def __init__(self, flags: tuple[str, ...] = DEFAULT_FLAGS, cache: Path | None = None) -> None:
+        self.path = compile_shared("moe_mlp", SOURCE, flags, cache)
+        self.flags = flags
+        self._fn = getattr(ctypes.CDLL(str(self.path)), _SYMBOL)
+        p = ctypes.c_void_p
+        i64 = ctypes.c_int64
+        self._fn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+        self._fn.restype = ctypes.c_int
+
+    def run(self, x: torch.Tensor, offsets: torch.Tensor, route_w: torch.Tensor, w1: torch.Tensor,
+            w3: torch.Tensor, w2: torch.Tensor, limit: float, num_threads: int | None = None) -> torch.Tensor:
+        """y [N, D] (see the module docstring); threads default to torch.get_num_threads()."""
+        n, s, d, i = check_args(x, offsets, route_w, w1, w3, w2, limit)
+        y = torch.empty(n, d, dtype=torch.float32)
+        a = torch.empty(n, i, dtype=torch.float32)  # route_w * swiglu(...), between the two stages
+        threads = torch.get_num_threads() if num_threads is None else num_threads
+        rc = self._fn(x.data_ptr(), offsets.data_ptr(), route_w.data_ptr(), w1.data_ptr(), w3.data_ptr(),
+                      w2.data_ptr(), a.data_ptr(), y.data_ptr(), n, s, d, i, float(limit), int(threads))
+        if rc != 0:
+            raise ValueError(f"offsets: must start at 0, never decrease and end at N={n}; got "
+                             f"{offsets[:8].tolist()}{'...' if s + 1 > 8 else ''} ending at {int(offsets[-1])}")
+        return y

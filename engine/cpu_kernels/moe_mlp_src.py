@@ -1,0 +1,272 @@
+"""C source of the routed-expert MLP kernel (compiled at first use by `engine.cpu_kernels.build`).
+
+Kept as a Python string so it ships with the package without package-data rules. Layout and math are
+documented in `engine.cpu_kernels.moe_mlp`; the C side trusts the shapes the Python wrapper has checked and
+only validates `offsets` (it reads them anyway).
+
+Work split: stage 1 (a = route_w * swiglu(x W1^T, x W3^T)) gives each thread an equal slice of the I rows of
+every expert's W1/W3; a barrier; stage 2 (y = a W2^T) gives each thread an equal slice of the D rows of W2.
+So every thread streams the same number of weight bytes whatever the per-expert row counts. The inner block
+computes nw x nr dot products (nw weight rows against nr activation rows) with GCC vector extensions, which
+compile to AVX-512, AVX2 or SSE depending on -march, so the same source is portable.
+"""
+
+SOURCE = r"""
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#if defined(__AVX512F__)
+#define VW 16
+#define IB 2
+#define DB 4
+#elif defined(__AVX__)
+#define VW 8
+#define IB 1
+#define DB 2
+#else
+#define VW 4
+#define IB 1
+#define DB 2
+#endif
+#define NR 6
+#define NWMAX 4
+#define RC 96
+#define MAXT 64
+
+typedef float vf __attribute__((vector_size(VW * sizeof(float))));
+
+static inline vf vload(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* out[a * NR + r] = sum_k w[a][k] * x[r * ldx + k] for a < nw, r < nr. */
+static inline __attribute__((always_inline)) void dots(const float *const *w, const int nw, const float *x,
+                                                      const int64_t ldx, const int nr, const int64_t K,
+                                                      float *out) {
+    vf acc[NWMAX][NR];
+    for (int a = 0; a < nw; a++)
+        for (int r = 0; r < nr; r++) acc[a][r] = (vf){0};
+    int64_t k = 0;
+    for (; k + VW <= K; k += VW) {
+        vf wv[NWMAX];
+        for (int a = 0; a < nw; a++) wv[a] = vload(w[a] + k);
+        for (int r = 0; r < nr; r++) {
+            vf xv = vload(x + r * ldx + k);
+            for (int a = 0; a < nw; a++) acc[a][r] += wv[a] * xv;
+        }
+    }
+    for (int a = 0; a < nw; a++) {
+        for (int r = 0; r < nr; r++) {
+            vf v = acc[a][r];
+            float s = 0.0f;
+            for (int l = 0; l < VW; l++) s += v[l];
+            for (int64_t kk = k; kk < K; kk++) s += w[a][kk] * x[r * ldx + kk];
+            out[a * NR + r] = s;
+        }
+    }
+}
+
+#define NR_CASES(NW)                                                      \
+    switch (nr) {                                                         \
+    case 1: dots(w, NW, x, ldx, 1, K, out); break;                        \
+    case 2: dots(w, NW, x, ldx, 2, K, out); break;                        \
+    case 3: dots(w, NW, x, ldx, 3, K, out); break;                        \
+    case 4: dots(w, NW, x, ldx, 4, K, out); break;                        \
+    case 5: dots(w, NW, x, ldx, 5, K, out); break;                        \
+    default: dots(w, NW, x, ldx, NR, K, out); break;                      \
+    }
+
+static void dots_any(const float *const *w, int nw, const float *x, int64_t ldx, int nr, int64_t K,
+                     float *out) {
+    switch (nw) {
+    case 1: NR_CASES(1) break;
+    case 2: NR_CASES(2) break;
+    case 3: NR_CASES(3) break;
+    default: NR_CASES(4) break;
+    }
+}
+
+typedef struct {
+    const float *x, *route_w, *w1, *w3, *w2;
+    const int64_t *off;
+    float *a, *y;
+    int64_t S, D, I;
+    float limit;
+    int nthreads;
+    volatile int arrived;
+    volatile int done;
+} job_t;
+
+static inline float swiglu(float g, float u, float limit) {
+    g = g > limit ? limit : g;
+    u = u > limit ? limit : (u < -limit ? -limit : u);
+    return g / (1.0f + expf(-g)) * u;
+}
+
+static inline void split(int64_t nblocks, int64_t bs, int64_t total, int t, int T, int64_t *lo, int64_t *hi) {
+    int64_t b0 = nblocks * t / T, b1 = nblocks * (t + 1) / T;
+    *lo = b0 * bs;
+    *hi = b1 * bs < total ? b1 * bs : total;
+}
+
+static void stage1(const job_t *j, int64_t i0, int64_t i1) {
+    const int64_t D = j->D, I = j->I;
+    float out[NWMAX * NR];
+    for (int64_t s = 0; s < j->S; s++) {
+        const int64_t r0 = j->off[s], n = j->off[s + 1] - r0;
+        const float *w1s = j->w1 + s * I * D, *w3s = j->w3 + s * I * D;
+        for (int64_t rc = 0; rc < n; rc += RC) {
+            const int64_t nrc = n - rc < RC ? n - rc : RC;
+            for (int64_t i = i0; i < i1; i += IB) {
+                const int ib = i1 - i >= IB ? IB : (int)(i1 - i);
+                const float *w[NWMAX];
+                for (int q = 0; q < ib; q++) {
+                    w[q] = w1s + (i + q) * D;
+                    w[ib + q] = w3s + (i + q) * D;
+                }
+                for (int64_t r = 0; r < nrc; r += NR) {
+                    const int nr = nrc - r < NR ? (int)(nrc - r) : NR;
+                    const int64_t row = r0 + rc + r;
+                    dots_any(w, 2 * ib, j->x + row * D, D, nr, D, out);
+                    for (int q = 0; q < ib; q++)
+                        for (int rr = 0; rr < nr; rr++)
+                            j->a[(row + rr) * I + i + q] =
+                                swiglu(out[q * NR + rr], out[(ib + q) * NR + rr], j->limit) * j->route_w[row + rr];
+                }
+            }
+        }
+    }
+}
+
+static void stage2(const job_t *j, int64_t d0, int64_t d1) {
+    const int64_t D = j->D, I = j->I;
+    float out[NWMAX * NR];
+    for (int64_t s = 0; s < j->S; s++) {
+        const int64_t r0 = j->off[s], n = j->off[s + 1] - r0;
+        const float *w2s = j->w2 + s * D * I;
+        for (int64_t rc = 0; rc < n; rc += RC) {
+            const int64_t nrc = n - rc < RC ? n - rc : RC;
+            for (int64_t d = d0; d < d1; d += DB) {
+                const int nd = d1 - d >= DB ? DB : (int)(d1 - d);
+                const float *w[NWMAX];
+                for (int q = 0; q < nd; q++) w[q] = w2s + (d + q) * I;
+                for (int64_t r = 0; r < nrc; r += NR) {
+                    const int nr = nrc - r < NR ? (int)(nrc - r) : NR;
+                    const int64_t row = r0 + rc + r;
+                    dots_any(w, nd, j->a + row * I, I, nr, I, out);
+                    for (int q = 0; q < nd; q++)
+                        for (int rr = 0; rr < nr; rr++) j->y[(row + rr) * D + d + q] = out[q * NR + rr];
+                }
+            }
+        }
+    }
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void wait_count(volatile int *counter, int target) {
+    int spins = 0;
+    while (__atomic_load_n(counter, __ATOMIC_ACQUIRE) < target) {
+        if (++spins < 4000) cpu_relax();
+        else sched_yield();
+    }
+}
+
+static void run_part(job_t *j, int t) {
+    const int T = j->nthreads;
+    int64_t lo, hi;
+    split((j->I + IB - 1) / IB, IB, j->I, t, T, &lo, &hi);
+    stage1(j, lo, hi);
+    if (T > 1) {
+        __atomic_add_fetch(&j->arrived, 1, __ATOMIC_ACQ_REL);
+        wait_count(&j->arrived, T);
+    }
+    split((j->D + DB - 1) / DB, DB, j->D, t, T, &lo, &hi);
+    stage2(j, lo, hi);
+    __atomic_add_fetch(&j->done, 1, __ATOMIC_ACQ_REL);
+}
+
+/* Persistent worker pool: workers 1..pool_n sleep on pool_cv until pool_gen changes. */
+static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static job_t *pool_job;
+static int pool_nthreads;
+static unsigned long pool_gen;
+static int pool_n;
+static pid_t pool_pid;
+static struct { int tid; unsigned long seen; } worker_arg[MAXT];
+
+static void *worker_main(void *p) {
+    const int tid = ((int *)p)[0];
+    unsigned long seen = worker_arg[tid].seen;
+    for (;;) {
+        pthread_mutex_lock(&pool_mu);
+        while (pool_gen == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+        seen = pool_gen;
+        job_t *j = tid < pool_nthreads ? pool_job : NULL; /* a job this worker is not part of may be gone */
+        pthread_mutex_unlock(&pool_mu);
+        if (j) run_part(j, tid);
+    }
+    return NULL;
+}
+
+static int ensure_workers(int want) {
+    if (pool_pid != getpid()) { /* forked child: the parent's workers do not exist here */
+        pool_n = 0;
+        pool_pid = getpid();
+    }
+    while (pool_n < want && pool_n + 1 < MAXT) {
+        const int tid = pool_n + 1;
+        worker_arg[tid].tid = tid;
+        worker_arg[tid].seen = pool_gen;
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int rc = pthread_create(&th, &attr, worker_main, &worker_arg[tid]);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        pool_n = tid;
+    }
+    return pool_n;
+}
+
+/* Returns 0 on success, -1 when offsets are not 0 = off[0] <= ... <= off[S] = N. */
+int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, const float *w1, const float *w3,
+                      const float *w2, float *a, float *y, int64_t N, int64_t S, int64_t D, int64_t I, float limit,
+                      int nthreads) {
+    if (off[0] != 0 || off[S] != N) return -1;
+    for (int64_t s = 0; s < S; s++)
+        if (off[s + 1] < off[s]) return -1;
+    if (N == 0) return 0;
+    job_t j = {x, route_w, w1, w3, w2, off, a, y, S, D, I, limit, 1, 0, 0};
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAXT) nthreads = MAXT;
+    pthread_mutex_lock(&call_mu);
+    if (nthreads > 1) {
+        const int have = ensure_workers(nthreads - 1);
+        j.nthreads = have + 1 < nthreads ? have + 1 : nthreads;
+        pthread_mutex_lock(&pool_mu);
+        pool_job = &j;
+        pool_nthreads = j.nthreads;
+        pool_gen++;
+        pthread_cond_broadcast(&pool_cv);
+        pthread_mutex_unlock(&pool_mu);
+    }
+    run_part(&j, 0);
+    wait_count(&j.done, j.nthreads);
+    pthread_mutex_unlock(&call_mu);
+    return 0;
+}
+"""

@@ -45,10 +45,12 @@ static inline vf vload(const float *p) {
     return v;
 }
 
-/* out[a * NR + r] = sum_k w[a][k] * x[r * ldx + k] for a < nw, r < nr. */
+/* out[a * NR + r] = sum_k w[a][k] * x[r * ldx + k] for a < nw, r < nr. When pf != 0, also prefetch
+   w[a] + pf (the weight block the caller reads next) one cache line per step, so the weight stream,
+   not the core, sets the pace. */
 static inline __attribute__((always_inline)) void dots(const float *const *w, const int nw, const float *x,
                                                       const int64_t ldx, const int nr, const int64_t K,
-                                                      float *out) {
+                                                      const int64_t pf, float *out) {
     vf acc[NWMAX][NR];
     for (int a = 0; a < nw; a++)
         for (int r = 0; r < nr; r++) acc[a][r] = (vf){0};
@@ -56,6 +58,8 @@ static inline __attribute__((always_inline)) void dots(const float *const *w, co
     for (; k + VW <= K; k += VW) {
         vf wv[NWMAX];
         for (int a = 0; a < nw; a++) wv[a] = vload(w[a] + k);
+        if (pf)
+            for (int a = 0; a < nw; a++) __builtin_prefetch(w[a] + pf + k, 0, 3);
         for (int r = 0; r < nr; r++) {
             vf xv = vload(x + r * ldx + k);
             for (int a = 0; a < nw; a++) acc[a][r] += wv[a] * xv;
@@ -74,16 +78,16 @@ static inline __attribute__((always_inline)) void dots(const float *const *w, co
 
 #define NR_CASES(NW)                                                      \
     switch (nr) {                                                         \
-    case 1: dots(w, NW, x, ldx, 1, K, out); break;                        \
-    case 2: dots(w, NW, x, ldx, 2, K, out); break;                        \
-    case 3: dots(w, NW, x, ldx, 3, K, out); break;                        \
-    case 4: dots(w, NW, x, ldx, 4, K, out); break;                        \
-    case 5: dots(w, NW, x, ldx, 5, K, out); break;                        \
-    default: dots(w, NW, x, ldx, NR, K, out); break;                      \
+    case 1: dots(w, NW, x, ldx, 1, K, pf, out); break;                        \
+    case 2: dots(w, NW, x, ldx, 2, K, pf, out); break;                        \
+    case 3: dots(w, NW, x, ldx, 3, K, pf, out); break;                        \
+    case 4: dots(w, NW, x, ldx, 4, K, pf, out); break;                        \
+    case 5: dots(w, NW, x, ldx, 5, K, pf, out); break;                        \
+    default: dots(w, NW, x, ldx, NR, K, pf, out); break;                      \
     }
 
 static void dots_any(const float *const *w, int nw, const float *x, int64_t ldx, int nr, int64_t K,
-                     float *out) {
+                     int64_t pf, float *out) {
     switch (nw) {
     case 1: NR_CASES(1) break;
     case 2: NR_CASES(2) break;
@@ -133,7 +137,7 @@ static void stage1(const job_t *j, int64_t i0, int64_t i1) {
                 for (int64_t r = 0; r < nrc; r += NR) {
                     const int nr = nrc - r < NR ? (int)(nrc - r) : NR;
                     const int64_t row = r0 + rc + r;
-                    dots_any(w, 2 * ib, j->x + row * D, D, nr, D, out);
+                    dots_any(w, 2 * ib, j->x + row * D, D, nr, D, r == 0 ? IB * D : 0, out);
                     for (int q = 0; q < ib; q++)
                         for (int rr = 0; rr < nr; rr++)
                             j->a[(row + rr) * I + i + q] =
@@ -159,7 +163,7 @@ static void stage2(const job_t *j, int64_t d0, int64_t d1) {
                 for (int64_t r = 0; r < nrc; r += NR) {
                     const int nr = nrc - r < NR ? (int)(nrc - r) : NR;
                     const int64_t row = r0 + rc + r;
-                    dots_any(w, nd, j->a + row * I, I, nr, I, out);
+                    dots_any(w, nd, j->a + row * I, I, nr, I, r == 0 ? DB * I : 0, out);
                     for (int q = 0; q < nd; q++)
                         for (int rr = 0; rr < nr; rr++) j->y[(row + rr) * D + d + q] = out[q * NR + rr];
                 }

@@ -1,0 +1,229 @@
+"""engine.cpu_kernels: the C moe_mlp kernel equals the plain-torch expert MLP; build, cache and fallback."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import platform
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine.cpu_kernels as ck
+from engine.cpu_kernels.build import DEFAULT_FLAGS, KernelBuildError, compile_shared
+from engine.cpu_kernels.moe_mlp import MoeMlpKernel
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc on PATH: the C kernels cannot build")
+
+
+def reference(x, offsets, route_w, w1, w3, w2, limit):
+    """RoutedExperts._forward_loop's math per slot, with F.linear."""
+    y = torch.zeros_like(x)
+    for s in range(w1.shape[0]):
+        a, b = int(offsets[s]), int(offsets[s + 1])
+        if a == b:
+            continue
+        g, u = F.linear(x[a:b], w1[s]), F.linear(x[a:b], w3[s])
+        h = F.silu(g.clamp(max=limit)) * u.clamp(min=-limit, max=limit)
+        y[a:b] = F.linear(h * route_w[a:b, None], w2[s])
+    return y
+
+
+def make_case(counts: list[int], d: int, inter: int, seed: int, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    s = len(counts)
+    offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
+    n = int(offsets[-1])
+    x = torch.randn(n, d, generator=g)
+    route_w = torch.rand(n, generator=g) * 2.5
+    w1 = torch.randn(s, inter, d, generator=g) * (scale / d**0.5)
+    w3 = torch.randn(s, inter, d, generator=g) * (scale / d**0.5)
+    w2 = torch.randn(s, d, inter, generator=g) / inter**0.5
+    return x, offsets, route_w, w1, w3, w2
+
+
+def topk_counts(n_experts: int, batch: int, k: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(batch)])
+    return torch.bincount(idx.flatten(), minlength=n_experts).tolist()
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> MoeMlpKernel:
+    """A fresh compile (default flags, -march=native) into an empty cache dir."""
+    return MoeMlpKernel(cache=tmp_path_factory.mktemp("kcache"))
+
+
+def assert_close(kernel: MoeMlpKernel, case, limit: float, threads: int | None = None) -> torch.Tensor:
+    y = kernel.run(*case, limit, num_threads=threads)
+    ref = reference(*case, limit)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    tol = 1e-5 * max(ref.abs().max().item(), 1e-30)
+    assert (y - ref).abs().max().item() <= tol
+    return ref
+
+
+CASES = {
+    "decode-32x6-of-32": (topk_counts(32, 32, 6, 1), 768, 512),
+    "decode-8x6-of-32": (topk_counts(32, 8, 6, 2), 768, 512),
+    "tiny-128x64": (topk_counts(8, 20, 2, 3), 128, 64),
+    "odd-72x40-empty": ([0, 5, 13, 0, 1, 7, 0], 72, 40),
+    "one-expert-all-rows": ([0, 0, 37, 0], 72, 40),
+    "odd-dims-70x33": ([3, 0, 11, 6], 70, 33),
+    "prefill-4096-rows": ([1500, 0, 700, 1, 900, 600, 395, 0], 128, 64),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("limit_active", [True, False])
+def test_matches_reference(kernel, name, limit_active):
+    counts, d, inter = CASES[name]
+    case = make_case(counts, d, inter, seed=len(name), scale=8.0 if limit_active else 1.0)
+    limit = 10.0 if limit_active else float("inf")
+    x, _, _, w1, w3, _ = case
+    gate, up = F.linear(x, w1[0]), F.linear(x, w3[0])
+    if limit_active and x.shape[0]:
+        assert (gate > limit).any() and (up.abs() > limit).any()  # the clamp really bites
+    assert_close(kernel, case, limit)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree(kernel, threads):
+    case = make_case(topk_counts(32, 16, 6, 4), 768, 512, seed=5, scale=4.0)
+    assert_close(kernel, case, 10.0, threads=threads)
+
+
+def test_zero_rows(kernel):
+    case = make_case([0, 0, 0], 72, 40, seed=6)
+    y = kernel.run(*case, 10.0)
+    assert y.shape == (0, 72)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 -march levels")
+@pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3"])
+def test_portable_builds_agree(tmp_path, march):
+    """Without AVX-512 (SSE4.2 / AVX2 vector widths and block sizes) the same source is correct."""
+    flags = tuple(f"-march={march}" if f == "-march=native" else f for f in DEFAULT_FLAGS)
+    k = MoeMlpKernel(flags=flags, cache=tmp_path)
+    for counts, d, inter in (CASES["odd-72x40-empty"], CASES["odd-dims-70x33"], CASES["decode-8x6-of-32"]):
+        assert_close(k, make_case(counts, d, inter, seed=7, scale=6.0), 10.0, threads=2)
+
+
+def _bad(case, **change):
+    names = ["x", "offsets", "route_w", "w1", "w3", "w2"]
+    args = dict(zip(names, case))
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("arg,make,match", [
+    ("x", lambda c: c[0].double(), "x: dtype"),
+    ("x", lambda c: c[0].t().contiguous().t(), "x: must be contiguous"),
+    ("x", lambda c: c[0][:, :-1].contiguous(), "w1: expected"),
+    ("offsets", lambda c: c[1].int(), "offsets: dtype"),
+    ("offsets", lambda c: c[1][:-1], "offsets: expected shape"),
+    ("offsets", lambda c: torch.tensor([0, 9, 4, 12, 18]), "offsets: must start at 0"),
+    ("offsets", lambda c: torch.tensor([0, 4, 9, 12, 17]), "offsets: must start at 0"),
+    ("offsets", lambda c: torch.tensor([1, 4, 9, 12, 18]), "offsets: must start at 0"),
+    ("route_w", lambda c: c[2][:-1], "route_w: expected shape"),
+    ("route_w", lambda c: c[2].half(), "route_w: dtype"),
+    ("w1", lambda c: c[3].transpose(1, 2), "w1: must be contiguous"),
+    ("w3", lambda c: c[4][:, :-1].contiguous(), "w3: shape"),
+    ("w2", lambda c: c[5][:-1], "w2: expected"),
+    ("w2", lambda c: c[5].tolist(), "w2: expected a torch.Tensor"),
+])
+def test_bad_input_names_the_argument(kernel, arg, make, match):
+    case = make_case([4, 5, 3, 6], 72, 40, seed=8)
+    with pytest.raises(ValueError, match=match):
+        kernel.run(**_bad(case, **{arg: make(case)}), limit=10.0)
+
+
+def test_bad_limit(kernel):
+    case = make_case([4, 5], 72, 40, seed=9)
+    for limit in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="limit"):
+            kernel.run(*case, limit)
+
+
+@pytest.fixture
+def fresh_default(monkeypatch, tmp_path):
+    """The module-level default kernel re-decided under a private cache dir, and forgotten afterwards."""
+    monkeypatch.setenv("MEGASERVE_KERNEL_CACHE", str(tmp_path))
+    ck._default_kernel.cache_clear()
+    yield tmp_path
+    ck._default_kernel.cache_clear()
+
+
+def test_public_api_uses_the_cache_dir(fresh_default):
+    assert ck.moe_mlp_available()
+    assert len(list(fresh_default.glob("moe_mlp-*.so"))) == 1
+    case = make_case([2, 0, 3], 72, 40, seed=10)
+    y = ck.moe_mlp(*case, 10.0)
+    assert torch.allclose(y, reference(*case, 10.0), atol=1e-5 * reference(*case, 10.0).abs().max().item())
+    with pytest.raises(ValueError, match="route_w"):
+        ck.moe_mlp(case[0], case[1], case[2][:1], *case[3:], 10.0)
+
+
+def test_disabled_by_env(fresh_default, monkeypatch, caplog):
+    monkeypatch.setenv("MEGASERVE_CPU_KERNELS", "0")
+    with caplog.at_level(logging.WARNING, logger="engine.cpu_kernels"):
+        assert not ck.moe_mlp_available()
+        assert not ck.moe_mlp_available()
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "MEGASERVE_CPU_KERNELS=0" in caplog.records[0].message
+    with pytest.raises(RuntimeError, match="unavailable"):
+        ck.moe_mlp(*make_case([1], 72, 40, seed=11), 10.0)
+
+
+def test_no_compiler_falls_back(fresh_default, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "megaserve-no-such-cc")
+    with pytest.raises(KernelBuildError, match="no C compiler"):
+        compile_shared("x", "int f(void) { return 1; }", cache=fresh_default)
+    with caplog.at_level(logging.WARNING, logger="engine.cpu_kernels"):
+        assert not ck.moe_mlp_available()
+    assert len(caplog.records) == 1 and "no C compiler" in caplog.records[0].message
+
+
+def test_compile_error_is_reported(tmp_path):
+    with pytest.raises(KernelBuildError, match="failed"):
+        compile_shared("broken", "int f(void) { return undeclared_name; }", cache=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no partial library, no leftover build dir
+
+
+def test_cache_key_and_concurrent_first_use(tmp_path):
+    src = "int megaserve_probe(int a) { return a + 1; }"
+    flags = ("-O2", "-shared", "-fPIC")
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: compile_shared("probe", src, flags, tmp_path), range(4)))
+    assert len(set(paths)) == 1 and paths[0].exists()
+    assert [p.name for p in tmp_path.iterdir()] == [paths[0].name]  # one library, no temporaries left
+    mtime = paths[0].stat().st_mtime_ns
+    assert compile_shared("probe", src, flags, tmp_path) == paths[0] and paths[0].stat().st_mtime_ns == mtime
+    assert compile_shared("probe", src, ("-O1", "-shared", "-fPIC"), tmp_path) != paths[0]
+    assert compile_shared("probe", src + "\n", flags, tmp_path) != paths[0]
+
+
+def _child_run(flags, cache, q):
+    k = MoeMlpKernel(flags=flags, cache=cache)
+    case = make_case([3, 4, 0, 5], 72, 40, seed=12)
+    q.put(k.run(*case, 10.0, num_threads=2).tolist())  # no torch matmul here: libgomp itself hangs after fork
+
+
+def test_forked_child_gets_its_own_workers(kernel):
+    """The worker threads do not survive fork(); a child must start its own instead of waiting forever."""
+    case = make_case([3, 4, 0, 5], 72, 40, seed=12)
+    ref = assert_close(kernel, case, 10.0, threads=2)  # the parent's pool exists now
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_run, args=(kernel.flags, kernel.path.parent, q))
+    p.start()
+    p.join(timeout=30)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("forked child hung in the kernel")
+    assert p.exitcode == 0
+    y = torch.tensor(q.get(timeout=5))
+    assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()

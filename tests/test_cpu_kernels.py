@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import engine.cpu_kernels as ck
 from engine.cpu_kernels.build import DEFAULT_FLAGS, KernelBuildError, compile_shared
-from engine.cpu_kernels.moe_mlp import MoeMlpKernel
+from engine.cpu_kernels.moe_mlp import MoeMlpKernel, openmp_runtimes, torch_uses_libgomp
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc on PATH: the C kernels cannot build")
 
@@ -53,8 +53,14 @@ def topk_counts(n_experts: int, batch: int, k: int, seed: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory) -> MoeMlpKernel:
-    """A fresh compile (default flags, -march=native) into an empty cache dir."""
+    """A fresh compile (default flags, -march=native, threads as chosen for this torch) into an empty cache dir."""
     return MoeMlpKernel(cache=tmp_path_factory.mktemp("kcache"))
+
+
+@pytest.fixture(scope="module")
+def pthread_kernel(tmp_path_factory) -> MoeMlpKernel:
+    """The variant with its own pthread pool (used where torch does not run on libgomp)."""
+    return MoeMlpKernel(cache=tmp_path_factory.mktemp("kcache-pthread"), openmp=False)
 
 
 def assert_close(kernel: MoeMlpKernel, case, limit: float, threads: int | None = None) -> torch.Tensor:
@@ -91,9 +97,18 @@ def test_matches_reference(kernel, name, limit_active):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_counts_agree(kernel, threads):
+@pytest.mark.parametrize("variant", ["kernel", "pthread_kernel"])
+def test_thread_counts_agree(request, variant, threads):
     case = make_case(topk_counts(32, 16, 6, 4), 768, 512, seed=5, scale=4.0)
-    assert_close(kernel, case, 10.0, threads=threads)
+    assert_close(request.getfixturevalue(variant), case, 10.0, threads=threads)
+
+
+def test_openmp_build_shares_torchs_runtime(kernel):
+    """Where torch runs on libgomp, the kernel threads on that same library: one OpenMP runtime in the process."""
+    if not torch_uses_libgomp():
+        pytest.skip("this torch does not run on libgomp")
+    assert kernel.openmp and "-fopenmp" in kernel.flags
+    assert len(openmp_runtimes()) == 1
 
 
 def test_zero_rows(kernel):
@@ -103,11 +118,11 @@ def test_zero_rows(kernel):
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 -march levels")
-@pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3"])
-def test_portable_builds_agree(tmp_path, march):
+@pytest.mark.parametrize("march,openmp", [("x86-64-v2", False), ("x86-64-v3", None)])
+def test_portable_builds_agree(tmp_path, march, openmp):
     """Without AVX-512 (SSE4.2 / AVX2 vector widths and block sizes) the same source is correct."""
     flags = tuple(f"-march={march}" if f == "-march=native" else f for f in DEFAULT_FLAGS)
-    k = MoeMlpKernel(flags=flags, cache=tmp_path)
+    k = MoeMlpKernel(flags=flags, cache=tmp_path, openmp=openmp)
     for counts, d, inter in (CASES["odd-72x40-empty"], CASES["odd-dims-70x33"], CASES["decode-8x6-of-32"]):
         assert_close(k, make_case(counts, d, inter, seed=7, scale=6.0), 10.0, threads=2)
 
@@ -207,13 +222,15 @@ def test_cache_key_and_concurrent_first_use(tmp_path):
 
 
 def _child_run(flags, cache, q):
-    k = MoeMlpKernel(flags=flags, cache=cache)
+    k = MoeMlpKernel(flags=flags, cache=cache, openmp=False)
     case = make_case([3, 4, 0, 5], 72, 40, seed=12)
     q.put(k.run(*case, 10.0, num_threads=2).tolist())  # no torch matmul here: libgomp itself hangs after fork
 
 
-def test_forked_child_gets_its_own_workers(kernel):
-    """The worker threads do not survive fork(); a child must start its own instead of waiting forever."""
+def test_forked_child_gets_its_own_workers(pthread_kernel):
+    """The pthread pool does not survive fork(); a child must start its own instead of waiting forever.
+    (The OpenMP build shares torch's libgomp, which, like torch itself, must not be used after fork.)"""
+    kernel = pthread_kernel
     case = make_case([3, 4, 0, 5], 72, 40, seed=12)
     ref = assert_close(kernel, case, 10.0, threads=2)  # the parent's pool exists now
     ctx = multiprocessing.get_context("fork")

@@ -27,11 +27,18 @@ def _default_kernel() -> MoeMlpKernel | None:
     if os.environ.get("MEGASERVE_CPU_KERNELS", "1").strip() == "0":
         log.warning("CPU kernels disabled (MEGASERVE_CPU_KERNELS=0): routed experts use the torch path")
         return None
-    try:
-        return MoeMlpKernel()
-    except (KernelBuildError, OSError, AttributeError) as e:
-        log.warning("CPU moe_mlp kernel unavailable, routed experts use the torch path: %s", e)
-        return None
+    errors = []
+    for openmp in (None, False):  # the OpenMP build on torch's libgomp, else the private pthread pool
+        try:
+            kernel = MoeMlpKernel(openmp=openmp)
+        except (KernelBuildError, OSError, AttributeError) as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            log.warning("CPU moe_mlp kernel: OpenMP build failed (%s); using the pthread build", errors[0])
+        return kernel
+    log.warning("CPU moe_mlp kernel unavailable, routed experts use the torch path: %s", errors[-1])
+    return None
 
 
 def moe_mlp_available() -> bool:

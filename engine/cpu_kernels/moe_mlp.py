@@ -11,6 +11,10 @@ Math (v4-model.md §4.2), for row r of slot s:
 
 The kernel streams every weight row once per call and computes up to 6 rows against it in registers, so at
 decode sizes (a few rows per expert) it runs at memory bandwidth instead of padding rows into a bmm.
+
+Threads: where torch runs on libgomp (the Linux wheels), the kernel is built with -fopenmp and binds to that
+same already-loaded libgomp, so it runs on torch's own OpenMP pool (no second runtime, no oversubscription, and
+no waiting for a core that torch's spinning workers hold). Elsewhere it uses a private pthread pool.
 """
 
 from __future__ import annotations
@@ -21,10 +25,29 @@ from pathlib import Path
 
 import torch
 
-from engine.cpu_kernels.build import DEFAULT_FLAGS, compile_shared
+from engine.cpu_kernels.build import DEFAULT_FLAGS, KernelBuildError, compile_shared
 from engine.cpu_kernels.moe_mlp_src import SOURCE
 
 _SYMBOL = "megaserve_moe_mlp"
+OPENMP_FLAGS = ("-fopenmp", "-DMEGASERVE_OMP")
+_OMP_NAMES = ("libgomp", "libiomp", "libomp")
+
+
+def openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process (empty where /proc is missing)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return set()
+    return {p for p in paths if Path(p).name.startswith(_OMP_NAMES)}
+
+
+def torch_uses_libgomp() -> bool:
+    """True when torch's parallel backend is OpenMP and the one OpenMP runtime loaded is a libgomp."""
+    loaded = openmp_runtimes()
+    return ("OpenMP" in torch.__config__.parallel_info() and len(loaded) == 1
+            and Path(next(iter(loaded))).name.startswith("libgomp"))
 
 
 def check_args(x: torch.Tensor, offsets: torch.Tensor, route_w: torch.Tensor, w1: torch.Tensor,
@@ -61,12 +84,23 @@ def check_args(x: torch.Tensor, offsets: torch.Tensor, route_w: torch.Tensor, w1
 
 
 class MoeMlpKernel:
-    """The compiled kernel (one shared library); `run` is `moe_mlp` on it."""
+    """The compiled kernel (one shared library); `run` is `moe_mlp` on it.
 
-    def __init__(self, flags: tuple[str, ...] = DEFAULT_FLAGS, cache: Path | None = None) -> None:
-        self.path = compile_shared("moe_mlp", SOURCE, flags, cache)
-        self.flags = flags
-        self._fn = getattr(ctypes.CDLL(str(self.path)), _SYMBOL)
+    `flags`: compiler flags (default: -O3 -march=native ...). `openmp`: thread on torch's libgomp (True) or a
+    private pthread pool (False); None picks OpenMP when `torch_uses_libgomp()`. Raises KernelBuildError.
+    """
+
+    def __init__(self, flags: tuple[str, ...] = DEFAULT_FLAGS, cache: Path | None = None,
+                 openmp: bool | None = None) -> None:
+        self.openmp = torch_uses_libgomp() if openmp is None else openmp
+        self.flags = flags + OPENMP_FLAGS if self.openmp else flags
+        self.path = compile_shared("moe_mlp", SOURCE, self.flags, cache)
+        before = openmp_runtimes()
+        lib = ctypes.CDLL(str(self.path))
+        if self.openmp and len(openmp_runtimes() - before) > 0:
+            raise KernelBuildError(f"loading {self.path.name} brought a second OpenMP runtime "
+                                   f"({sorted(openmp_runtimes() - before)}); use openmp=False")
+        self._fn = getattr(lib, _SYMBOL)
         p = ctypes.c_void_p
         i64 = ctypes.c_int64
         self._fn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]

@@ -33,6 +33,12 @@ SOURCE = r"""
 #define DB 2
 #endif
 #define NR 6
+#ifndef PFB
+#define PFB 4 /* prefetch distance, in weight blocks */
+#endif
+#ifndef PFL
+#define PFL 2 /* prefetch locality hint: 2 = into L2 (more misses in flight than L1 allows) */
+#endif
 #define NWMAX 4
 #define RC 96
 #define MAXT 64
@@ -59,7 +65,7 @@ static inline __attribute__((always_inline)) void dots(const float *const *w, co
         vf wv[NWMAX];
         for (int a = 0; a < nw; a++) wv[a] = vload(w[a] + k);
         if (pf)
-            for (int a = 0; a < nw; a++) __builtin_prefetch(w[a] + pf + k, 0, 3);
+            for (int a = 0; a < nw; a++) __builtin_prefetch(w[a] + pf + k, 0, PFL);
         for (int r = 0; r < nr; r++) {
             vf xv = vload(x + r * ldx + k);
             for (int a = 0; a < nw; a++) acc[a][r] += wv[a] * xv;
@@ -137,7 +143,7 @@ static void stage1(const job_t *j, int64_t i0, int64_t i1) {
                 for (int64_t r = 0; r < nrc; r += NR) {
                     const int nr = nrc - r < NR ? (int)(nrc - r) : NR;
                     const int64_t row = r0 + rc + r;
-                    dots_any(w, 2 * ib, j->x + row * D, D, nr, D, r == 0 ? IB * D : 0, out);
+                    dots_any(w, 2 * ib, j->x + row * D, D, nr, D, r == 0 ? PFB * IB * D : 0, out);
                     for (int q = 0; q < ib; q++)
                         for (int rr = 0; rr < nr; rr++)
                             j->a[(row + rr) * I + i + q] =
@@ -163,7 +169,7 @@ static void stage2(const job_t *j, int64_t d0, int64_t d1) {
                 for (int64_t r = 0; r < nrc; r += NR) {
                     const int nr = nrc - r < NR ? (int)(nrc - r) : NR;
                     const int64_t row = r0 + rc + r;
-                    dots_any(w, nd, j->a + row * I, I, nr, I, r == 0 ? DB * I : 0, out);
+                    dots_any(w, nd, j->a + row * I, I, nr, I, r == 0 ? PFB * DB * I : 0, out);
                     for (int q = 0; q < nd; q++)
                         for (int rr = 0; rr < nr; rr++) j->y[(row + rr) * D + d + q] = out[q * NR + rr];
                 }
@@ -172,6 +178,38 @@ static void stage2(const job_t *j, int64_t d0, int64_t d1) {
     }
 }
 
+static int check_offsets(const int64_t *off, int64_t S, int64_t N) {
+    if (off[0] != 0 || off[S] != N) return -1;
+    for (int64_t s = 0; s < S; s++)
+        if (off[s + 1] < off[s]) return -1;
+    return 0;
+}
+
+#ifdef MEGASERVE_OMP
+/* Threads from the OpenMP runtime torch already loaded (same libgomp, hence torch's own pool). */
+#include <omp.h>
+
+int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, const float *w1, const float *w3,
+                      const float *w2, float *a, float *y, int64_t N, int64_t S, int64_t D, int64_t I, float limit,
+                      int nthreads) {
+    if (check_offsets(off, S, N)) return -1;
+    if (N == 0) return 0;
+    job_t j = {x, route_w, w1, w3, w2, off, a, y, S, D, I, limit, nthreads < 1 ? 1 : nthreads, 0, 0};
+#pragma omp parallel num_threads(j.nthreads)
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        int64_t lo, hi;
+        split((I + IB - 1) / IB, IB, I, t, T, &lo, &hi);
+        stage1(&j, lo, hi);
+#pragma omp barrier
+        split((D + DB - 1) / DB, DB, D, t, T, &lo, &hi);
+        stage2(&j, lo, hi);
+    }
+    return 0;
+}
+
+#else
+/* A private persistent pool of pthreads (used where torch does not run on libgomp). */
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -250,9 +288,7 @@ static int ensure_workers(int want) {
 int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, const float *w1, const float *w3,
                       const float *w2, float *a, float *y, int64_t N, int64_t S, int64_t D, int64_t I, float limit,
                       int nthreads) {
-    if (off[0] != 0 || off[S] != N) return -1;
-    for (int64_t s = 0; s < S; s++)
-        if (off[s + 1] < off[s]) return -1;
+    if (check_offsets(off, S, N)) return -1;
     if (N == 0) return 0;
     job_t j = {x, route_w, w1, w3, w2, off, a, y, S, D, I, limit, 1, 0, 0};
     if (nthreads < 1) nthreads = 1;
@@ -273,4 +309,5 @@ int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, 
     pthread_mutex_unlock(&call_mu);
     return 0;
 }
+#endif
 """

@@ -27,6 +27,7 @@ from torch import nn
 from comm.dispatch import BACKENDS, Dispatcher
 from comm.placement import Placement
 from engine.config import ModelConfig
+from engine.cpu_kernels import moe_mlp, moe_mlp_available
 from engine.layers import Linear, linear
 
 
@@ -110,7 +111,7 @@ class Expert(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """The routed experts a rank holds, stacked; `forward` runs the reference grouped loop.
+    """The routed experts a rank holds, stacked; `forward` runs them over assignments sorted by slot.
 
     Under EP `local_experts` has one entry per physical slot (repeats allowed) and `forward_slots` is used.
     """
@@ -134,9 +135,8 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
         """x [T, D]; topk_* [T, k] over global expert ids -> sum_k w_k * E_k(x) over local experts: [T, D].
 
-        The routing weight multiplies the SwiGLU output before w2, in fp32 (§4.2). Decode-sized
-        batches, where most experts get a few tokens each, go through one padded bmm per weight
-        (`_forward_bmm`); otherwise experts run one after another (`_forward_loop`, the reference).
+        The routing weight multiplies the SwiGLU output before w2, in fp32 (§4.2). Runs `_grouped`;
+        `_forward_loop` is the plain reference it is tested against.
         """
         if not self.unique:
             raise RuntimeError("these routed experts hold replicated slots (EP): use forward_slots")
@@ -154,15 +154,103 @@ class RoutedExperts(nn.Module):
 
     def _grouped(self, x: torch.Tensor, topk_weights: torch.Tensor, local: torch.Tensor,
                  counts: torch.Tensor) -> torch.Tensor:
-        if int(counts.sum()) == 0:
+        """Assignments sorted by slot once; slots with few rows go to the C kernel, the rest to torch mm's.
+
+        Slots with fewer than `KERNEL_MAX_ROWS` rows run in `_experts_kernel` (when `_kernel_usable`),
+        the others in `_experts_sorted`; both add into one fp32 output.
+        """
+        n = int(counts.sum())
+        if n == 0:
             return torch.zeros_like(x)
-        n_active = int((counts > 0).sum())
-        if n_active * 4 >= 3 * len(self.local_experts) and int(counts.max()) * n_active <= 2 * int(counts.sum()):
-            return self._forward_bmm(x, topk_weights, local, counts)
-        return self._forward_loop(x, topk_weights, local, counts)
+        k = topk_weights.shape[1]
+        sel = torch.argsort(local, stable=True)[local.numel() - n:]  # -1 (not on this rank) sorts first
+        tok = sel // k if k > 1 else sel
+        route_w = topk_weights.reshape(-1).index_select(0, sel).float()
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        min_rows = 0
+        if self._kernel_usable(x):
+            small = counts < self.KERNEL_MAX_ROWS
+            if bool(small.any()):
+                self._experts_kernel(x, tok, counts, small, route_w, out)
+                min_rows = self.KERNEL_MAX_ROWS
+        if min_rows == 0 or int(counts.max()) >= min_rows:
+            self._experts_sorted(x, tok, counts.tolist(), route_w, out, min_rows)
+        return out.to(x.dtype)
+
+    # Measured crossover (2-core Zen4, small preset): below this many rows per slot the kernel, which streams
+    # each weight row once for all of a slot's rows, beats MKL's sgemm; above, sgemm's blocking wins.
+    KERNEL_MAX_ROWS = 24
+
+    def _kernel_usable(self, x: torch.Tensor) -> bool:
+        """The C kernel takes fp32 CPU tensors (contiguous weights) and must have compiled on this machine."""
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and self.w1.dtype == torch.float32
+                and self.w1.device.type == "cpu" and self.w1.is_contiguous() and self.w3.is_contiguous()
+                and self.w2.is_contiguous() and moe_mlp_available())
+
+    def _experts_kernel(self, x: torch.Tensor, tok: torch.Tensor, counts: torch.Tensor, small: torch.Tensor,
+                        route_w: torch.Tensor, out: torch.Tensor) -> None:
+        """The rows of the `small` slots (rows sorted by slot as in `_experts_sorted`) through `moe_mlp`."""
+        if bool(small.all()):
+            rows = None
+            cnt = counts
+        else:
+            row_slot = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+            rows = torch.nonzero(small[row_slot]).flatten()
+            tok, route_w = tok[rows], route_w[rows]
+            cnt = torch.where(small, counts, 0)
+        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+        torch.cumsum(cnt, 0, out=offsets[1:])
+        ys = moe_mlp(x.index_select(0, tok), offsets, route_w.contiguous(), self.w1.detach(), self.w3.detach(),
+                     self.w2.detach(), self.limit)
+        out.index_add_(0, tok, ys)
+
+    def _experts_sorted(self, x: torch.Tensor, tok: torch.Tensor, counts: list[int], route_w: torch.Tensor,
+                        out: torch.Tensor, min_rows: int = 0) -> None:
+        """Adds route_w[r] * Expert_s(x[tok[r]]) into out[tok[r]] (fp32) for rows r sorted by slot s.
+
+        Slot after slot over its `counts[s]` rows (slots with fewer than `min_rows` are skipped: the kernel
+        ran them): gather them into a reused buffer, w1/w3 into two more [max_count, I] buffers, the SwiGLU
+        and routing weight in place, w2, one index_add_. Reused buffers keep the working set in cache and
+        avoid fresh large allocations (page faults).
+        """
+        w1, w3, w2 = self.w1.detach(), self.w3.detach(), self.w2.detach()  # out= refuses autograd leaves
+        wdt = w1.dtype
+        fp32 = wdt == torch.float32 and x.dtype == torch.float32
+        cmax = max(counts)
+        inter, dim = w1.shape[1], w1.shape[2]
+        if fp32:
+            xbuf = x.new_empty(cmax, dim)
+            hbuf = x.new_empty(cmax, inter)
+            ubuf = x.new_empty(cmax, inter)
+            ybuf = x.new_empty(cmax, dim)
+        lim = self.limit
+        start = 0
+        for e, cnt in enumerate(counts):
+            end = start + cnt
+            if cnt == 0 or cnt < min_rows:
+                start = end
+                continue
+            tok_e = tok[start:end]
+            if fp32:
+                xe = torch.index_select(x, 0, tok_e, out=xbuf[:cnt])
+                h = torch.mm(xe, w1[e].t(), out=hbuf[:cnt])
+                u = torch.mm(xe, w3[e].t(), out=ubuf[:cnt])
+            else:
+                xe = x.index_select(0, tok_e).to(wdt)
+                h = torch.mm(xe, w1[e].t()).float()
+                u = torch.mm(xe, w3[e].t()).float()
+            F.silu(h.clamp_(max=lim), inplace=True)
+            h.mul_(u.clamp_(min=-lim, max=lim)).mul_(route_w[start:end, None])
+            if fp32:
+                y = torch.mm(h, w2[e].t(), out=ybuf[:cnt])
+            else:
+                y = torch.mm(h.to(wdt), w2[e].t()).float()
+            out.index_add_(0, tok_e, y)
+            start = end
 
     def _forward_loop(self, x: torch.Tensor, topk_weights: torch.Tensor, local: torch.Tensor,
                       counts: torch.Tensor) -> torch.Tensor:
+        """The plain reference: expert after expert, gather its tokens, MLP, index_add_ into the output."""
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         order = torch.argsort(local, stable=True)
         start = int((local < 0).sum())
@@ -177,27 +265,6 @@ class RoutedExperts(nn.Module):
             a = swiglu(F.linear(xe, self.w1[e]).float(), F.linear(xe, self.w3[e]).float(), self.limit)
             a = a * topk_weights.flatten()[sel, None]
             out.index_add_(0, tok, F.linear(a.to(self.w2.dtype), self.w2[e]).float())
-        return out.to(x.dtype)
-
-    def _forward_bmm(self, x: torch.Tensor, topk_weights: torch.Tensor, local: torch.Tensor,
-                     counts: torch.Tensor) -> torch.Tensor:
-        """Tokens gathered into [E, max_count, D] (zero rows pad), three bmm's over the stacked weights."""
-        k = topk_weights.shape[1]
-        sel = torch.nonzero(local >= 0).flatten()
-        sel = sel[torch.argsort(local[sel], stable=True)]  # assignments grouped by expert
-        expert = local[sel]
-        offsets = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(sel.numel(), device=x.device) - offsets[expert]
-        xb = torch.zeros(len(self.local_experts), int(counts.max()), x.shape[1], dtype=self.w1.dtype, device=x.device)
-        xb[expert, slot] = x[sel // k].to(self.w1.dtype)
-        a = swiglu(torch.bmm(xb, self.w1.transpose(1, 2)).float(), torch.bmm(xb, self.w3.transpose(1, 2)).float(),
-                   self.limit)  # [E, C, I]
-        a = a[expert, slot] * topk_weights.flatten()[sel, None]  # [n_assign, I]
-        ab = torch.zeros_like(xb[..., :1]).expand(-1, -1, a.shape[1]).contiguous()
-        ab[expert, slot] = a.to(ab.dtype)
-        y = torch.bmm(ab, self.w2.transpose(1, 2))[expert, slot].float()  # [n_assign, D]
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-        out.index_add_(0, sel // k, y)
         return out.to(x.dtype)
 
 

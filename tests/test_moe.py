@@ -1,11 +1,25 @@
-"""MoE: the batched expert path equals the per-expert reference loop; the router follows §4.1."""
+"""MoE: the sorted expert paths (torch mm and the C kernel) equal the per-expert reference loop; the router
+follows §4.1."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+import engine.moe
 from engine.config import TINY, get_preset
+from engine.cpu_kernels import moe_mlp_available
 from engine.moe import Gate, RoutedExperts
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The reference loop makes hundreds of small MKL calls; on a shared 2-core box 2 OpenMP threads make each
+    one wait for a time slice (seconds per test). One thread keeps these correctness tests fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _experts(cfg, local):
@@ -16,19 +30,120 @@ def _experts(cfg, local):
     return m
 
 
-def test_bmm_path_equals_loop():
+def _routing(n_experts: int, t: int, k: int, g: torch.Generator, experts: int | None = None, hot: int | None = None):
+    """Top-k of `experts` (default all) random experts per token; `hot`: that expert in every token's top-k."""
+    pool = experts or n_experts
+    idx = torch.stack([torch.randperm(pool, generator=g)[:k] for _ in range(t)])
+    if hot is not None:
+        has = (idx == hot).any(dim=1)
+        idx[~has, 0] = hot
+    return torch.rand(t, k, generator=g), idx
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    return (got.float() - ref.float()).abs().max().item() <= 1e-5 * ref.float().abs().max().item()
+
+
+def _kernel(monkeypatch, on: bool) -> list[int]:
+    """Kernel availability on/off for engine.moe; returns a list that grows by one per kernel call."""
+    calls: list[int] = []
+    if on:
+        if not moe_mlp_available():
+            pytest.skip("the CPU moe_mlp kernel did not build here")
+        real = engine.moe.moe_mlp
+
+        def counted(x, offsets, *rest):
+            calls.append(x.shape[0])
+            return real(x, offsets, *rest)
+        monkeypatch.setattr(engine.moe, "moe_mlp", counted)
+    else:
+        monkeypatch.setattr(engine.moe, "moe_mlp_available", lambda: False)
+    return calls
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+@pytest.mark.parametrize("tokens,hot,pool", [(32, None, None), (512, None, None), (96, 5, None), (40, None, 9)],
+                         ids=["decode", "prefill", "one-hot-expert", "empty-experts"])
+def test_grouped_equals_loop(monkeypatch, kernel, tokens, hot, pool):
     cfg = get_preset("small")
     m = _experts(cfg, list(range(cfg.n_routed_experts)))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(32, cfg.hidden_size, generator=g)
-    w = torch.rand(32, 6, generator=g)
-    idx = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:6] for _ in range(32)])
+    calls = _kernel(monkeypatch, kernel)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, cfg.hidden_size, generator=g)
+    w, idx = _routing(cfg.n_routed_experts, tokens, cfg.num_experts_per_tok, g, pool, hot)
     local = m.g2l[idx].flatten()
     counts = torch.bincount(local, minlength=cfg.n_routed_experts)
     ref = m._forward_loop(x, w, local, counts)
-    got = m._forward_bmm(x, w, local, counts)
-    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-    assert torch.allclose(m(x, w, idx), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert _close(m(x, w, idx), ref)
+    small = int(((counts > 0) & (counts < m.KERNEL_MAX_ROWS)).sum())
+    if kernel:  # the kernel ran exactly the slots below the crossover, all their rows in one call
+        assert calls == ([int(counts[counts < m.KERNEL_MAX_ROWS].sum())] if small else [])
+    if tokens == 512:
+        assert small == 0 and int(counts.min()) >= m.KERNEL_MAX_ROWS  # prefill-size: the torch mm path
+    if hot is not None:
+        assert small > 0 and int(counts[hot]) == tokens  # one call mixes both paths
+    if pool is not None:
+        assert int((counts == 0).sum()) == cfg.n_routed_experts - pool
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_grouped_with_limit_active(monkeypatch, kernel):
+    cfg = get_preset("small")
+    m = _experts(cfg, list(range(cfg.n_routed_experts)))
+    m.limit = 0.5
+    _kernel(monkeypatch, kernel)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(160, cfg.hidden_size, generator=g)
+    w, idx = _routing(cfg.n_routed_experts, 160, cfg.num_experts_per_tok, g, hot=2)
+    h = x @ m.w1[2].detach().T
+    assert (h > m.limit).float().mean() > 0.2 and ((x @ m.w3[2].detach().T).abs() > m.limit).float().mean() > 0.2
+    local = m.g2l[idx].flatten()
+    ref = m._forward_loop(x, w, local, torch.bincount(local, minlength=cfg.n_routed_experts))
+    assert _close(m(x, w, idx), ref)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_forward_slots_replicated_slots(monkeypatch, kernel):
+    cfg = get_preset("small")
+    full = _experts(cfg, list(range(cfg.n_routed_experts)))
+    local = [3, 7, 3, 11, 7, 3]  # replicas of experts 3 and 7 in several slots of this rank
+    m = RoutedExperts(cfg, local, torch.float32)
+    for name in ("w1", "w2", "w3"):
+        getattr(m, name).data.copy_(getattr(full, name).detach()[local])
+    calls = _kernel(monkeypatch, kernel)
+    g = torch.Generator().manual_seed(4)
+    big = m.KERNEL_MAX_ROWS + 9
+    per_slot = torch.tensor([3, 1, big, 7, 0, big + 5])  # slot 4 gets no rows; 2 and 5 above the crossover
+    slot = torch.repeat_interleave(torch.arange(len(local)), per_slot)
+    slot = slot[torch.randperm(slot.numel(), generator=g)]
+    rows = slot.numel()
+    x = torch.randn(rows, cfg.hidden_size, generator=g)
+    weight = torch.rand(rows, generator=g)
+    got = m.forward_slots(x, slot, weight)
+    counts = torch.bincount(slot, minlength=len(local))
+    assert _close(got, m._forward_loop(x, weight[:, None], slot, counts))
+    # against the unreplicated experts, row by row: slot s computes logical expert local[s]
+    expect = full._forward_loop(x, weight[:, None], torch.tensor(local)[slot], torch.bincount(
+        torch.tensor(local)[slot], minlength=cfg.n_routed_experts))
+    assert _close(got, expect)
+    assert m.forward_slots(x[:0], slot[:0], weight[:0]).shape == (0, cfg.hidden_size)
+    if kernel:
+        assert calls == [11]  # slots 0, 1, 3 run in the kernel, 2 and 5 in torch
+
+
+def test_bf16_weights_use_torch_path_equal_loop(monkeypatch):
+    cfg = get_preset("small")
+    m = _experts(cfg, list(range(cfg.n_routed_experts))).to(torch.bfloat16)
+    calls = _kernel(monkeypatch, True) if moe_mlp_available() else []
+    g = torch.Generator().manual_seed(5)
+    for tokens in (32, 256):
+        x = torch.randn(tokens, cfg.hidden_size, generator=g)
+        w, idx = _routing(cfg.n_routed_experts, tokens, cfg.num_experts_per_tok, g)
+        local = m.g2l[idx].flatten()
+        ref = m._forward_loop(x, w, local, torch.bincount(local, minlength=cfg.n_routed_experts))
+        got = m(x, w, idx)
+        assert got.dtype == torch.float32 and _close(got, ref)
+    assert calls == []  # the kernel takes fp32 weights only
 
 
 def test_experts_not_on_this_rank_contribute_nothing():

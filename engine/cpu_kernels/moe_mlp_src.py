@@ -45,10 +45,45 @@ SOURCE = r"""
 
 typedef float vf __attribute__((vector_size(VW * sizeof(float))));
 
+/* Keep a loaded vector in a register: otherwise gcc folds the load into every FMA that uses it, which makes
+   the block load-bound (nw loads of the same x vector per step instead of one). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PIN(v) __asm__("" : "+v"(v))
+#else
+#define PIN(v) ((void)0)
+#endif
+
 static inline vf vload(const float *p) {
     vf v;
     memcpy(&v, p, sizeof v);
     return v;
+}
+
+/* Sum of the lanes of v, by halving (log2(VW) adds instead of VW - 1 dependent ones). */
+static inline float hsum(vf v) {
+#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector) && !defined(HSUM_SCALAR)
+#if VW == 16
+    typedef float v8 __attribute__((vector_size(32)));
+    v8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif VW == 8
+    typedef float v8 __attribute__((vector_size(32)));
+    v8 h8 = v;
+#endif
+#if VW >= 8
+    typedef float v4 __attribute__((vector_size(16)));
+    v4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+#else
+    typedef float v4 __attribute__((vector_size(16)));
+    v4 h4 = v;
+#endif
+    v4 h2 = h4 + __builtin_shufflevector(h4, h4, 2, 3, 0, 1);
+    return h2[0] + h2[1];
+#else
+    float s = 0.0f;
+    for (int l = 0; l < VW; l++) s += v[l];
+    return s;
+#endif
 }
 
 /* out[a * NR + r] = sum_k w[a][k] * x[r * ldx + k] for a < nw, r < nr. When pf != 0, also prefetch
@@ -68,14 +103,13 @@ static inline __attribute__((always_inline)) void dots(const float *const *w, co
             for (int a = 0; a < nw; a++) __builtin_prefetch(w[a] + pf + k, 0, PFL);
         for (int r = 0; r < nr; r++) {
             vf xv = vload(x + r * ldx + k);
+            PIN(xv);
             for (int a = 0; a < nw; a++) acc[a][r] += wv[a] * xv;
         }
     }
     for (int a = 0; a < nw; a++) {
         for (int r = 0; r < nr; r++) {
-            vf v = acc[a][r];
-            float s = 0.0f;
-            for (int l = 0; l < VW; l++) s += v[l];
+            float s = hsum(acc[a][r]);
             for (int64_t kk = k; kk < K; kk++) s += w[a][kk] * x[r * ldx + kk];
             out[a * NR + r] = s;
         }
@@ -109,6 +143,8 @@ typedef struct {
     int64_t S, D, I;
     float limit;
     int nthreads;
+    int64_t parts;        /* each expert's rows of W1/W3 (stage 1) and of W2 (stage 2) split in `parts` items */
+    int64_t next1, next2; /* next unclaimed item of each stage (threads claim items in order) */
     volatile int arrived;
     volatile int done;
 } job_t;
@@ -125,10 +161,11 @@ static inline void split(int64_t nblocks, int64_t bs, int64_t total, int t, int 
     *hi = b1 * bs < total ? b1 * bs : total;
 }
 
-static void stage1(const job_t *j, int64_t i0, int64_t i1) {
+/* Stage 1 for expert s, weight rows [i0, i1): a = route_w * swiglu(x W1^T, x W3^T). */
+static void stage1(const job_t *j, int64_t s, int64_t i0, int64_t i1) {
     const int64_t D = j->D, I = j->I;
     float out[NWMAX * NR];
-    for (int64_t s = 0; s < j->S; s++) {
+    {
         const int64_t r0 = j->off[s], n = j->off[s + 1] - r0;
         const float *w1s = j->w1 + s * I * D, *w3s = j->w3 + s * I * D;
         for (int64_t rc = 0; rc < n; rc += RC) {
@@ -154,10 +191,11 @@ static void stage1(const job_t *j, int64_t i0, int64_t i1) {
     }
 }
 
-static void stage2(const job_t *j, int64_t d0, int64_t d1) {
+/* Stage 2 for expert s, output columns [d0, d1): y = a W2^T. */
+static void stage2(const job_t *j, int64_t s, int64_t d0, int64_t d1) {
     const int64_t D = j->D, I = j->I;
     float out[NWMAX * NR];
-    for (int64_t s = 0; s < j->S; s++) {
+    {
         const int64_t r0 = j->off[s], n = j->off[s + 1] - r0;
         const float *w2s = j->w2 + s * D * I;
         for (int64_t rc = 0; rc < n; rc += RC) {
@@ -178,6 +216,23 @@ static void stage2(const job_t *j, int64_t d0, int64_t d1) {
     }
 }
 
+/* Claim (expert, part) items of one stage until none is left; items of empty experts are skipped. */
+static void run_stage(job_t *j, int stage) {
+    const int64_t P = j->parts, n_items = j->S * P;
+    int64_t *next = stage == 1 ? &j->next1 : &j->next2;
+    const int64_t len = stage == 1 ? j->I : j->D, bs = stage == 1 ? IB : DB;
+    for (;;) {
+        const int64_t c = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+        if (c >= n_items) break;
+        const int64_t s = c / P;
+        if (j->off[s + 1] == j->off[s]) continue;
+        int64_t lo, hi;
+        split((len + bs - 1) / bs, bs, len, (int)(c % P), (int)P, &lo, &hi);
+        if (stage == 1) stage1(j, s, lo, hi);
+        else stage2(j, s, lo, hi);
+    }
+}
+
 static int check_offsets(const int64_t *off, int64_t S, int64_t N) {
     if (off[0] != 0 || off[S] != N) return -1;
     for (int64_t s = 0; s < S; s++)
@@ -194,16 +249,14 @@ int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, 
                       int nthreads) {
     if (check_offsets(off, S, N)) return -1;
     if (N == 0) return 0;
-    job_t j = {x, route_w, w1, w3, w2, off, a, y, S, D, I, limit, nthreads < 1 ? 1 : nthreads, 0, 0};
+    job_t j = {.x = x, .route_w = route_w, .w1 = w1, .w3 = w3, .w2 = w2, .off = off, .a = a, .y = y, .S = S,
+               .D = D, .I = I, .limit = limit, .nthreads = nthreads < 1 ? 1 : nthreads};
+    j.parts = 2 * j.nthreads;
 #pragma omp parallel num_threads(j.nthreads)
     {
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        int64_t lo, hi;
-        split((I + IB - 1) / IB, IB, I, t, T, &lo, &hi);
-        stage1(&j, lo, hi);
+        run_stage(&j, 1);
 #pragma omp barrier
-        split((D + DB - 1) / DB, DB, D, t, T, &lo, &hi);
-        stage2(&j, lo, hi);
+        run_stage(&j, 2);
     }
     return 0;
 }
@@ -225,16 +278,13 @@ static void wait_count(volatile int *counter, int target) {
 }
 
 static void run_part(job_t *j, int t) {
-    const int T = j->nthreads;
-    int64_t lo, hi;
-    split((j->I + IB - 1) / IB, IB, j->I, t, T, &lo, &hi);
-    stage1(j, lo, hi);
-    if (T > 1) {
+    (void)t;
+    run_stage(j, 1);
+    if (j->nthreads > 1) {
         __atomic_add_fetch(&j->arrived, 1, __ATOMIC_ACQ_REL);
-        wait_count(&j->arrived, T);
+        wait_count(&j->arrived, j->nthreads);
     }
-    split((j->D + DB - 1) / DB, DB, j->D, t, T, &lo, &hi);
-    stage2(j, lo, hi);
+    run_stage(j, 2);
     __atomic_add_fetch(&j->done, 1, __ATOMIC_ACQ_REL);
 }
 
@@ -290,13 +340,15 @@ int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, 
                       int nthreads) {
     if (check_offsets(off, S, N)) return -1;
     if (N == 0) return 0;
-    job_t j = {x, route_w, w1, w3, w2, off, a, y, S, D, I, limit, 1, 0, 0};
+    job_t j = {.x = x, .route_w = route_w, .w1 = w1, .w3 = w3, .w2 = w2, .off = off, .a = a, .y = y, .S = S,
+               .D = D, .I = I, .limit = limit, .nthreads = 1, .parts = 1};
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAXT) nthreads = MAXT;
     pthread_mutex_lock(&call_mu);
     if (nthreads > 1) {
         const int have = ensure_workers(nthreads - 1);
         j.nthreads = have + 1 < nthreads ? have + 1 : nthreads;
+        j.parts = 2 * j.nthreads;
         pthread_mutex_lock(&pool_mu);
         pool_job = &j;
         pool_nthreads = j.nthreads;

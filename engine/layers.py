@@ -16,13 +16,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf).to(x.dtype)
+        return (xf * rsqrt_mean_square(xf, self.eps)).mul_(self.weight).to(x.dtype)
+
+
+def rsqrt_mean_square(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """rsqrt(mean(x^2, -1) + eps) in float32, [..., 1]; the sum of squares comes from a norm (no squared copy)."""
+    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_().div_(x.shape[-1])
+    return ms.add_(eps).rsqrt_()
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm without a weight (the per-head query norm of §2.1)."""
-    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+    return x * rsqrt_mean_square(x, eps).to(x.dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

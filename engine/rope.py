@@ -42,17 +42,30 @@ def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate consecutive pairs (2i, 2i+1) of the trailing r channels of x: [T, ..., d].
+    """Rotate consecutive pairs (2i, 2i+1) of the trailing r channels of x: [T, ..., d] -> new [T, ..., d].
 
     cos/sin are [T, r/2]; `inverse` applies the conjugate rotation (the output de-rotation of §2.2).
+    even' = even*cos - odd*sin, odd' = odd*cos + even*sin (sin negated for `inverse`), in float32; a float32
+    result is written straight into the output's strided halves, other dtypes are rounded once at the end.
     """
     r = cos.shape[-1] * 2
     extra = x.dim() - 2
     cos = cos.view(cos.shape[0], *([1] * extra), cos.shape[1])
     sin = sin.view(sin.shape[0], *([1] * extra), sin.shape[1])
-    if inverse:
-        sin = -sin
-    rope = x[..., -r:].float()
-    even, odd = rope[..., 0::2], rope[..., 1::2]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
-    return torch.cat([x[..., :-r], rotated.to(x.dtype)], dim=-1)
+    sign = -1 if inverse else 1
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out[..., :-r] = x[..., :-r]
+    rope = x[..., -r:]
+    even, odd = rope[..., 0::2].float(), rope[..., 1::2].float()
+    out_even, out_odd = out[..., -r:][..., 0::2], out[..., -r:][..., 1::2]
+    direct = x.dtype == torch.float32 and not x.requires_grad  # out= ops are not recorded by autograd
+    if direct:
+        new_even, new_odd = torch.mul(even, cos, out=out_even), torch.mul(odd, cos, out=out_odd)
+    else:
+        new_even, new_odd = even * cos, odd * cos
+    new_even.addcmul_(odd, sin, value=-sign)
+    new_odd.addcmul_(even, sin, value=sign)
+    if not direct:
+        out_even.copy_(new_even)
+        out_odd.copy_(new_odd)
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import platform
+import queue
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -221,26 +222,28 @@ def test_cache_key_and_concurrent_first_use(tmp_path):
     assert compile_shared("probe", src + "\n", flags, tmp_path) != paths[0]
 
 
-def _child_run(flags, cache, q):
+def _child_run(flags, cache, case, q):
+    """Only the kernel runs here: torch's own parallel ops (libgomp) hang in a child forked after using them."""
     k = MoeMlpKernel(flags=flags, cache=cache, openmp=False)
-    case = make_case([3, 4, 0, 5], 72, 40, seed=12)
-    q.put(k.run(*case, 10.0, num_threads=2).tolist())  # no torch matmul here: libgomp itself hangs after fork
+    q.put(k.run(*case, 10.0, num_threads=2).tolist())
 
 
 def test_forked_child_gets_its_own_workers(pthread_kernel):
     """The pthread pool does not survive fork(); a child must start its own instead of waiting forever.
     (The OpenMP build shares torch's libgomp, which, like torch itself, must not be used after fork.)"""
-    kernel = pthread_kernel
-    case = make_case([3, 4, 0, 5], 72, 40, seed=12)
-    ref = assert_close(kernel, case, 10.0, threads=2)  # the parent's pool exists now
+    case = make_case([3, 4, 0, 5], 768, 512, seed=12)  # big enough for the kernel to use 2 threads
+    ref = assert_close(pthread_kernel, case, 10.0, threads=2)  # the parent's pool exists now
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
-    p = ctx.Process(target=_child_run, args=(kernel.flags, kernel.path.parent, q))
+    p = ctx.Process(target=_child_run, args=(pthread_kernel.flags, pthread_kernel.path.parent, case, q))
     p.start()
-    p.join(timeout=30)
-    if p.is_alive():
-        p.kill()
+    try:
+        y = torch.tensor(q.get(timeout=30))
+    except queue.Empty:
         pytest.fail("forked child hung in the kernel")
+    finally:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
     assert p.exitcode == 0
-    y = torch.tensor(q.get(timeout=5))
     assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()

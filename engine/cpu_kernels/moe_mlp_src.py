@@ -233,6 +233,17 @@ static void run_stage(job_t *j, int stage) {
     }
 }
 
+/* Threads worth using: 1 when the call would take under ~50 us on one core (waking a second thread and
+   meeting it at the barrier costs a good part of that); estimate: weights of non-empty experts at ~20 B/ns
+   plus the FLOPs at ~40 FLOP/ns. */
+static int useful_threads(const int64_t *off, int64_t S, int64_t N, int64_t D, int64_t I, int nthreads) {
+    int64_t active = 0;
+    for (int64_t s = 0; s < S; s++) active += off[s + 1] > off[s];
+    const double est_ns = (double)active * 3 * D * I * 4 / 20.0 + (double)N * 6 * D * I / 40.0;
+    if (nthreads < 1 || est_ns < 50e3) return 1;
+    return nthreads > MAXT ? MAXT : nthreads;
+}
+
 static int check_offsets(const int64_t *off, int64_t S, int64_t N) {
     if (off[0] != 0 || off[S] != N) return -1;
     for (int64_t s = 0; s < S; s++)
@@ -250,7 +261,7 @@ int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, 
     if (check_offsets(off, S, N)) return -1;
     if (N == 0) return 0;
     job_t j = {.x = x, .route_w = route_w, .w1 = w1, .w3 = w3, .w2 = w2, .off = off, .a = a, .y = y, .S = S,
-               .D = D, .I = I, .limit = limit, .nthreads = nthreads < 1 ? 1 : nthreads};
+               .D = D, .I = I, .limit = limit, .nthreads = useful_threads(off, S, N, D, I, nthreads)};
     j.parts = 2 * j.nthreads;
 #pragma omp parallel num_threads(j.nthreads)
     {
@@ -342,8 +353,7 @@ int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, 
     if (N == 0) return 0;
     job_t j = {.x = x, .route_w = route_w, .w1 = w1, .w3 = w3, .w2 = w2, .off = off, .a = a, .y = y, .S = S,
                .D = D, .I = I, .limit = limit, .nthreads = 1, .parts = 1};
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAXT) nthreads = MAXT;
+    nthreads = useful_threads(off, S, N, D, I, nthreads);
     pthread_mutex_lock(&call_mu);
     if (nthreads > 1) {
         const int have = ensure_workers(nthreads - 1);

@@ -1,13 +1,16 @@
 """Routed-expert MLP micro-benchmark: the C kernel (engine.cpu_kernels.moe_mlp) vs padded torch.bmm vs the
 per-expert F.linear loop, on the `small` preset's expert shapes (32 experts, D=768, I=512, fp32).
 
-Cases: decode batches of 8/32/64 tokens routed top-6 of 32 (uniformly random experts), and a prefill-like
-4096 x 6 assignment. Every method gets the same rows grouped by expert (x [N, D], offsets [E+1], route_w [N])
-and returns y [N, D]; repeats interleave the methods (rotating order) so load from other processes hits all of
-them alike. Reported per case and method: median and min/max ms, GB/s (bytes of the weights of experts that
-got rows, per median time), GFLOP/s (N * 2 * 3 * D * I per median time), and speedups of the kernel.
+Cases: decode batches of 8/32/64 tokens routed top-6 of 32 (uniformly random experts), a prefill-like
+4096 x 6 assignment, and a crossover sweep (8 experts with the same row count each, 1 to 256 rows) that shows
+from which rows per expert on MKL's per-expert loop beats the kernel. Every method gets the same rows grouped
+by expert (x [N, D], offsets [E+1], route_w [N]) and returns y [N, D]; repeats interleave the methods
+(rotating order) so load from other processes hits all of them alike. Reported per case and method: median
+and min/max ms, GB/s (bytes of the weights of experts that got rows, per median time), GFLOP/s
+(N * 2 * 3 * D * I per median time), and the kernel's speedups. With --threads 1 it also records each call's
+CPU time (`median_cpu_ms`), which other processes on the box disturb less than wall time.
 
-    python bench/moe_kernel.py --out out/moe_kernel.json [--repeats 15] [--tiny]
+    python bench/moe_kernel.py --out out/moe_kernel.json [--repeats 15] [--threads N] [--tiny]
 """
 
 from __future__ import annotations
@@ -69,23 +72,26 @@ def make_case(n_tokens: int, n_experts: int, topk: int, d: int, seed: int) -> Ca
     return torch.randn(n, d, generator=g), offsets, torch.rand(n, generator=g)
 
 
-def bench_case(methods: dict[str, Callable], case: Case, weights, limit: float, repeats: int) -> dict:
+def bench_case(methods: dict[str, Callable], case: Case, weights, limit: float, repeats: int,
+               cpu_time: bool) -> dict:
     x, offsets, route_w = case
     w1, w3, w2 = weights
     counts = offsets.diff()
     ref = run_loop(x, offsets, route_w, *weights, limit)
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     names = list(methods)
     for rep in range(repeats + 1):  # the first round warms up and checks agreement
         for name in names[rep % len(names):] + names[:rep % len(names)]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             y = methods[name](x, offsets, route_w, w1, w3, w2, limit)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.thread_time() - c0
             if rep == 0:
                 err = (y - ref).abs().max().item() / ref.abs().max().item()
                 assert err <= 1e-5, f"{name} disagrees with the loop: rel err {err:.2e}"
             else:
                 times[name].append(dt)
+                cpu[name].append(dc)
     active = int((counts > 0).sum())
     weight_bytes = active * (w1[0].numel() + w3[0].numel() + w2[0].numel()) * 4
     flops = x.shape[0] * 2 * (w1[0].numel() + w3[0].numel() + w2[0].numel())
@@ -95,6 +101,8 @@ def bench_case(methods: dict[str, Callable], case: Case, weights, limit: float, 
         med = statistics.median(ts)
         out["methods"][name] = {"median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
                                 "gb_per_s": weight_bytes / med / 1e9, "gflop_per_s": flops / med / 1e9}
+        if cpu_time:
+            out["methods"][name]["median_cpu_ms"] = statistics.median(cpu[name]) * 1e3
     if "kernel" in times:
         k = statistics.median(times["kernel"])
         out["kernel_speedup"] = {n: statistics.median(ts) / k for n, ts in times.items() if n != "kernel"}
@@ -105,8 +113,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--tiny", action="store_true", help="small shapes, to check the script runs")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu_time = torch.get_num_threads() == 1
     torch.manual_seed(0)
     n_experts, topk, d, inter = (8, 2, 128, 64) if args.tiny else (32, 6, 768, 512)
     limit = 10.0
@@ -120,14 +132,25 @@ def main() -> None:
     for i, (name, tokens) in enumerate(batches.items()):
         case = make_case(tokens, n_experts, topk, d, seed=i)
         reps = max(3, args.repeats // 3) if name.startswith("prefill") else args.repeats
-        cases[name] = bench_case(methods, case, weights, limit, reps)
+        cases[name] = bench_case(methods, case, weights, limit, reps, cpu_time)
         print(name, {m: round(r["median_ms"], 2) for m, r in cases[name]["methods"].items()}, flush=True)
+    sweep = {}
+    for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        s = min(8, n_experts)
+        offsets = torch.arange(s + 1, dtype=torch.int64) * rows
+        case = (torch.randn(s * rows, d), offsets, torch.rand(s * rows))
+        res = bench_case(methods, case, tuple(w[:s] for w in weights), limit, max(3, args.repeats // 3), cpu_time)
+        sweep[rows] = {m: round(r["median_ms"], 3) for m, r in res["methods"].items()}
+        print("rows/expert", rows, sweep[rows], flush=True)
+    crossover = next((r for r, t in sweep.items() if "kernel" in t and t["loop"] < t["kernel"]), None)
     summary = {f"{c}_{m}_ms": round(r["median_ms"], 3) for c, res in cases.items() for m, r in res["methods"].items()}
+    summary["loop_beats_kernel_from_rows_per_expert"] = crossover
     if "kernel" in methods:
         summary["decode_b32_kernel_gb_per_s"] = round(cases["decode_b32"]["methods"]["kernel"]["gb_per_s"], 1)
     result = {"shapes": {"experts": n_experts, "topk": topk, "hidden": d, "inter": inter, "dtype": "float32"},
               "threads": torch.get_num_threads(), "kernel_available": "kernel" in methods,
-              "versions": versions(with_transformers=False), "cases": cases, "summary": summary}
+              "versions": versions(with_transformers=False), "cases": cases,
+              "sweep_8_experts_median_ms": sweep, "summary": summary}
     write_result(args.out, result)
 
 

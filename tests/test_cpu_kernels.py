@@ -209,6 +209,13 @@ def test_compile_error_is_reported(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no partial library, no leftover build dir
 
 
+def test_unwritable_cache_is_a_build_error(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(KernelBuildError, match="cannot write kernel cache"):
+        compile_shared("probe", "int megaserve_probe(void) { return 1; }", ("-shared", "-fPIC"), blocker / "sub")
+
+
 def test_cache_key_and_concurrent_first_use(tmp_path):
     src = "int megaserve_probe(int a) { return a + 1; }"
     flags = ("-O2", "-shared", "-fPIC")

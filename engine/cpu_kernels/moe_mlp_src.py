@@ -4,11 +4,12 @@ Kept as a Python string so it ships with the package without package-data rules.
 documented in `engine.cpu_kernels.moe_mlp`; the C side trusts the shapes the Python wrapper has checked and
 only validates `offsets` (it reads them anyway).
 
-Work split: stage 1 (a = route_w * swiglu(x W1^T, x W3^T)) gives each thread an equal slice of the I rows of
-every expert's W1/W3; a barrier; stage 2 (y = a W2^T) gives each thread an equal slice of the D rows of W2.
-So every thread streams the same number of weight bytes whatever the per-expert row counts. The inner block
-computes nw x nr dot products (nw weight rows against nr activation rows) with GCC vector extensions, which
-compile to AVX-512, AVX2 or SSE depending on -march, so the same source is portable.
+Work split: stage 1 (a = route_w * swiglu(x W1^T, x W3^T)) cuts each expert's I rows of W1/W3 into 2T parts
+(T threads), stage 2 (y = a W2^T) each expert's D rows of W2; threads claim (expert, part) items in order from
+a shared counter, with a barrier between the stages, so a thread that is descheduled does not hold the other
+up. The inner block computes nw x nr dot products (nw weight rows against nr activation rows, all partial sums
+in registers) with GCC vector extensions, which compile to AVX-512, AVX2 or SSE depending on -march, so the
+same source is portable; the next weight blocks are prefetched into L2 so DRAM streams while the core computes.
 """
 
 SOURCE = r"""
@@ -19,20 +20,26 @@ SOURCE = r"""
 #include <string.h>
 #include <unistd.h>
 
+/* VW: floats per vector. A stage-1 block is row i of W1 and of W3 against NR1 activation rows (two sequential
+   weight streams); a stage-2 block is DB rows of W2 against NR2 rows. The accumulators (2*NR1 resp. DB*NR2
+   vectors) must fit the vector registers: 24 of 32 zmm with AVX-512, 12 of 16 with AVX2/SSE. */
 #if defined(__AVX512F__)
 #define VW 16
-#define IB 2
 #define DB 4
-#elif defined(__AVX__)
+#define NR1 12
+#define ROWS1 ROWS_12
+#else
+#if defined(__AVX__)
 #define VW 8
-#define IB 1
-#define DB 2
 #else
 #define VW 4
-#define IB 1
-#define DB 2
 #endif
-#define NR 6
+#define DB 2
+#define NR1 6
+#define ROWS1 ROWS_6
+#endif
+#define NR2 6
+#define NRMAX 12
 #ifndef PFB
 #define PFB 4 /* prefetch distance, in weight blocks */
 #endif
@@ -86,13 +93,13 @@ static inline float hsum(vf v) {
 #endif
 }
 
-/* out[a * NR + r] = sum_k w[a][k] * x[r * ldx + k] for a < nw, r < nr. When pf != 0, also prefetch
+/* out[a * NRMAX + r] = sum_k w[a][k] * x[r * ldx + k] for a < nw, r < nr. When pf != 0, also prefetch
    w[a] + pf (the weight block the caller reads next) one cache line per step, so the weight stream,
    not the core, sets the pace. */
 static inline __attribute__((always_inline)) void dots(const float *const *w, const int nw, const float *x,
                                                       const int64_t ldx, const int nr, const int64_t K,
                                                       const int64_t pf, float *out) {
-    vf acc[NWMAX][NR];
+    vf acc[NWMAX][NRMAX];
     for (int a = 0; a < nw; a++)
         for (int r = 0; r < nr; r++) acc[a][r] = (vf){0};
     int64_t k = 0;
@@ -111,28 +118,30 @@ static inline __attribute__((always_inline)) void dots(const float *const *w, co
         for (int r = 0; r < nr; r++) {
             float s = hsum(acc[a][r]);
             for (int64_t kk = k; kk < K; kk++) s += w[a][kk] * x[r * ldx + kk];
-            out[a * NR + r] = s;
+            out[a * NRMAX + r] = s;
         }
     }
 }
 
-#define NR_CASES(NW)                                                      \
-    switch (nr) {                                                         \
-    case 1: dots(w, NW, x, ldx, 1, K, pf, out); break;                        \
-    case 2: dots(w, NW, x, ldx, 2, K, pf, out); break;                        \
-    case 3: dots(w, NW, x, ldx, 3, K, pf, out); break;                        \
-    case 4: dots(w, NW, x, ldx, 4, K, pf, out); break;                        \
-    case 5: dots(w, NW, x, ldx, 5, K, pf, out); break;                        \
-    default: dots(w, NW, x, ldx, NR, K, pf, out); break;                      \
-    }
+/* Instantiations of `dots` for every (nw, nr) a stage uses, so that both are compile-time constants. */
+#define CALL(NW, NRC) case NRC: dots(w, NW, x, ldx, NRC, K, pf, out); break;
+#define ROWS_6(NW) CALL(NW, 1) CALL(NW, 2) CALL(NW, 3) CALL(NW, 4) CALL(NW, 5) CALL(NW, 6)
+#define ROWS_12(NW) ROWS_6(NW) CALL(NW, 7) CALL(NW, 8) CALL(NW, 9) CALL(NW, 10) CALL(NW, 11) CALL(NW, 12)
 
-static void dots_any(const float *const *w, int nw, const float *x, int64_t ldx, int nr, int64_t K,
-                     int64_t pf, float *out) {
+static void dots_stage1(const float *const *w, const float *x, int64_t ldx, int nr, int64_t K, int64_t pf,
+                        float *out) {
+    switch (nr) { ROWS1(2) }
+}
+
+static void dots_stage2(const float *const *w, int nw, const float *x, int64_t ldx, int nr, int64_t K, int64_t pf,
+                        float *out) {
     switch (nw) {
-    case 1: NR_CASES(1) break;
-    case 2: NR_CASES(2) break;
-    case 3: NR_CASES(3) break;
-    default: NR_CASES(4) break;
+    case 1: switch (nr) { ROWS_6(1) } break;
+    case 2: switch (nr) { ROWS_6(2) } break;
+#if DB > 2
+    case 3: switch (nr) { ROWS_6(3) } break;
+    case 4: switch (nr) { ROWS_6(4) } break;
+#endif
     }
 }
 
@@ -164,28 +173,18 @@ static inline void split(int64_t nblocks, int64_t bs, int64_t total, int t, int 
 /* Stage 1 for expert s, weight rows [i0, i1): a = route_w * swiglu(x W1^T, x W3^T). */
 static void stage1(const job_t *j, int64_t s, int64_t i0, int64_t i1) {
     const int64_t D = j->D, I = j->I;
-    float out[NWMAX * NR];
-    {
-        const int64_t r0 = j->off[s], n = j->off[s + 1] - r0;
-        const float *w1s = j->w1 + s * I * D, *w3s = j->w3 + s * I * D;
-        for (int64_t rc = 0; rc < n; rc += RC) {
-            const int64_t nrc = n - rc < RC ? n - rc : RC;
-            for (int64_t i = i0; i < i1; i += IB) {
-                const int ib = i1 - i >= IB ? IB : (int)(i1 - i);
-                const float *w[NWMAX];
-                for (int q = 0; q < ib; q++) {
-                    w[q] = w1s + (i + q) * D;
-                    w[ib + q] = w3s + (i + q) * D;
-                }
-                for (int64_t r = 0; r < nrc; r += NR) {
-                    const int nr = nrc - r < NR ? (int)(nrc - r) : NR;
-                    const int64_t row = r0 + rc + r;
-                    dots_any(w, 2 * ib, j->x + row * D, D, nr, D, r == 0 ? PFB * IB * D : 0, out);
-                    for (int q = 0; q < ib; q++)
-                        for (int rr = 0; rr < nr; rr++)
-                            j->a[(row + rr) * I + i + q] =
-                                swiglu(out[q * NR + rr], out[(ib + q) * NR + rr], j->limit) * j->route_w[row + rr];
-                }
+    const int64_t r0 = j->off[s], n = j->off[s + 1] - r0;
+    float out[NWMAX * NRMAX];
+    for (int64_t rc = 0; rc < n; rc += RC) {
+        const int64_t nrc = n - rc < RC ? n - rc : RC;
+        for (int64_t i = i0; i < i1; i++) {
+            const float *w[2] = {j->w1 + (s * I + i) * D, j->w3 + (s * I + i) * D};
+            for (int64_t r = 0; r < nrc; r += NR1) {
+                const int nr = nrc - r < NR1 ? (int)(nrc - r) : NR1;
+                const int64_t row = r0 + rc + r;
+                dots_stage1(w, j->x + row * D, D, nr, D, r == 0 ? PFB * D : 0, out);
+                for (int rr = 0; rr < nr; rr++)
+                    j->a[(row + rr) * I + i] = swiglu(out[rr], out[NRMAX + rr], j->limit) * j->route_w[row + rr];
             }
         }
     }
@@ -194,23 +193,21 @@ static void stage1(const job_t *j, int64_t s, int64_t i0, int64_t i1) {
 /* Stage 2 for expert s, output columns [d0, d1): y = a W2^T. */
 static void stage2(const job_t *j, int64_t s, int64_t d0, int64_t d1) {
     const int64_t D = j->D, I = j->I;
-    float out[NWMAX * NR];
-    {
-        const int64_t r0 = j->off[s], n = j->off[s + 1] - r0;
-        const float *w2s = j->w2 + s * D * I;
-        for (int64_t rc = 0; rc < n; rc += RC) {
-            const int64_t nrc = n - rc < RC ? n - rc : RC;
-            for (int64_t d = d0; d < d1; d += DB) {
-                const int nd = d1 - d >= DB ? DB : (int)(d1 - d);
-                const float *w[NWMAX];
-                for (int q = 0; q < nd; q++) w[q] = w2s + (d + q) * I;
-                for (int64_t r = 0; r < nrc; r += NR) {
-                    const int nr = nrc - r < NR ? (int)(nrc - r) : NR;
-                    const int64_t row = r0 + rc + r;
-                    dots_any(w, nd, j->a + row * I, I, nr, I, r == 0 ? PFB * DB * I : 0, out);
-                    for (int q = 0; q < nd; q++)
-                        for (int rr = 0; rr < nr; rr++) j->y[(row + rr) * D + d + q] = out[q * NR + rr];
-                }
+    const int64_t r0 = j->off[s], n = j->off[s + 1] - r0;
+    const float *w2s = j->w2 + s * D * I;
+    float out[NWMAX * NRMAX];
+    for (int64_t rc = 0; rc < n; rc += RC) {
+        const int64_t nrc = n - rc < RC ? n - rc : RC;
+        for (int64_t d = d0; d < d1; d += DB) {
+            const int nd = d1 - d >= DB ? DB : (int)(d1 - d);
+            const float *w[NWMAX];
+            for (int q = 0; q < nd; q++) w[q] = w2s + (d + q) * I;
+            for (int64_t r = 0; r < nrc; r += NR2) {
+                const int nr = nrc - r < NR2 ? (int)(nrc - r) : NR2;
+                const int64_t row = r0 + rc + r;
+                dots_stage2(w, nd, j->a + row * I, I, nr, I, r == 0 ? PFB * DB * I : 0, out);
+                for (int q = 0; q < nd; q++)
+                    for (int rr = 0; rr < nr; rr++) j->y[(row + rr) * D + d + q] = out[q * NRMAX + rr];
             }
         }
     }
@@ -220,7 +217,7 @@ static void stage2(const job_t *j, int64_t s, int64_t d0, int64_t d1) {
 static void run_stage(job_t *j, int stage) {
     const int64_t P = j->parts, n_items = j->S * P;
     int64_t *next = stage == 1 ? &j->next1 : &j->next2;
-    const int64_t len = stage == 1 ? j->I : j->D, bs = stage == 1 ? IB : DB;
+    const int64_t len = stage == 1 ? j->I : j->D, bs = stage == 1 ? 1 : DB;
     for (;;) {
         const int64_t c = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
         if (c >= n_items) break;

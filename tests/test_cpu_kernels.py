@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import platform
@@ -21,29 +22,41 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc on P
 
 
 def reference(x, offsets, route_w, w1, w3, w2, limit):
-    """RoutedExperts._forward_loop's math per slot, with F.linear."""
-    y = torch.zeros_like(x)
-    for s in range(w1.shape[0]):
-        a, b = int(offsets[s]), int(offsets[s + 1])
-        if a == b:
-            continue
-        g, u = F.linear(x[a:b], w1[s]), F.linear(x[a:b], w3[s])
-        h = F.silu(g.clamp(max=limit)) * u.clamp(min=-limit, max=limit)
-        y[a:b] = F.linear(h * route_w[a:b, None], w2[s])
-    return y
+    """RoutedExperts._forward_loop's math per slot, with F.linear (on one thread: these many small sgemms
+    are quick alone but crawl when another process holds the second core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        y = torch.zeros_like(x)
+        for s in range(w1.shape[0]):
+            a, b = int(offsets[s]), int(offsets[s + 1])
+            if a == b:
+                continue
+            g, u = F.linear(x[a:b], w1[s]), F.linear(x[a:b], w3[s])
+            h = F.silu(g.clamp(max=limit)) * u.clamp(min=-limit, max=limit)
+            y[a:b] = F.linear(h * route_w[a:b, None], w2[s])
+        return y
+    finally:
+        torch.set_num_threads(threads)
 
 
 def make_case(counts: list[int], d: int, inter: int, seed: int, scale: float = 1.0):
+    """(x, offsets, route_w, w1, w3, w2) with counts[s] rows for slot s; x scaled by `scale` (a large scale
+    drives gate/up past the clamp). The weights depend only on the shape and are cached (32 experts at
+    768/512 are 150 MB); callers must not modify them."""
     g = torch.Generator().manual_seed(seed)
-    s = len(counts)
     offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
     n = int(offsets[-1])
-    x = torch.randn(n, d, generator=g)
+    x = torch.randn(n, d, generator=g) * scale
     route_w = torch.rand(n, generator=g) * 2.5
-    w1 = torch.randn(s, inter, d, generator=g) * (scale / d**0.5)
-    w3 = torch.randn(s, inter, d, generator=g) * (scale / d**0.5)
-    w2 = torch.randn(s, d, inter, generator=g) / inter**0.5
-    return x, offsets, route_w, w1, w3, w2
+    return (x, offsets, route_w, *_weights(len(counts), d, inter))
+
+
+@functools.lru_cache(maxsize=4)
+def _weights(s: int, d: int, inter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + s)
+    return (torch.randn(s, inter, d, generator=g) / d**0.5, torch.randn(s, inter, d, generator=g) / d**0.5,
+            torch.randn(s, d, inter, generator=g) / inter**0.5)
 
 
 def topk_counts(n_experts: int, batch: int, k: int, seed: int) -> list[int]:

@@ -9,9 +9,9 @@ Math (v4-model.md §4.2), for row r of slot s:
     a = route_w[r] * silu(min(g, limit)) * clamp(u, -limit, limit)       (weight applied before w2)
     y[r] = w2[s] @ a
 
-The kernel streams every weight row once per call and computes up to 12 rows (W1/W3) or 6 rows (W2) against
-it in registers, so at decode sizes (a few rows per expert) it runs near memory bandwidth instead of padding
-rows into a bmm.
+The kernel streams every weight row once per call and computes up to 12 activation rows (6 without AVX-512)
+against it in registers, so at decode sizes (a few rows per expert) it runs near memory bandwidth instead of
+padding rows into a bmm.
 
 Threads: where torch runs on libgomp (the Linux wheels), the kernel is built with -fopenmp and binds to that
 same already-loaded libgomp, so it runs on torch's own OpenMP pool (no second runtime, no oversubscription, and

@@ -20,25 +20,23 @@ SOURCE = r"""
 #include <string.h>
 #include <unistd.h>
 
-/* VW: floats per vector. A stage-1 block is row i of W1 and of W3 against NR1 activation rows (two sequential
-   weight streams); a stage-2 block is DB rows of W2 against NR2 rows. The accumulators (2*NR1 resp. DB*NR2
-   vectors) must fit the vector registers: 24 of 32 zmm with AVX-512, 12 of 16 with AVX2/SSE. */
+/* VW: floats per vector. A block is two weight rows (row i of W1 and of W3 in stage 1, rows d and d+1 of W2 in
+   stage 2: two sequential streams) against NR activation rows; its 2*NR accumulators must fit the vector
+   registers: 24 of 32 zmm with AVX-512, 12 of 16 with AVX2/SSE. */
 #if defined(__AVX512F__)
 #define VW 16
-#define DB 4
-#define NR1 12
-#define ROWS1 ROWS_12
+#define NR 12
+#define ROWS ROWS_12
 #else
 #if defined(__AVX__)
 #define VW 8
 #else
 #define VW 4
 #endif
-#define DB 2
-#define NR1 6
-#define ROWS1 ROWS_6
+#define NR 6
+#define ROWS ROWS_6
 #endif
-#define NR2 6
+#define DB 2
 #define NRMAX 12
 #ifndef PFB
 #define PFB 4 /* prefetch distance, in weight blocks */
@@ -46,7 +44,7 @@ SOURCE = r"""
 #ifndef PFL
 #define PFL 2 /* prefetch locality hint: 2 = into L2 (more misses in flight than L1 allows) */
 #endif
-#define NWMAX 4
+#define NWMAX 2
 #define RC 96
 #define MAXT 64
 
@@ -130,18 +128,15 @@ static inline __attribute__((always_inline)) void dots(const float *const *w, co
 
 static void dots_stage1(const float *const *w, const float *x, int64_t ldx, int nr, int64_t K, int64_t pf,
                         float *out) {
-    switch (nr) { ROWS1(2) }
+    switch (nr) { ROWS(2) }
 }
 
 static void dots_stage2(const float *const *w, int nw, const float *x, int64_t ldx, int nr, int64_t K, int64_t pf,
                         float *out) {
-    switch (nw) {
-    case 1: switch (nr) { ROWS_6(1) } break;
-    case 2: switch (nr) { ROWS_6(2) } break;
-#if DB > 2
-    case 3: switch (nr) { ROWS_6(3) } break;
-    case 4: switch (nr) { ROWS_6(4) } break;
-#endif
+    if (nw == 2) {
+        switch (nr) { ROWS(2) }
+    } else {
+        switch (nr) { ROWS(1) }
     }
 }
 
@@ -179,8 +174,8 @@ static void stage1(const job_t *j, int64_t s, int64_t i0, int64_t i1) {
         const int64_t nrc = n - rc < RC ? n - rc : RC;
         for (int64_t i = i0; i < i1; i++) {
             const float *w[2] = {j->w1 + (s * I + i) * D, j->w3 + (s * I + i) * D};
-            for (int64_t r = 0; r < nrc; r += NR1) {
-                const int nr = nrc - r < NR1 ? (int)(nrc - r) : NR1;
+            for (int64_t r = 0; r < nrc; r += NR) {
+                const int nr = nrc - r < NR ? (int)(nrc - r) : NR;
                 const int64_t row = r0 + rc + r;
                 dots_stage1(w, j->x + row * D, D, nr, D, r == 0 ? PFB * D : 0, out);
                 for (int rr = 0; rr < nr; rr++)
@@ -202,8 +197,8 @@ static void stage2(const job_t *j, int64_t s, int64_t d0, int64_t d1) {
             const int nd = d1 - d >= DB ? DB : (int)(d1 - d);
             const float *w[NWMAX];
             for (int q = 0; q < nd; q++) w[q] = w2s + (d + q) * I;
-            for (int64_t r = 0; r < nrc; r += NR2) {
-                const int nr = nrc - r < NR2 ? (int)(nrc - r) : NR2;
+            for (int64_t r = 0; r < nrc; r += NR) {
+                const int nr = nrc - r < NR ? (int)(nrc - r) : NR;
                 const int64_t row = r0 + rc + r;
                 dots_stage2(w, nd, j->a + row * I, I, nr, I, r == 0 ? PFB * DB * I : 0, out);
                 for (int q = 0; q < nd; q++)

@@ -6,7 +6,7 @@ projected onto the doubly-stochastic matrices by Sinkhorn iterations.
 
 Written for few, cheap passes over `h` (the [T, hc, D] tensors are the big ones and every fresh one costs
 page faults): no normalised copy of h, one batched matmul per collapse / write-back, and a Sinkhorn loop
-of two small ops per pass with no allocation in the loop.
+of two vectorised ops per pass with no allocation in the loop.
 """
 
 from __future__ import annotations
@@ -36,39 +36,37 @@ def _collapse(pre: torch.Tensor, hf: torch.Tensor, dtype: torch.dtype) -> torch.
 
 
 @functools.lru_cache(maxsize=16)
-def _sum_selectors(hc: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """0/1 matrices [hc*hc, hc] mapping a flattened [hc(i), hc(j)] matrix to its row sums (over j) / column sums."""
-    eye = torch.eye(hc, dtype=dtype, device=device)
-    return eye.repeat_interleave(hc, dim=0), eye.repeat(hc, 1)
+def _group_scale_index(hc: int, device: torch.device) -> torch.Tensor:
+    """Which of hc_pre's 3 scales each of its 2+hc column groups uses: [0, 1, 2, ..., 2]."""
+    return torch.tensor([0, 1] + [2] * hc, device=device)
 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """comb [T, hc, hc] (positive) -> doubly stochastic: one column pass, then iters-1 row+column passes.
 
-    Each pass is `comb / (sum + eps)`. After the first (out-of-place) pass, the `sum + eps` of all T matrices
-    is one matmul with a 0/1 selector whose added input is eps (the selector's zeros add nothing exactly),
-    followed by one in-place division: two ops per pass and no allocation in the loop.
+    Each pass is `comb / (sum + eps)`. The passes run on a [hc+1, hc+1, T] buffer (T innermost, so every op is
+    vectorised over tokens) whose extra row and column hold eps: a row or column sum over the padded buffer
+    is `sum + eps` in one reduction, then one in-place division; no allocation in the loop.
     """
     t, hc = comb.shape[0], comb.shape[-1]
-    comb = (comb / (comb.sum(dim=-2, keepdim=True) + eps)).contiguous()
     if comb.requires_grad:  # autograd records no out= ops: the same passes out of place
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
         for _ in range(iters - 1):
             comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
             comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
         return comb
-    if iters <= 1:
-        return comb
-    rows, cols = _sum_selectors(hc, comb.dtype, comb.device)
-    flat = comb.view(t, hc * hc)
-    eps_t = torch.full((1,), eps, dtype=comb.dtype, device=comb.device)
-    sums = torch.empty(t, hc, dtype=comb.dtype, device=comb.device)
-    row_sums, col_sums = sums.view(t, hc, 1), sums.view(t, 1, hc)
+    buf = torch.full((hc + 1, hc + 1, t), eps, dtype=comb.dtype, device=comb.device)
+    mat = buf[:hc, :hc]  # [i, j, T]
+    torch.div(comb, comb.sum(dim=-2, keepdim=True) + eps, out=mat.permute(2, 0, 1))
+    rows, cols = buf[:hc], buf[:, :hc]  # [i, j + eps, T], [i + eps, j, T]
+    sums = torch.empty(hc, t, dtype=comb.dtype, device=comb.device)
+    row_sums, col_sums = sums.view(hc, 1, t), sums.view(1, hc, t)
     for _ in range(iters - 1):
-        torch.addmm(eps_t, flat, rows, out=sums)
-        comb.div_(row_sums)
-        torch.addmm(eps_t, flat, cols, out=sums)
-        comb.div_(col_sums)
-    return comb
+        torch.sum(rows, dim=1, out=sums)
+        mat.div_(row_sums)
+        torch.sum(cols, dim=0, out=sums)
+        mat.div_(col_sums)
+    return mat.permute(2, 0, 1).contiguous()
 
 
 def hc_pre(
@@ -76,16 +74,16 @@ def hc_pre(
     hc_eps: float, norm_eps: float, sinkhorn_iters: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h [T, hc, D] -> (y [T, D] sub-layer input, post [T, hc] f32, comb [T, hc, hc] f32)."""
-    hc = h.shape[1]
-    mixes, hf = _mixes(h, fn, norm_eps)  # [T, (2+hc)*hc]
-    scale = scale.float()
-    base = base.float()
-    # pre/post logits: mixes * scale_k + base for the first 2*hc columns (scale0 for pre, scale1 for post)
-    gates = torch.sigmoid(torch.addcmul(base[: 2 * hc], mixes[:, : 2 * hc], scale[:2].repeat_interleave(hc)))
-    pre = gates[:, :hc] + hc_eps
-    post = gates[:, hc:].mul(2)
-    comb_logits = torch.addcmul(base[2 * hc:].view(hc, hc), mixes[:, 2 * hc:].view(h.shape[0], hc, hc), scale[2])
-    comb = torch.softmax(comb_logits, dim=-1).add_(hc_eps)
+    t, hc = h.shape[0], h.shape[1]
+    mixes, hf = _mixes(h, fn, norm_eps)  # [T, (2+hc)*hc]: hc pre, hc post, hc*hc comb logits
+    # 2+hc groups of hc columns (pre, post, the hc rows of comb); group k's logits are mixes * scale + base
+    # with scale[0] for pre, scale[1] for post, scale[2] for comb: one addcmul for all of them.
+    group_scale = scale.float().index_select(0, _group_scale_index(hc, scale.device)).view(2 + hc, 1)
+    logits = torch.addcmul(base.float().view(2 + hc, hc), mixes.view(t, 2 + hc, hc), group_scale)
+    gates = torch.sigmoid(logits[:, :2])  # [T, 2, hc]
+    pre = gates[:, 0] + hc_eps
+    post = gates[:, 1] * 2
+    comb = torch.softmax(logits[:, 2:], dim=-1).add_(hc_eps)
     comb = sinkhorn(comb, sinkhorn_iters, hc_eps)
     return _collapse(pre, hf, h.dtype), post, comb
 

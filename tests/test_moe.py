@@ -9,7 +9,7 @@ import torch
 import engine.moe
 from engine.config import TINY, get_preset
 from engine.cpu_kernels import moe_mlp_available
-from engine.moe import Gate, RoutedExperts
+from engine.moe import Expert, Gate, RoutedExperts, swiglu
 
 
 @pytest.fixture(autouse=True)
@@ -144,6 +144,22 @@ def test_bf16_weights_use_torch_path_equal_loop(monkeypatch):
         got = m(x, w, idx)
         assert got.dtype == torch.float32 and _close(got, ref)
     assert calls == []  # the kernel takes fp32 weights only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_expert_equals_plain_swiglu(dtype):
+    e = Expert(64, 96, 0.5, dtype)
+    g = torch.Generator().manual_seed(6)
+    for p in e.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) / 8)
+    x = torch.randn(20, 64, generator=g).to(dtype)
+    w1, w3, w2 = (lin.weight.detach() for lin in (e.w1, e.w3, e.w2))
+    gx, ux = (x @ w1.T).float(), (x @ w3.T).float()
+    assert (gx > 0.5).any() and (ux.abs() > 0.5).any()  # the limit clamps
+    ref = (swiglu(gx, ux, 0.5).to(dtype) @ w2.T).float()
+    x0 = x.clone()
+    assert _close(e(x), ref)
+    assert torch.equal(x, x0)  # the in-place SwiGLU works on the projections, never on the input
 
 
 def test_experts_not_on_this_rank_contribute_nothing():

@@ -123,6 +123,12 @@ class RoutedExperts(nn.Module):
     Under EP `local_experts` has one entry per physical slot (repeats allowed) and `forward_slots` is used.
     """
 
+    # Crossover measured on the 2-core Zen4 (small preset, 32 slots of n rows, interleaved repeats, medians of
+    # per-core CPU time): the kernel, which streams each weight row once per 12 rows of a slot, takes 0.55x
+    # MKL's time at 12 rows, 0.8x at 20, ties at 28-32, and 1.1x at 40-48. Under 32 rows it runs the kernel
+    # (it also degrades far less than 2-thread MKL when the cores are shared).
+    KERNEL_MAX_ROWS = 32
+
     def __init__(self, cfg: ModelConfig, local_experts: list[int], dtype: torch.dtype) -> None:
         super().__init__()
         d, inter = cfg.hidden_size, cfg.moe_intermediate_size
@@ -184,12 +190,6 @@ class RoutedExperts(nn.Module):
             self._experts_sorted(x, tok, counts.tolist(), route_w, out, min_rows)
         return out.to(x.dtype)
 
-    # Crossover measured on the 2-core Zen4 (small preset, 32 slots of n rows, interleaved repeats, medians of
-    # per-core CPU time): the kernel, which streams each weight row once per 12 rows of a slot, takes 0.55x
-    # MKL's time at 12 rows, 0.8x at 20, ties at 28-32, and 1.1x at 40-48. Under 32 rows it runs the kernel
-    # (it also degrades far less than 2-thread MKL when the cores are shared).
-    KERNEL_MAX_ROWS = 32
-
     def _kernel_usable(self, x: torch.Tensor) -> bool:
         """The C kernel takes fp32 CPU tensors (contiguous weights) and must have compiled on this machine."""
         return (x.dtype == torch.float32 and x.device.type == "cpu" and self.w1.dtype == torch.float32
@@ -199,10 +199,8 @@ class RoutedExperts(nn.Module):
     def _experts_kernel(self, x: torch.Tensor, tok: torch.Tensor, counts: torch.Tensor, small: torch.Tensor,
                         route_w: torch.Tensor, out: torch.Tensor) -> None:
         """The rows of the `small` slots (rows sorted by slot as in `_experts_sorted`) through `moe_mlp`."""
-        if bool(small.all()):
-            rows = None
-            cnt = counts
-        else:
+        cnt = counts
+        if not bool(small.all()):  # keep only the rows of the small slots (still sorted by slot)
             row_slot = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
             rows = torch.nonzero(small[row_slot]).flatten()
             tok, route_w = tok[rows], route_w[rows]

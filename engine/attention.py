@@ -17,9 +17,11 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.layers import Linear, RMSNorm, linear, rms_normalize
 from engine.rope import apply_rope, inv_freq, rope_cos_sin
-from engine.seq_state import CompressorState, DenseEntries, LayerSnapshot, LayerState
+from engine.seq_state import CompressorState, DenseEntries, LayerSnapshot, LayerState, append_rows, read_padded
 
 QUERY_BLOCK = 256  # queries per attention block in prefill
+BATCH_QUERIES = 4096  # padded queries per batched group of prefill chunks
+CORE_SCORES = 1 << 18  # attention scores per piece of the core (1 MiB in float32)
 
 
 @dataclass
@@ -29,6 +31,64 @@ class SeqSlice:
     start: int
     n: int
     state: LayerState
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The sequences of one batched call: sequence i's new tokens are the packed rows starts[i] .. +lens[i]-1,
+    at positions p0[i] ..."""
+
+    starts: list[int]
+    lens: list[int]
+    p0: list[int]
+
+    @property
+    def uniform(self) -> bool:
+        """All sequences have the same number of new tokens, packed back to back: [B, n] is a view."""
+        n, s0 = self.lens[0], self.starts[0]
+        return min(self.lens) == max(self.lens) and all(s == s0 + i * n for i, s in enumerate(self.starts))
+
+    def rows(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per new token (sequence-major): its sequence, its index within the sequence, its packed row."""
+        total = sum(self.lens)
+        lens = torch.tensor(self.lens, device=device)
+        seq = torch.repeat_interleave(torch.arange(len(self.lens), device=device), lens, output_size=total)
+        first = torch.tensor([sum(self.lens[:i]) for i in range(len(self.lens))], device=device)
+        local = torch.arange(total, device=device) - first[seq]
+        return seq, local, torch.tensor(self.starts, device=device)[seq] + local
+
+    def padded_rows(self, device: torch.device) -> torch.Tensor:
+        """[B, max n]: the packed row of each sequence's token t (padding repeats its last token)."""
+        t = torch.arange(max(self.lens), device=device)[None, :]
+        last = torch.tensor(self.lens, device=device)[:, None] - 1
+        return torch.tensor(self.starts, device=device)[:, None] + torch.minimum(t, last)
+
+
+def _concat_rows(prefix: list[torch.Tensor], packed: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, list[int]]:
+    """prefix: B tensors [a_i, w]; packed [T, w] -> [B, max(a_i + n_i), w]: row i = prefix[i], then sequence i's
+    packed rows, then zeros. Also returns the a_i. A few ops whatever B is."""
+    a = [r.shape[0] for r in prefix]
+    a_max, same_a = max(a), min(a) == max(a)
+    w, dtype = packed.shape[1], prefix[0].dtype
+    if same_a and batch.uniform:
+        n, s0 = batch.lens[0], batch.starts[0]
+        out = packed.new_empty(len(a), a_max + n, w, dtype=dtype)
+        out[:, a_max:] = packed[s0:s0 + len(a) * n].view(len(a), n, w)
+    else:
+        out = packed.new_zeros(len(a), max(x + n for x, n in zip(a, batch.lens, strict=True)), w, dtype=dtype)
+        seq, local, src = batch.rows(packed.device)
+        out[seq, torch.tensor(a, device=packed.device)[seq] + local] = packed[src].to(dtype)
+    if a_max:
+        dst = list(out[:, :a_max].unbind(0)) if same_a else [r[:x] for r, x in zip(out.unbind(0), a, strict=True)]
+        torch._foreach_copy_(dst, prefix)
+    return out, a
+
+
+def _row_views(t: torch.Tensor, starts: list[int], ends: list[int]) -> list[torch.Tensor]:
+    """Views t[i, starts[i]:ends[i]] (one unbind when all rows share the bounds)."""
+    if min(starts) == max(starts) and min(ends) == max(ends):
+        return list(t[:, starts[0]:ends[0]].unbind(0))
+    return [r[a:b] for r, a, b in zip(t.unbind(0), starts, ends, strict=True)]
 
 
 class Compressor(nn.Module):
@@ -95,6 +155,65 @@ class Compressor(nn.Module):
         st.store.append(apply_rope(entry, cos, sin))
         return snaps
 
+    def forward_batch(self, kv: torch.Tensor, gate: torch.Tensor, batch: _Batch, states: list[CompressorState],
+                      freqs: torch.Tensor) -> None:
+        """`forward` for several sequences at once (no snapshots): kv, gate [T, c*d] = `project` of the packed
+        tokens, sequence i owning the rows of `batch`. The same math: every sequence's pending rows and new
+        rows are laid out in one padded tensor, all complete windows of all sequences are pooled together,
+        and the entries are written with one store op.
+        """
+        m, d = self.ratio, self.head_dim
+        buf_kv, a = _concat_rows([st.pend_kv for st in states], kv, batch)  # [B, R, c*d]
+        buf_gate, _ = _concat_rows([st.pend_gate for st in states], gate, batch)
+        for p, st, x in zip(batch.p0, states, a, strict=True):
+            assert p == st.store.n * m + x, "compressor state out of step with positions"
+        tot = [x + n for x, n in zip(a, batch.lens, strict=True)]
+        n_win = [t // m for t in tot]
+        ends = [k * m for k in n_win]
+        for st, k, g in zip(states, _row_views(buf_kv, ends, tot), _row_views(buf_gate, ends, tot), strict=True):
+            st.pend_kv, st.pend_gate = k, g  # the rows of the unfinished window
+        W = max(n_win)
+        if W == 0:
+            return
+        has = [i for i, k in enumerate(n_win) if k]
+        sts, n_win = [states[i] for i in has], [n_win[i] for i in has]
+        if len(has) < len(states):
+            idx = torch.tensor(has, dtype=torch.long, device=kv.device)
+            buf_kv, buf_gate = buf_kv[idx], buf_gate[idx]
+        k = len(sts)
+        win_kv = buf_kv[:, :W * m].view(k, W, m, -1)
+        win_gate = buf_gate[:, :W * m].view(k, W, m, -1) + self.ape  # ape[pos % m]: windows start at multiples of m
+        if self.overlap:
+            # Entry i pools 2m slots: first half [:d] of window i-1, then second half [d:] of window i.
+            if any(st.prev_kv is None for st in sts):
+                none_kv = kv.new_zeros(m, kv.shape[1])
+                none_gate = torch.full_like(none_kv, float("-inf"))
+                prev_kv = torch.stack([none_kv if st.prev_kv is None else st.prev_kv for st in sts])
+                prev_gate = torch.stack([none_gate if st.prev_gate is None else st.prev_gate for st in sts])
+            else:
+                prev_kv = torch.stack([st.prev_kv for st in sts])
+                prev_gate = torch.stack([st.prev_gate for st in sts])
+            if min(n_win) == W:
+                lasts = zip(win_kv[:, W - 1].unbind(0), win_gate[:, W - 1].unbind(0))
+            else:
+                lasts = ((win_kv[i, j - 1], win_gate[i, j - 1]) for i, j in enumerate(n_win))
+            for st, (lk, lg) in zip(sts, lasts, strict=True):
+                st.prev_kv, st.prev_gate = lk, lg
+            win_kv = torch.cat([torch.cat([prev_kv[:, None, :, :d], win_kv[:, :-1, :, :d]], dim=1),
+                                win_kv[..., d:]], dim=2)  # [k, W, 2m, d]
+            win_gate = torch.cat([torch.cat([prev_gate[:, None, :, :d], win_gate[:, :-1, :, :d]], dim=1),
+                                  win_gate[..., d:]], dim=2)
+        entry = self.norm((win_kv * win_gate.softmax(dim=2)).sum(dim=2)).flatten(0, 1)  # [k*W, d]
+        # RoPE at the position of each window's first token.
+        n_old = torch.tensor([st.store.n for st in sts], device=kv.device)
+        pos = (n_old[:, None] + torch.arange(W, device=kv.device)[None, :]) * m  # [k, W]
+        cos, sin = rope_cos_sin(freqs, pos.flatten())
+        entry = apply_rope(entry, cos, sin)
+        if min(n_win) < W:
+            entry = entry[(torch.arange(W, device=kv.device)[None, :] < torch.tensor(n_win, device=kv.device)[:, None])
+                          .flatten()]
+        append_rows([st.store for st in sts], entry, n_win)
+
 
 class Indexer(nn.Module):
     """Lightning indexer (§2.5): picks the top-k compressed entries each CSA query attends to."""
@@ -130,23 +249,16 @@ class Indexer(nn.Module):
         chosen.scatter_(1, idx, True)
         return chosen & visible
 
-    def select_batched(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Decode: one query per sequence. q [B, Hi, di], w [B, Hi], keys [B, N, di] (padded), valid [B, N]
-        (the entries each query may see) -> bool [B, N]: the top-k among the valid entries."""
-        scores = F.relu(torch.einsum("bhd,bnd->bhn", q, keys.float())) * self.head_dim**-0.5
-        score = (scores * w.unsqueeze(-1)).sum(dim=1).masked_fill(~valid, float("-inf"))  # [B, N]
-        idx = score.topk(min(self.topk, score.shape[1]), dim=-1).indices
-        chosen = torch.zeros_like(valid)
-        chosen.scatter_(1, idx, True)
-        return chosen & valid
-
-
-def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n_i, d] tensors -> zero-padded [B, max n_i, d] and the mask of real rows [B, max n_i]."""
-    lens = torch.tensor([r.shape[0] for r in rows])
-    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-    mask = torch.arange(padded.shape[1])[None, :] < lens[:, None]
-    return padded, mask.to(padded.device)
+    def select_padded(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
+                      visible: torch.Tensor) -> torch.Tensor:
+        """`select` for several sequences at once: q [B, n, Hi, di], w [B, n, Hi], keys [B, N, di] (zero-padded),
+        visible [B, n, N] (the entries each query may see) -> bool [B, n, N]: the top-k among the visible."""
+        scores = F.relu(torch.einsum("bthd,bkd->bthk", q, keys.float())) * self.head_dim**-0.5
+        score = (scores * w.unsqueeze(-1)).sum(dim=2).masked_fill(~visible, float("-inf"))  # [B, n, N]
+        idx = score.topk(min(self.topk, score.shape[-1]), dim=-1).indices
+        chosen = torch.zeros_like(visible)
+        chosen.scatter_(-1, idx, True)
+        return chosen & visible
 
 
 class Attention(nn.Module):
@@ -171,6 +283,7 @@ class Attention(nn.Module):
         self.indexer = Indexer(cfg, dtype) if self.ratio == 4 else None
         # All RoPE in a compressed layer uses the YaRN'd compress schedule (§2.1).
         self.register_buffer("freqs", inv_freq(cfg, compressed=self.ratio > 0), persistent=False)
+        self.batched = True  # sequences run batched where they can (`_groups`); False: all through `_attend` (tests)
 
     def new_state(self, device: torch.device | str, comp_store=None, index_store=None) -> LayerState:
         """A fresh state; compressed entries go to the given stores (default: dense tensors)."""
@@ -206,14 +319,18 @@ class Attention(nn.Module):
         if self.indexer is not None:
             proj["index"] = self.indexer.compressor.project(x)
             proj["iq"] = self.indexer.project(x, qr, cos, sin)
-        if all(s.n == 1 and not s.state.snapshot_at for s in seqs):
-            o = self._attend_decode(q, kv, positions, proj, [s.state for s in seqs])
-        else:
-            o = torch.empty(T, h, hd, dtype=x.dtype, device=x.device)
-            for s in seqs:
-                rows = slice(s.start, s.start + s.n)
-                o[rows] = self._attend(q[rows], kv[rows], positions[rows],
-                                       {k: (a[rows], b[rows]) for k, (a, b) in proj.items()}, s.state)
+        o = torch.empty(T, h, hd, dtype=x.dtype, device=x.device)
+        alone, groups = self._groups(seqs)
+        for group in groups:
+            rows, out = self._attend_batch(q, kv, positions, proj, group)
+            if rows is None:
+                o = out
+            else:
+                o[rows] = out
+        for s in alone:
+            rows = slice(s.start, s.start + s.n)
+            o[rows] = self._attend(q[rows], kv[rows], positions[rows],
+                                   {k: (a[rows], b[rows]) for k, (a, b) in proj.items()}, s.state)
         o = apply_rope(o, cos, sin, inverse=True)  # undo the rotation V carried (§2.2)
         g = self.cfg.o_groups
         wo_a = self.wo_a.weight.view(g, self.cfg.o_lora_rank, -1)  # [G, R, H*hd/G]
@@ -255,6 +372,7 @@ class Attention(nn.Module):
             keys = win[lo - win_start: p0 + q1 - win_start]
             diff = qpos[:, None] - torch.arange(lo, p0 + q1, device=q.device)[None, :]
             visible = (diff >= 0) & (diff < self.window)
+            blocks = [(keys[None], visible[None])]
             # ---- compressed entries: entry i is visible to t iff i < (t+1)//m (§2.4)
             if self.ratio:
                 n_vis = (p0 + q1) // self.ratio
@@ -264,56 +382,126 @@ class Attention(nn.Module):
                     chosen = self.indexer.select(iq[q0:q1], iw[q0:q1], qpos, st.index.store.read(n_vis))
                 else:  # HCA: all of them
                     chosen = torch.arange(n_vis, device=q.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
-                keys = torch.cat([keys, entries.to(keys.dtype)])
-                visible = torch.cat([visible, chosen], dim=1)
-            o[q0:q1] = self._core(q[None, q0:q1], keys[None], visible[None])[0]
+                if n_vis:
+                    blocks.append((entries[None], chosen[None]))
+            o[q0:q1] = self._core(q[None, q0:q1], blocks)[0]
         # ---- advance the window
         st.window = win[-keep:] if keep > 0 else win[:0]
         st.num_tokens = p0 + n
         st.snapshot_at = []
         return o
 
-    def _attend_decode(self, q: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor,
-                       proj: dict[str, tuple[torch.Tensor, torch.Tensor]], states: list[LayerState]) -> torch.Tensor:
-        """A decode step (one token per sequence), batched: q [B, H, hd], kv [B, hd] -> o [B, H, hd].
+    def _groups(self, seqs: list[SeqSlice]) -> tuple[list[SeqSlice], list[list[SeqSlice]]]:
+        """Which sequences run batched (`_attend_batch`): decode tokens in one group; other chunks of at most
+        QUERY_BLOCK tokens in groups of at most BATCH_QUERIES padded queries. The rest (long chunks, pending
+        snapshots) run one by one through `_attend`."""
+        if not self.batched or len({id(s.state) for s in seqs}) < len(seqs):
+            return seqs, []
+        alone = [s for s in seqs if s.n > QUERY_BLOCK or s.state.snapshot_at]
+        decode = [s for s in seqs if s.n == 1 and not s.state.snapshot_at]
+        groups = [decode] if decode else []
+        group, n_max = [], 0
+        for s in seqs:
+            if 1 < s.n <= QUERY_BLOCK and not s.state.snapshot_at:
+                if group and (len(group) + 1) * max(n_max, s.n) > BATCH_QUERIES:
+                    groups.append(group)
+                    group, n_max = [], 0
+                group.append(s)
+                n_max = max(n_max, s.n)
+        if group:
+            groups.append(group)
+        return alone, groups
 
-        Same math as `_attend`: the per-sequence state still advances one sequence at a time, but the
-        indexer and the core attention run once over keys padded to the longest sequence.
+    def _attend_batch(self, q: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor,
+                      proj: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      seqs: list[SeqSlice]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`_attend` for several sequences at once (each at most QUERY_BLOCK new tokens, no snapshot): q, kv, pos
+        and `proj` are the whole packed batch. Returns (the packed rows, or None for all rows in order; their o).
+
+        Same math as `_attend`, with no per-sequence tensor work beyond views: each sequence's window and new
+        tokens are laid out in one padded tensor (each keeps a view of its row as its window), the compressors
+        advance all sequences at once (`Compressor.forward_batch`), the compressed entries of all sequences are
+        read in one gather (`read_padded`), and the indexer and the core attention run once over queries and
+        keys padded to the longest sequence.
         """
+        states = [s.state for s in seqs]
+        batch = _Batch([s.start for s in seqs], [s.n for s in seqs], [st.num_tokens for st in states])
+        dev, B, n_max = kv.device, len(seqs), max(batch.lens)
+        if pos.device.type == "cpu":  # free on CPU; elsewhere it would sync every layer
+            got = pos.tolist()
+            got = [got[s] for s in batch.starts]
+            assert got == batch.p0, f"positions {got}, caches hold {batch.p0} tokens"
+        if batch.uniform:
+            s0, n = batch.starts[0], n_max
+            rows, padded = slice(s0, s0 + B * n), None
+            qp, qpos = q[rows].view(B, n, *q.shape[1:]), pos[rows].view(B, n)
+            take = lambda t: t[rows].view(B, n, *t.shape[1:])  # noqa: E731
+        else:
+            padded = batch.padded_rows(dev)  # [B, n_max]
+            rows = batch.rows(dev)[2]
+            qp, qpos = q[padded], pos[padded]
+            take = lambda t: t[padded]  # noqa: E731
+        # ---- sliding window: query t sees keys at positions (t-w, t]
         keep = self.window - 1
-        wins, ents, ikeys = [], [], []
-        for i, st in enumerate(states):
-            assert int(pos[i]) == st.num_tokens, f"position {int(pos[i])}, cache holds {st.num_tokens} tokens"
-            win = torch.cat([st.window, kv[i:i + 1]])  # the window includes the current token
-            wins.append(win)
-            st.window = win[-keep:] if keep > 0 else win[:0]
-            if self.ratio:
-                row = slice(i, i + 1)
-                self.compressor(proj["comp"][0][row], proj["comp"][1][row], st.num_tokens, st.comp, self.freqs)
-                ents.append(st.comp.store.read(st.comp.store.n))  # all finished entries are visible
-                if self.indexer is not None:
-                    self.indexer.compressor(proj["index"][0][row], proj["index"][1][row], st.num_tokens,
-                                            st.index, self.freqs)
-                    ikeys.append(st.index.store.read(st.index.store.n))
-            st.num_tokens += 1
-        keys, visible = _pad(wins)  # [B, Lw, hd], [B, Lw]
-        if self.ratio:
-            entries, valid = _pad(ents)  # [B, N, hd]
-            if self.indexer is not None and entries.shape[1]:
-                iq, iw = proj["iq"]
-                valid = self.indexer.select_batched(iq, iw, _pad(ikeys)[0], valid)
-            keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
-            visible = torch.cat([visible, valid], dim=1)
-        return self._core(q[:, None], keys, visible[:, None])[:, 0]
+        keys, a = _concat_rows([st.window for st in states], kv, batch)  # [B, L, hd]: window, then the new tokens
+        tot = [x + n for x, n in zip(a, batch.lens, strict=True)]
+        for st, w in zip(states, _row_views(keys, [max(0, t - keep) if keep > 0 else t for t in tot], tot),
+                         strict=True):
+            st.window = w
+        ar = torch.arange(keys.shape[1], device=dev)
+        kpos = torch.tensor([p - x for p, x in zip(batch.p0, a, strict=True)], device=dev)[:, None] + ar  # [B, L]
+        diff = qpos[:, :, None] - kpos[:, None, :]
+        visible = (diff >= 0) & (diff < self.window) & (ar < torch.tensor(tot, device=dev)[:, None])[:, None]
+        blocks = [(keys, visible)]
+        # ---- compressed entries: entry i is visible to t iff i < (t+1)//m (§2.4)
+        if self.ratio:  # compress the new tokens first: an entry is visible from its window's last token on
+            comps = [st.comp for st in states]
+            self.compressor.forward_batch(*proj["comp"], batch, comps, self.freqs)
+            counts = [cs.store.n for cs in comps]
+            entries, _ = read_padded([cs.store for cs in comps], counts)  # [B, N, hd]
+            chosen = torch.arange(entries.shape[1], device=dev) < ((qpos + 1) // self.ratio)[:, :, None]
+            if self.indexer is not None:  # CSA: the indexer's top-k among the visible entries
+                idx_states = [st.index for st in states]
+                self.indexer.compressor.forward_batch(*proj["index"], batch, idx_states, self.freqs)
+                if entries.shape[1]:
+                    ikeys, _ = read_padded([cs.store for cs in idx_states], counts)
+                    iq, iw = proj["iq"]
+                    chosen = self.indexer.select_padded(take(iq), take(iw), ikeys, chosen)
+            if entries.shape[1]:
+                blocks.append((entries, chosen))
+        for st, n in zip(states, batch.lens, strict=True):
+            st.num_tokens += n
+        o = self._core(qp, blocks)  # [B, n_max, H, hd]
+        if padded is None:
+            return (None if rows == slice(0, q.shape[0]) else rows), o.flatten(0, 1)
+        keep_q = torch.arange(n_max, device=dev)[None, :] < torch.tensor(batch.lens, device=dev)[:, None]
+        return rows, o[keep_q]
 
-    def _core(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """q [B, n, H, hd], keys [B, L, hd] (K = V), visible [B, n, L] -> [B, n, H, hd].
+    def _core(self, q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """q [B, n, H, hd]; blocks of keys (K = V) with their masks: [(keys [B, L_j, hd], visible [B, n, L_j])]
+        -> [B, n, H, hd].
 
-        Softmax over the visible keys with the per-head sink in the denominator (§2.2).
+        One softmax over the visible keys of all blocks with the per-head sink in the denominator (§2.2).
+        Few queries (decode): the blocks' scores are concatenated, not their keys; many: the keys.
         """
-        b, n = q.shape[:2]
-        scores = torch.einsum("bnhd,bld->bhnl", q.float(), keys.float()) * self.scale
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))
-        sink = self.attn_sink.float().view(1, -1, 1, 1).expand(b, -1, n, 1)
-        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
-        return torch.einsum("bhnl,bld->bnhd", probs, keys.float()).to(q.dtype)
+        b, n, h, d = q.shape
+        step = max(1, CORE_SCORES // (n * h * sum(k.shape[1] for k, _ in blocks)))
+        if step < b:  # keep each piece's scores in cache: the sequences go in groups of `step`
+            return torch.cat([self._core(q[i:i + step], [(k[i:i + step], v[i:i + step]) for k, v in blocks])
+                              for i in range(0, b, step)])
+        qf = q.float().reshape(b, n * h, d)
+        if len(blocks) > 1 and n * h > d:
+            blocks = [(torch.cat([k.float() for k, _ in blocks], dim=1), torch.cat([v for _, v in blocks], dim=-1))]
+        keys = [k.float() for k, _ in blocks]
+        scores = [torch.bmm(qf, k.transpose(1, 2)) for k in keys]  # [B, n*H, L_j]
+        scores = torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0]
+        visible = torch.cat([v for _, v in blocks], dim=-1) if len(blocks) > 1 else blocks[0][1]
+        scores = (scores.view(b, n, h, -1) * self.scale).masked_fill(~visible[:, :, None], float("-inf"))
+        sink = self.attn_sink.float().view(1, 1, h, 1).expand(b, n, h, 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1).view(b, n * h, -1)
+        o, at = None, 0
+        for k in keys:
+            part = torch.bmm(probs[..., at:at + k.shape[1]], k)
+            o = part if o is None else o + part
+            at += k.shape[1]
+        return o.view(b, n, h, d).to(q.dtype)

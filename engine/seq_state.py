@@ -49,24 +49,81 @@ class PagedEntries(EntryStore):
         self.pool, self.page_ids, self.n = pool, page_ids, n
         self.per_page = pool.shape[1]
 
+    def _slots(self, first: int, k: int) -> list[int]:
+        """Flat row indices (into `pool.view(-1, d)`) of entries first .. first+k-1."""
+        last = first + k - 1
+        if last // self.per_page >= len(self.page_ids):
+            raise RuntimeError(f"entry {last} needs page {last // self.per_page}; "
+                               f"only {len(self.page_ids)} allocated")
+        pp = self.per_page
+        return [self.page_ids[i // pp] * pp + i % pp for i in range(first, first + k)]
+
     def append(self, entries: torch.Tensor) -> None:
         k = entries.shape[0]
         if k == 0:
             return
-        idx = torch.arange(self.n, self.n + k)
-        need = int(idx[-1]) // self.per_page + 1
-        if need > len(self.page_ids):
-            raise RuntimeError(f"entry {int(idx[-1])} needs page {need - 1}; only {len(self.page_ids)} allocated")
-        pages = torch.tensor(self.page_ids, dtype=torch.long)[idx // self.per_page].to(self.pool.device)
-        self.pool[pages, (idx % self.per_page).to(self.pool.device)] = entries.to(self.pool.dtype)
+        rows = torch.tensor(self._slots(self.n, k), dtype=torch.long, device=self.pool.device)
+        self.pool.view(-1, self.pool.shape[2])[rows] = entries.to(self.pool.dtype)
         self.n += k
 
     def read(self, n: int) -> torch.Tensor:
         if n == 0:
             return self.pool.new_zeros(0, self.pool.shape[2])
         n_pages = (n - 1) // self.per_page + 1
+        if n_pages > len(self.page_ids):
+            raise RuntimeError(f"reading {n} entries needs {n_pages} pages; only {len(self.page_ids)} allocated")
         pages = torch.tensor(self.page_ids[:n_pages], dtype=torch.long, device=self.pool.device)
         return self.pool[pages].flatten(0, 1)[:n]
+
+
+def _shared_pool(stores: list[EntryStore]) -> torch.Tensor | None:
+    """The one page pool all `stores` use, or None (dense stores, or several pools)."""
+    first = stores[0]
+    if not isinstance(first, PagedEntries) or not first.pool.is_contiguous():
+        return None
+    pool = first.pool
+    return pool if all(isinstance(s, PagedEntries) and s.pool is pool for s in stores) else None
+
+
+def append_rows(stores: list[EntryStore], entries: torch.Tensor, counts: list[int] | None = None) -> None:
+    """Append to each store its entries: `entries` [sum counts, d] holds counts[i] (default 1) rows for stores[i],
+    store by store. Stores sharing one page pool are written with one index op."""
+    if not stores:
+        return
+    counts = [1] * len(stores) if counts is None else counts
+    pool = _shared_pool(stores)
+    if pool is None:
+        for s, e in zip(stores, entries.split(counts), strict=True):
+            s.append(e)
+        return
+    rows = [r for s, c in zip(stores, counts, strict=True) if c for r in s._slots(s.n, c)]
+    pool.view(-1, pool.shape[2])[torch.tensor(rows, dtype=torch.long, device=pool.device)] = entries.to(pool.dtype)
+    for s, c in zip(stores, counts, strict=True):
+        s.n += c
+
+
+def read_padded(stores: list[EntryStore], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first counts[i] entries of stores[i], zero-padded: [B, max count, d] and the mask of real rows [B, N].
+
+    Stores sharing one page pool are read with a single gather over a padded page table."""
+    device = stores[0].pool.device if isinstance(stores[0], PagedEntries) else stores[0].data.device
+    n_max = max(counts)
+    valid = torch.arange(n_max, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+    pool = _shared_pool(stores)
+    if pool is None:
+        return torch.nn.utils.rnn.pad_sequence([s.read(c) for s, c in zip(stores, counts, strict=True)],
+                                               batch_first=True), valid
+    pp, d = pool.shape[1], pool.shape[2]
+    n_pages = (n_max - 1) // pp + 1 if n_max else 0
+    table = []
+    for s, c in zip(stores, counts, strict=True):
+        need = (c - 1) // pp + 1 if c else 0
+        if need > len(s.page_ids):
+            raise RuntimeError(f"reading {c} entries needs {need} pages; only {len(s.page_ids)} allocated")
+        ids = s.page_ids[:n_pages]
+        table.append(ids + [ids[0] if ids else 0] * (n_pages - len(ids)))  # padding pages are masked out
+    table_t = torch.tensor(table, dtype=torch.long, device=pool.device)
+    return pool[table_t].view(len(stores), n_pages * pp, d)[:, :n_max], valid
 
 
 @dataclass

@@ -1,0 +1,187 @@
+"""The batched attention path (`_attend_batch`: decode steps and short prefill chunks of many sequences at once)
+equals the per-sequence path (`_attend`).
+
+Mixed context lengths around the window (127/128/129), the 4:1 and 128:1 compression boundaries, paged
+stores sharing one pool and dense stores; the batched compressor against the per-sequence one; the
+batched entry reads/writes against the per-store ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.attention import Attention, SeqSlice, _Batch
+from engine.seq_state import DenseEntries, LayerState, PagedEntries, append_rows, read_padded
+
+TOL = 1e-5
+LENS = [1, 3, 4, 7, 126, 127, 128, 129, 131, 252, 255, 256]  # contexts before the decode steps
+PAGE_TOKENS = 128
+
+
+def _fresh(attn: Attention, paged: bool) -> list[LayerState]:
+    """One state per sequence of LENS; paged: all in one pool per store kind, pages assigned in a shuffled order."""
+    if not paged:
+        return [attn.new_state("cpu") for _ in LENS]
+    r = attn.ratio
+    per_seq = 4  # pages: enough for 256 + decode steps
+    order = torch.randperm(per_seq * len(LENS), generator=torch.Generator().manual_seed(0)).tolist()
+    cfg = attn.cfg
+    comp = torch.zeros(len(order), PAGE_TOKENS // r, cfg.head_dim) if r else None
+    index = torch.zeros(len(order), PAGE_TOKENS // 4, cfg.index_head_dim) if r == 4 else None
+    out = []
+    for i in range(len(LENS)):
+        pages = order[i * per_seq:(i + 1) * per_seq]
+        out.append(attn.new_state("cpu", PagedEntries(comp, pages) if r else None,
+                                  PagedEntries(index, pages) if r == 4 else None))
+    return out
+
+
+def _step(attn: Attention, states: list[LayerState], xs: list[torch.Tensor], batched: bool) -> torch.Tensor:
+    """One forward: sequence i adds the tokens xs[i] (packed in order)."""
+    seqs, start = [], 0
+    for st, x in zip(states, xs, strict=True):
+        seqs.append(SeqSlice(start, x.shape[0], st))
+        start += x.shape[0]
+    pos = torch.cat([torch.arange(st.num_tokens, st.num_tokens + x.shape[0]) for st, x in zip(states, xs)])
+    try:
+        attn.batched = batched
+        return attn(torch.cat(xs), pos, seqs)
+    finally:
+        attn.batched = True
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and (a.numel() == 0 or (a - b).abs().max().item() <= TOL)
+
+
+def _entries(st: LayerState) -> list[torch.Tensor]:
+    return [cs.store.read(cs.store.n) for cs in (st.comp, st.index) if cs is not None]
+
+
+def _assert_same_states(fast: list[LayerState], slow: list[LayerState]) -> None:
+    for f, s in zip(fast, slow, strict=True):
+        assert f.num_tokens == s.num_tokens
+        assert _close(f.window, s.window)
+        for a, b in zip(_entries(f), _entries(s), strict=True):
+            assert _close(a, b)
+        for cf, cs in ((f.comp, s.comp), (f.index, s.index)):
+            if cf is not None:
+                assert _close(cf.pend_kv, cs.pend_kv) and _close(cf.pend_gate, cs.pend_gate)
+
+
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "dense"])
+@pytest.mark.parametrize("layer", [0, 1, 2], ids=["swa", "csa", "hca"])
+@torch.inference_mode()
+def test_batched_attention_equals_per_sequence_attend(tiny_model, layer, paged):
+    """Prefill (uneven lengths), then chunks of uneven and of equal lengths, then decode steps; every output and
+    the states after equal the per-sequence path."""
+    attn = tiny_model.layers[layer].attn
+    assert attn.ratio == (0, 4, 128)[layer]
+    d = tiny_model.cfg.hidden_size
+    g = torch.Generator().manual_seed(layer)
+    fast, slow = _fresh(attn, paged), _fresh(attn, paged)
+    chunks = [LENS, [1, 2, 5, 1, 3, 4, 1, 7, 2, 6, 1, 4], [3] * len(LENS)] + [[1] * len(LENS)] * 6
+    for step, lens in enumerate(chunks):  # the decode steps cross 127/128/129, 255/256 and 4:1 boundaries
+        xs = [torch.randn(n, d, generator=g) for n in lens]
+        want = _step(attn, slow, xs, batched=False)
+        got = _step(attn, fast, xs, batched=True)
+        assert _close(got, want), f"step {step}"
+    _assert_same_states(fast, slow)
+
+
+@torch.inference_mode()
+def test_mixed_batch_long_chunk_and_snapshot_go_alone(tiny_model):
+    """A chunk longer than QUERY_BLOCK and a sequence with a pending snapshot run per sequence in the same call."""
+    attn = tiny_model.layers[1].attn
+    d = tiny_model.cfg.hidden_size
+    g = torch.Generator().manual_seed(11)
+    fast, slow = _fresh(attn, True), _fresh(attn, True)
+    lens = [300, 1, 128, 1, 2, 1, 128, 1, 1, 5, 1, 1]
+    for sts in (fast, slow):
+        sts[2].snapshot_at.append(128)
+    xs = [torch.randn(n, d, generator=g) for n in lens]
+    want = _step(attn, slow, xs, batched=False)
+    got = _step(attn, fast, xs, batched=True)
+    assert _close(got, want)
+    _assert_same_states(fast, slow)
+    snap_f, snap_s = fast[2].snapshots[128], slow[2].snapshots[128]
+    assert _close(snap_f.window, snap_s.window) and _close(snap_f.comp_prev[0], snap_s.comp_prev[0])
+
+
+@pytest.mark.parametrize("layer", [1, 2], ids=["csa", "hca"])
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "dense"])
+@torch.inference_mode()
+def test_batched_compressor_equals_per_sequence(tiny_model, layer, paged):
+    attn = tiny_model.layers[layer].attn
+    comp, m = attn.compressor, attn.ratio
+    width = comp.ape.shape[1]
+    g = torch.Generator().manual_seed(7)
+    starts = [0, 2, 3, 4, 7, m - 1, m, 2 * m - 1, 2 * m + 1]
+    fast = [s.comp for s in _fresh(attn, paged)[:len(starts)]]
+    slow = [s.comp for s in _fresh(attn, paged)[:len(starts)]]
+    for f, s, p in zip(fast, slow, starts, strict=True):
+        kv, gate = torch.randn(p, width, generator=g), torch.randn(p, width, generator=g)
+        comp(kv, gate, 0, f, attn.freqs)
+        comp(kv, gate, 0, s, attn.freqs)
+    # uneven chunks (windows completing several at once), then equal ones, then m + 2 decode steps
+    chunks = [[5, 1, 2 * m + 3, 0, 3, m, 1, 4, 2], [2] * len(starts)] + [[1] * len(starts)] * (m + 2)
+    pos = starts
+    for lens in chunks:
+        kv, gate = torch.randn(sum(lens), width, generator=g), torch.randn(sum(lens), width, generator=g)
+        first = [sum(lens[:i]) for i in range(len(lens))]
+        live = [i for i, n in enumerate(lens) if n]
+        comp.forward_batch(kv, gate, _Batch([first[i] for i in live], [lens[i] for i in live], [pos[i] for i in live]),
+                           [fast[i] for i in live], attn.freqs)
+        for i in live:
+            comp(kv[first[i]:first[i] + lens[i]], gate[first[i]:first[i] + lens[i]], pos[i], slow[i], attn.freqs)
+        pos = [p + n for p, n in zip(pos, lens)]
+    for f, s in zip(fast, slow, strict=True):
+        assert f.store.n == s.store.n > 0
+        assert _close(f.store.read(f.store.n), s.store.read(s.store.n))
+        assert torch.equal(f.pend_kv, s.pend_kv) and torch.equal(f.pend_gate, s.pend_gate)
+        if comp.overlap:
+            assert torch.equal(f.prev_kv, s.prev_kv) and torch.equal(f.prev_gate, s.prev_gate)
+
+
+def test_batched_compressor_rejects_positions_out_of_step(tiny_model):
+    attn = tiny_model.layers[1].attn
+    st = attn.compressor.new_state("cpu")
+    row = torch.zeros(1, attn.compressor.ape.shape[1])
+    with pytest.raises(AssertionError, match="out of step"):
+        attn.compressor.forward_batch(row, row, _Batch([0], [1], [5]), [st], attn.freqs)
+
+
+def test_paged_batched_read_and_append_equal_per_store():
+    g = torch.Generator().manual_seed(3)
+    pool = torch.zeros(10, 4, 3)
+    tables = [[7, 2, 5], [0], [9, 1], [3, 4, 6, 8]]
+    counts = [9, 2, 8, 13]
+    fast = [PagedEntries(pool, t) for t in tables]
+    dense = [DenseEntries(3, "cpu") for _ in tables]
+    for s, dd, c in zip(fast, dense, counts, strict=True):
+        e = torch.randn(c - 1, 3, generator=g)
+        s.append(e)
+        dd.append(e)
+    last = torch.randn(len(tables), 3, generator=g)
+    append_rows(fast, last)
+    append_rows(dense, last)
+    assert [s.n for s in fast] == [s.n for s in dense] == counts
+    for stores in (fast, dense):
+        got, valid = read_padded(stores, counts)
+        assert got.shape == (4, 13, 3) and valid.sum(1).tolist() == counts
+        for i, s in enumerate(stores):
+            assert torch.equal(got[i, :counts[i]], dense[i].read(counts[i]))
+            assert torch.equal(s.read(counts[i]), dense[i].read(counts[i]))
+    empty, none = read_padded(fast, [0, 0, 0, 0])
+    assert empty.shape == (4, 0, 3) and none.shape == (4, 0)
+
+
+def test_paged_store_refuses_missing_pages():
+    pool = torch.zeros(4, 2, 3)
+    s = PagedEntries(pool, [1])
+    s.append(torch.ones(2, 3))
+    with pytest.raises(RuntimeError, match="needs page 1"):
+        append_rows([s], torch.ones(1, 3))
+    with pytest.raises(RuntimeError, match="needs 2 pages"):
+        read_padded([s], [3])

@@ -1,9 +1,12 @@
 """V4 attention: sliding window + CSA (4:1, overlapping, lightning indexer) + HCA (128:1).
 
 Follows v4-model.md §2 in the order of the math. The projections run on the packed tokens
-of the whole batch; the per-sequence parts (compressors, indexer, core attention) loop over
-sequences, each carrying its own `LayerState`. Prefill, chunked prefill and decode are all
-the same call: a sequence contributes `n >= 1` new tokens at positions `p0 .. p0+n-1`.
+of the whole batch. Prefill, chunked prefill and decode are all the same call: a sequence
+contributes `n >= 1` new tokens at positions `p0 .. p0+n-1`, carrying its own `LayerState`.
+Decode tokens, and chunks of at most QUERY_BLOCK tokens, of all sequences run together
+(`_attend_batch`: one padded pass for windows, compressors, entry reads, indexer and core);
+longer chunks and chunks with a pending prefix-cache snapshot run one by one (`_attend`, the
+reference the batched path is tested against).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Compressed entries go through an `EntryStore`: `DenseEntries` (a growing tensor, for the model used
 on its own) or `PagedEntries` (slots in a page pool shared by all sequences; the scheduler hands out
-the page ids). The window and the compressors' partial windows are per-sequence tensors.
+the page ids). The window and the compressors' partial windows are per-sequence tensors (after a
+batched step, views into that step's padded batch tensor; never written in place).
 """
 
 from __future__ import annotations

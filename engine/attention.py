@@ -451,23 +451,26 @@ class Attention(nn.Module):
         for st, w in zip(states, _row_views(keys, [max(0, t - keep) if keep > 0 else t for t in tot], tot),
                          strict=True):
             st.window = w
-        ar = torch.arange(keys.shape[1], device=dev)
-        kpos = torch.tensor([p - x for p, x in zip(batch.p0, a, strict=True)], device=dev)[:, None] + ar  # [B, L]
-        diff = qpos[:, :, None] - kpos[:, None, :]
-        visible = (diff >= 0) & (diff < self.window) & (ar < torch.tensor(tot, device=dev)[:, None])[:, None]
+        if n_max == 1 and min(a) == max(a):  # decode, all windows of one length: every key is visible
+            visible = None
+        else:
+            ar = torch.arange(keys.shape[1], device=dev)
+            kpos = torch.tensor([p - x for p, x in zip(batch.p0, a, strict=True)], device=dev)[:, None] + ar  # [B, L]
+            diff = qpos[:, :, None] - kpos[:, None, :]
+            visible = (diff >= 0) & (diff < self.window) & (ar < torch.tensor(tot, device=dev)[:, None])[:, None]
         blocks = [(keys, visible)]
         # ---- compressed entries: entry i is visible to t iff i < (t+1)//m (§2.4)
         if self.ratio:  # compress the new tokens first: an entry is visible from its window's last token on
             comps = [st.comp for st in states]
             self.compressor.forward_batch(*proj["comp"], batch, comps, self.freqs)
             counts = [cs.store.n for cs in comps]
-            entries, _ = read_padded([cs.store for cs in comps], counts)  # [B, N, hd]
+            entries = read_padded([cs.store for cs in comps], counts)  # [B, N, hd]
             chosen = torch.arange(entries.shape[1], device=dev) < ((qpos + 1) // self.ratio)[:, :, None]
             if self.indexer is not None:  # CSA: the indexer's top-k among the visible entries
                 idx_states = [st.index for st in states]
                 self.indexer.compressor.forward_batch(*proj["index"], batch, idx_states, self.freqs)
                 if entries.shape[1]:
-                    ikeys, _ = read_padded([cs.store for cs in idx_states], counts)
+                    ikeys = read_padded([cs.store for cs in idx_states], counts)
                     iq, iw = proj["iq"]
                     chosen = self.indexer.select_padded(take(iq), take(iw), ikeys, chosen)
             if entries.shape[1]:
@@ -480,9 +483,9 @@ class Attention(nn.Module):
         keep_q = torch.arange(n_max, device=dev)[None, :] < torch.tensor(batch.lens, device=dev)[:, None]
         return rows, o[keep_q]
 
-    def _core(self, q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """q [B, n, H, hd]; blocks of keys (K = V) with their masks: [(keys [B, L_j, hd], visible [B, n, L_j])]
-        -> [B, n, H, hd].
+    def _core(self, q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """q [B, n, H, hd]; blocks of keys (K = V) with their masks: [(keys [B, L_j, hd], visible [B, n, L_j] or
+        None: all visible)] -> [B, n, H, hd].
 
         One softmax over the visible keys of all blocks with the per-head sink in the denominator (§2.2).
         Few queries (decode): the blocks' scores are concatenated, not their keys; many: the keys.
@@ -490,18 +493,21 @@ class Attention(nn.Module):
         b, n, h, d = q.shape
         step = max(1, CORE_SCORES // (n * h * sum(k.shape[1] for k, _ in blocks)))
         if step < b:  # keep each piece's scores in cache: the sequences go in groups of `step`
-            return torch.cat([self._core(q[i:i + step], [(k[i:i + step], v[i:i + step]) for k, v in blocks])
+            return torch.cat([self._core(q[i:i + step], [(k[i:i + step], None if v is None else v[i:i + step])
+                                                         for k, v in blocks])
                               for i in range(0, b, step)])
         qf = q.float().reshape(b, n * h, d)
         if len(blocks) > 1 and n * h > d:
-            blocks = [(torch.cat([k.float() for k, _ in blocks], dim=1), torch.cat([v for _, v in blocks], dim=-1))]
+            masks = [torch.ones(b, n, k.shape[1], dtype=torch.bool, device=k.device) if v is None else v
+                     for k, v in blocks]
+            blocks = [(torch.cat([k.float() for k, _ in blocks], dim=1), torch.cat(masks, dim=-1))]
         keys = [k.float() for k, _ in blocks]
-        scores = [torch.bmm(qf, k.transpose(1, 2)) for k in keys]  # [B, n*H, L_j]
-        scores = torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0]
-        visible = torch.cat([v for _, v in blocks], dim=-1) if len(blocks) > 1 else blocks[0][1]
-        scores = (scores.view(b, n, h, -1) * self.scale).masked_fill(~visible[:, :, None], float("-inf"))
+        scores = []
+        for k, (_, v) in zip(keys, blocks, strict=True):
+            s = (torch.bmm(qf, k.transpose(1, 2)).view(b, n, h, -1) * self.scale)  # [B, n, H, L_j]
+            scores.append(s if v is None else s.masked_fill(~v[:, :, None], float("-inf")))
         sink = self.attn_sink.float().view(1, 1, h, 1).expand(b, n, h, 1)
-        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1).view(b, n * h, -1)
+        probs = torch.cat([*scores, sink], dim=-1).softmax(dim=-1).view(b, n * h, -1)
         o, at = None, 0
         for k in keys:
             part = torch.bmm(probs[..., at:at + k.shape[1]], k)

@@ -103,17 +103,16 @@ def append_rows(stores: list[EntryStore], entries: torch.Tensor, counts: list[in
         s.n += c
 
 
-def read_padded(stores: list[EntryStore], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first counts[i] entries of stores[i], zero-padded: [B, max count, d] and the mask of real rows [B, N].
+def read_padded(stores: list[EntryStore], counts: list[int]) -> torch.Tensor:
+    """The first counts[i] entries of stores[i]: [B, max count, d]; rows past counts[i] are padding (zeros, or
+    whatever the pages hold: the caller masks them).
 
     Stores sharing one page pool are read with a single gather over a padded page table."""
-    device = stores[0].pool.device if isinstance(stores[0], PagedEntries) else stores[0].data.device
     n_max = max(counts)
-    valid = torch.arange(n_max, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
     pool = _shared_pool(stores)
     if pool is None:
         return torch.nn.utils.rnn.pad_sequence([s.read(c) for s, c in zip(stores, counts, strict=True)],
-                                               batch_first=True), valid
+                                               batch_first=True)
     pp, d = pool.shape[1], pool.shape[2]
     n_pages = (n_max - 1) // pp + 1 if n_max else 0
     table = []
@@ -124,7 +123,7 @@ def read_padded(stores: list[EntryStore], counts: list[int]) -> tuple[torch.Tens
         ids = s.page_ids[:n_pages]
         table.append(ids + [ids[0] if ids else 0] * (n_pages - len(ids)))  # padding pages are masked out
     table_t = torch.tensor(table, dtype=torch.long, device=pool.device)
-    return pool[table_t].view(len(stores), n_pages * pp, d)[:, :n_max], valid
+    return pool[table_t].view(len(stores), n_pages * pp, d)[:, :n_max]
 
 
 @dataclass

@@ -74,10 +74,15 @@ def test_grouped_equals_loop(monkeypatch, kernel, tokens, hot, pool):
     local = m.g2l[idx].flatten()
     counts = torch.bincount(local, minlength=cfg.n_routed_experts)
     ref = m._forward_loop(x, w, local, counts)
+    padded = []
+    real_padded = m._experts_padded
+    monkeypatch.setattr(m, "_experts_padded", lambda *a: padded.append(1) or real_padded(*a))
     assert _close(m(x, w, idx), ref)
     small = int(((counts > 0) & (counts < m.KERNEL_MAX_ROWS)).sum())
     if kernel:  # the kernel ran exactly the slots below the crossover, all their rows in one call
         assert calls == ([int(counts[counts < m.KERNEL_MAX_ROWS].sum())] if small else [])
+    # without the kernel, decode-size counts in (nearly) every slot take the padded bmm
+    assert padded == ([1] if not kernel and tokens == 32 else [])
     if tokens == 512:
         assert small == 0 and int(counts.min()) >= m.KERNEL_MAX_ROWS  # prefill-size: the torch mm path
     if hot is not None:
@@ -87,14 +92,15 @@ def test_grouped_equals_loop(monkeypatch, kernel, tokens, hot, pool):
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
-def test_grouped_with_limit_active(monkeypatch, kernel):
+@pytest.mark.parametrize("tokens,hot", [(160, 2), (32, None)], ids=["mixed", "decode"])
+def test_grouped_with_limit_active(monkeypatch, kernel, tokens, hot):
     cfg = get_preset("small")
     m = _experts(cfg, list(range(cfg.n_routed_experts)))
     m.limit = 0.5
     _kernel(monkeypatch, kernel)
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(160, cfg.hidden_size, generator=g)
-    w, idx = _routing(cfg.n_routed_experts, 160, cfg.num_experts_per_tok, g, hot=2)
+    x = torch.randn(tokens, cfg.hidden_size, generator=g)
+    w, idx = _routing(cfg.n_routed_experts, tokens, cfg.num_experts_per_tok, g, hot=hot)
     h = x @ m.w1[2].detach().T
     assert (h > m.limit).float().mean() > 0.2 and ((x @ m.w3[2].detach().T).abs() > m.limit).float().mean() > 0.2
     local = m.g2l[idx].flatten()

@@ -243,6 +243,14 @@ static int check_offsets(const int64_t *off, int64_t S, int64_t N) {
     return 0;
 }
 
+/* One call's job on one thread; the entry points set the thread count. */
+static job_t new_job(const float *x, const int64_t *off, const float *route_w, const float *w1, const float *w3,
+                     const float *w2, float *a, float *y, int64_t S, int64_t D, int64_t I, float limit) {
+    job_t j = {.x = x, .route_w = route_w, .w1 = w1, .w3 = w3, .w2 = w2, .off = off, .a = a, .y = y, .S = S,
+               .D = D, .I = I, .limit = limit, .nthreads = 1, .parts = 1};
+    return j;
+}
+
 #ifdef MEGASERVE_OMP
 /* Threads from the OpenMP runtime torch already loaded (same libgomp, hence torch's own pool). */
 #include <omp.h>
@@ -252,8 +260,8 @@ int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, 
                       int nthreads) {
     if (check_offsets(off, S, N)) return -1;
     if (N == 0) return 0;
-    job_t j = {.x = x, .route_w = route_w, .w1 = w1, .w3 = w3, .w2 = w2, .off = off, .a = a, .y = y, .S = S,
-               .D = D, .I = I, .limit = limit, .nthreads = useful_threads(off, S, N, D, I, nthreads)};
+    job_t j = new_job(x, off, route_w, w1, w3, w2, a, y, S, D, I, limit);
+    j.nthreads = useful_threads(off, S, N, D, I, nthreads);
     j.parts = 2 * j.nthreads;
 #pragma omp parallel num_threads(j.nthreads)
     {
@@ -343,8 +351,7 @@ int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, 
                       int nthreads) {
     if (check_offsets(off, S, N)) return -1;
     if (N == 0) return 0;
-    job_t j = {.x = x, .route_w = route_w, .w1 = w1, .w3 = w3, .w2 = w2, .off = off, .a = a, .y = y, .S = S,
-               .D = D, .I = I, .limit = limit, .nthreads = 1, .parts = 1};
+    job_t j = new_job(x, off, route_w, w1, w3, w2, a, y, S, D, I, limit);
     nthreads = useful_threads(off, S, N, D, I, nthreads);
     pthread_mutex_lock(&call_mu);
     if (nthreads > 1) {

@@ -25,6 +25,7 @@ from engine.seq_state import CompressorState, DenseEntries, LayerSnapshot, Layer
 QUERY_BLOCK = 256  # queries per attention block in prefill
 BATCH_QUERIES = 4096  # padded queries per batched group of prefill chunks
 CORE_SCORES = 1 << 18  # attention scores per piece of the core (1 MiB in float32)
+VIEW_AGE = 4  # forward calls a batched sequence may sit out before its views into a batch tensor are copied out
 
 
 @dataclass
@@ -287,6 +288,11 @@ class Attention(nn.Module):
         # All RoPE in a compressed layer uses the YaRN'd compress schedule (§2.1).
         self.register_buffer("freqs", inv_freq(cfg, compressed=self.ratio > 0), persistent=False)
         self.batched = True  # sequences run batched where they can (`_groups`); False: all through `_attend` (tests)
+        # States left by batched calls holding views into that call's padded tensors: id -> (state, call number).
+        # One left out for more than VIEW_AGE calls is compacted, so unscheduled sequences (chunked prefill,
+        # preemption, tbo halves) pin at most a few calls' tensors, never one per sequence.
+        self._viewers: dict[int, tuple[LayerState, int]] = {}
+        self._calls = 0
 
     def new_state(self, device: torch.device | str, comp_store=None, index_store=None) -> LayerState:
         """A fresh state; compressed entries go to the given stores (default: dense tensors)."""
@@ -324,6 +330,7 @@ class Attention(nn.Module):
             proj["iq"] = self.indexer.project(x, qr, cos, sin)
         o = torch.empty(T, h, hd, dtype=x.dtype, device=x.device)
         alone, groups = self._groups(seqs)
+        self._age_views([s.state for g in groups for s in g])
         for group in groups:
             rows, out = self._attend_batch(q, kv, positions, proj, group)
             if rows is None:
@@ -339,6 +346,15 @@ class Attention(nn.Module):
         wo_a = self.wo_a.weight.view(g, self.cfg.o_lora_rank, -1)  # [G, R, H*hd/G]
         o = torch.einsum("tgk,grk->tgr", o.view(T, g, -1).to(wo_a.dtype), wo_a)  # [T, G, R]
         return self.wo_b(o.flatten(1).to(x.dtype))
+
+    def _age_views(self, batched: list[LayerState]) -> None:
+        """Record the states this call runs batched; compact those left out for more than VIEW_AGE calls."""
+        self._calls += 1
+        for st in batched:
+            self._viewers[id(st)] = (st, self._calls)
+        stale = [k for k, (_, c) in self._viewers.items() if self._calls - c > VIEW_AGE]
+        for k in stale:
+            self._viewers.pop(k)[0].compact()
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor,
                 proj: dict[str, tuple[torch.Tensor, torch.Tensor]], st: LayerState) -> torch.Tensor:

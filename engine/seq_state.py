@@ -126,6 +126,13 @@ def read_padded(stores: list[EntryStore], counts: list[int]) -> torch.Tensor:
     return pool[table_t].view(len(stores), n_pages * pp, d)[:, :n_max]
 
 
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or a copy of it when its storage holds more than t itself (t is a view into a larger tensor)."""
+    if t is None or t.untyped_storage().nbytes() <= t.numel() * t.element_size():
+        return t
+    return t.clone()
+
+
 @dataclass
 class CompressorState:
     """What one compressor carries between calls for one sequence (partial windows in float32).
@@ -140,6 +147,11 @@ class CompressorState:
     pend_gate: torch.Tensor  # [n_pend, c*d] (ape not yet added)
     prev_kv: torch.Tensor | None = None  # [m, c*d]
     prev_gate: torch.Tensor | None = None  # [m, c*d] (ape added)
+
+    def compact(self) -> None:
+        """Copy out the tensors that are views into a larger (batch) tensor, so they stop pinning it."""
+        self.pend_kv, self.pend_gate = _own(self.pend_kv), _own(self.pend_gate)
+        self.prev_kv, self.prev_gate = _own(self.prev_kv), _own(self.prev_gate)
 
 
 @dataclass
@@ -166,3 +178,11 @@ class LayerState:
     # the attention fills `snapshots[b]`.
     snapshot_at: list[int] = field(default_factory=list)
     snapshots: dict[int, LayerSnapshot] = field(default_factory=dict)
+
+    def compact(self) -> None:
+        """Copy out the window and compressor tensors that are views into a larger (batch) tensor: a sequence
+        left out of later steps then holds only its own state, not a whole step's padded tensors."""
+        self.window = _own(self.window)
+        for cs in (self.comp, self.index):
+            if cs is not None:
+                cs.compact()

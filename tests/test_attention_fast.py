@@ -90,6 +90,41 @@ def test_batched_attention_equals_per_sequence_attend(tiny_model, layer, paged):
     _assert_same_states(fast, slow)
 
 
+def _pins_batch_tensor(st: LayerState) -> bool:
+    """Some tensor of st is a view into a larger tensor (a batched step's padded tensor)."""
+    ts = [st.window] + [t for cs in (st.comp, st.index) if cs is not None
+                        for t in (cs.pend_kv, cs.pend_gate, cs.prev_kv, cs.prev_gate) if t is not None]
+    return any(t.untyped_storage().nbytes() > t.numel() * t.element_size() for t in ts)
+
+
+@torch.inference_mode()
+def test_sequences_left_out_stop_pinning_batch_tensors(tiny_model):
+    """Sequences that sit out later batched calls (chunked prefill, preemption) have their views into the old
+    batch tensors copied out after VIEW_AGE calls; the ones scheduled every call keep the views (no copies), and
+    the outputs still equal the per-sequence path."""
+    from engine.attention import VIEW_AGE
+
+    attn = tiny_model.layers[1].attn
+    d = tiny_model.cfg.hidden_size
+    g = torch.Generator().manual_seed(5)
+    fast, slow = _fresh(attn, True), _fresh(attn, True)
+    xs = [torch.randn(n, d, generator=g) for n in [5] * len(LENS)]
+    want = _step(attn, slow, xs, batched=False)
+    assert _close(_step(attn, fast, xs, batched=True), want)
+    assert all(_pins_batch_tensor(st) for st in fast)
+    first = attn._calls  # every forward counts (the reference `_step`s below too)
+    for step in range(VIEW_AGE + 2):
+        xs = [torch.randn(1, d, generator=g) for _ in range(2)]
+        want = _step(attn, slow[:2], xs, batched=False)
+        assert _close(_step(attn, fast[:2], xs, batched=True), want), f"step {step}"
+        assert all(_pins_batch_tensor(st) for st in fast[:2])
+        assert all(_pins_batch_tensor(st) for st in fast[2:]) == (attn._calls - first <= VIEW_AGE)
+        assert not any(_pins_batch_tensor(st) for st in fast[2:]) == (attn._calls - first > VIEW_AGE)
+    xs = [torch.randn(2, d, generator=g) for _ in LENS]
+    assert _close(_step(attn, fast, xs, batched=True), _step(attn, slow, xs, batched=False))
+    _assert_same_states(fast, slow)
+
+
 @torch.inference_mode()
 def test_mixed_batch_long_chunk_and_snapshot_go_alone(tiny_model):
     """A chunk longer than QUERY_BLOCK and a sequence with a pending snapshot run per sequence in the same call."""

@@ -9,6 +9,7 @@ import platform
 import queue
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,6 +228,19 @@ def test_unwritable_cache_is_a_build_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(KernelBuildError, match="cannot write kernel cache"):
         compile_shared("probe", "int megaserve_probe(void) { return 1; }", ("-shared", "-fPIC"), blocker / "sub")
+
+
+def test_no_home_dir_falls_back(fresh_default, monkeypatch, caplog):
+    """Without $HOME or a passwd entry Path.home() raises RuntimeError: the kernel is unavailable, no crash."""
+    monkeypatch.delenv("MEGASERVE_KERNEL_CACHE")
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with caplog.at_level(logging.WARNING, logger="engine.cpu_kernels"):
+        assert not ck.moe_mlp_available()
+    assert "MEGASERVE_KERNEL_CACHE" in caplog.records[-1].message
 
 
 def test_cache_key_and_concurrent_first_use(tmp_path):

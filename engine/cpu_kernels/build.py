@@ -25,9 +25,16 @@ class KernelBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels live: $MEGASERVE_KERNEL_CACHE or ~/.cache/megaserve/kernels."""
+    """Where compiled kernels live: $MEGASERVE_KERNEL_CACHE or ~/.cache/megaserve/kernels (KernelBuildError when
+    there is no home directory to find)."""
     env = os.environ.get("MEGASERVE_KERNEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "megaserve" / "kernels"
+    if env:
+        return Path(env)
+    try:
+        home = Path.home()
+    except RuntimeError as e:  # no $HOME and no passwd entry (containers run as an arbitrary uid)
+        raise KernelBuildError(f"no kernel cache dir: {e}; set MEGASERVE_KERNEL_CACHE") from e
+    return home / ".cache" / "megaserve" / "kernels"
 
 
 def find_compiler() -> str:

@@ -25,7 +25,7 @@ from engine.seq_state import CompressorState, DenseEntries, LayerSnapshot, Layer
 QUERY_BLOCK = 256  # queries per attention block in prefill
 BATCH_QUERIES = 4096  # padded queries per batched group of prefill chunks
 CORE_SCORES = 1 << 18  # attention scores per piece of the core (1 MiB in float32)
-VIEW_AGE = 4  # forward calls a batched sequence may sit out before its views into a batch tensor are copied out
+VIEW_AGE = 4  # forward calls a sequence may sit out before its views into a call's tensors are copied out
 
 
 @dataclass
@@ -288,9 +288,10 @@ class Attention(nn.Module):
         # All RoPE in a compressed layer uses the YaRN'd compress schedule (§2.1).
         self.register_buffer("freqs", inv_freq(cfg, compressed=self.ratio > 0), persistent=False)
         self.batched = True  # sequences run batched where they can (`_groups`); False: all through `_attend` (tests)
-        # States left by batched calls holding views into that call's padded tensors: id -> (state, call number).
-        # One left out for more than VIEW_AGE calls is compacted, so unscheduled sequences (chunked prefill,
-        # preemption, tbo halves) pin at most a few calls' tensors, never one per sequence.
+        # States of recent calls, holding views into that call's tensors (a batched call's padded tensors, or
+        # `_attend`'s window + chunk): id -> (state, call number). One left out for more than VIEW_AGE calls is
+        # compacted, so unscheduled sequences (chunked prefill, token budget, tbo halves) pin at most a few
+        # calls' tensors, never one per sequence.
         self._viewers: dict[int, tuple[LayerState, int]] = {}
         self._calls = 0
 
@@ -330,7 +331,7 @@ class Attention(nn.Module):
             proj["iq"] = self.indexer.project(x, qr, cos, sin)
         o = torch.empty(T, h, hd, dtype=x.dtype, device=x.device)
         alone, groups = self._groups(seqs)
-        self._age_views([s.state for g in groups for s in g])
+        self._age_views([s.state for s in seqs])
         for group in groups:
             rows, out = self._attend_batch(q, kv, positions, proj, group)
             if rows is None:
@@ -347,10 +348,10 @@ class Attention(nn.Module):
         o = torch.einsum("tgk,grk->tgr", o.view(T, g, -1).to(wo_a.dtype), wo_a)  # [T, G, R]
         return self.wo_b(o.flatten(1).to(x.dtype))
 
-    def _age_views(self, batched: list[LayerState]) -> None:
-        """Record the states this call runs batched; compact those left out for more than VIEW_AGE calls."""
+    def _age_views(self, states: list[LayerState]) -> None:
+        """Record the states this call runs; compact those left out for more than VIEW_AGE calls."""
         self._calls += 1
-        for st in batched:
+        for st in states:
             self._viewers[id(st)] = (st, self._calls)
         stale = [k for k, (_, c) in self._viewers.items() if self._calls - c > VIEW_AGE]
         for k in stale:

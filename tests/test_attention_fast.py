@@ -126,6 +126,24 @@ def test_sequences_left_out_stop_pinning_batch_tensors(tiny_model):
 
 
 @torch.inference_mode()
+def test_long_chunk_left_out_stops_pinning_its_chunk(tiny_model):
+    """A chunk that ran alone (`_attend`) leaves a window viewing window + chunk; left out of later calls, it is
+    copied out too."""
+    from engine.attention import VIEW_AGE
+
+    attn = tiny_model.layers[0].attn
+    d = tiny_model.cfg.hidden_size
+    g = torch.Generator().manual_seed(6)
+    sts = _fresh(attn, False)[:2]
+    _step(attn, sts, [torch.randn(400, d, generator=g), torch.randn(1, d, generator=g)], batched=True)
+    assert _pins_batch_tensor(sts[0])
+    window = sts[0].window.clone()
+    for _ in range(VIEW_AGE + 1):
+        _step(attn, sts[1:], [torch.randn(1, d, generator=g)], batched=True)
+    assert not _pins_batch_tensor(sts[0]) and torch.equal(sts[0].window, window)
+
+
+@torch.inference_mode()
 def test_mixed_batch_long_chunk_and_snapshot_go_alone(tiny_model):
     """A chunk longer than QUERY_BLOCK and a sequence with a pending snapshot run per sequence in the same call."""
     attn = tiny_model.layers[1].attn

@@ -10,12 +10,19 @@ and min/max ms, GB/s (bytes of the weights of experts that got rows, per median 
 (N * 2 * 3 * D * I per median time), and the kernel's speedups. With --threads 1 it also records each call's
 CPU time (`median_cpu_ms`), which other processes on the box disturb less than wall time.
 
+--compare-source FILE (a .py defining SOURCE, e.g. an older moe_mlp_src.py from `git show`, or a .c file) adds
+method `kernel_b`: that source built like the kernel and timed interleaved with it in the same process, the
+fair way to A/B a kernel change on a box other processes share.
+
     python bench/moe_kernel.py --out out/moe_kernel.json [--repeats 15] [--threads N] [--tiny]
+                               [--compare-source old_src.py]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import statistics
 import sys
 import time
@@ -29,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import versions, write_result  # noqa: E402
-from engine.cpu_kernels import moe_mlp, moe_mlp_available  # noqa: E402
+from engine.cpu_kernels import KernelBuildError, moe_mlp, moe_mlp_available  # noqa: E402
 
 Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x, offsets, route_w
 
@@ -61,6 +68,39 @@ def run_bmm(x, offsets, route_w, w1, w3, w2, limit):
     ab = torch.zeros_like(a)
     ab[expert, slot] = a[expert, slot] * route_w[:, None]
     return torch.bmm(ab, w2.transpose(1, 2))[expert, slot]
+
+
+def load_source(path: Path) -> str:
+    """C source from a .c file, or the SOURCE string of a .py file (such as a moe_mlp_src.py)."""
+    if not path.is_file():
+        raise SystemExit(f"--compare-source: no file {path}")
+    if path.suffix == ".c":
+        return path.read_text()
+    spec = importlib.util.spec_from_file_location("compare_source", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--compare-source: cannot load {path} (expected a .c or .py file)")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not isinstance(getattr(mod, "SOURCE", None), str):
+        raise SystemExit(f"--compare-source: {path} defines no SOURCE string")
+    return mod.SOURCE
+
+
+def build_variant(source: str) -> Callable:
+    """`source` compiled like the default kernel (same flags and thread runtime), as a moe_mlp-like callable.
+
+    MoeMlpKernel compiles its module's SOURCE; it is swapped for the build only (the cache key is the source).
+    """
+    mod = importlib.import_module("engine.cpu_kernels.moe_mlp")  # the module (the package's moe_mlp is the function)
+    saved = mod.SOURCE
+    mod.SOURCE = source
+    try:
+        kernel = mod.MoeMlpKernel()
+    except (KernelBuildError, AttributeError) as e:  # AttributeError: the library lacks megaserve_moe_mlp
+        raise SystemExit(f"--compare-source: cannot build or load it: {e}") from e
+    finally:
+        mod.SOURCE = saved
+    return kernel.run
 
 
 def make_case(n_tokens: int, n_experts: int, topk: int, d: int, seed: int) -> Case:
@@ -115,6 +155,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--tiny", action="store_true", help="small shapes, to check the script runs")
+    ap.add_argument("--compare-source", type=Path, default=None,
+                    help="also time this kernel source (.py with SOURCE, or .c) as method kernel_b")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,6 +169,10 @@ def main() -> None:
     methods: dict[str, Callable] = {"bmm": run_bmm, "loop": run_loop}
     if moe_mlp_available():
         methods = {"kernel": moe_mlp, **methods}
+        if args.compare_source is not None:
+            methods = {"kernel_b": build_variant(load_source(args.compare_source)), **methods}
+    elif args.compare_source is not None:
+        raise SystemExit("--compare-source: the kernel is unavailable here (no compiler?)")
     batches = {"decode_b8": 8, "decode_b32": 32, "decode_b64": 64, "prefill_4096": 256 if args.tiny else 4096}
     cases = {}
     for i, (name, tokens) in enumerate(batches.items()):

@@ -16,13 +16,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        return (xf * rsqrt_mean_square(xf, self.eps)).mul_(self.weight).to(x.dtype)
+        y = xf * rsqrt_mean_square(xf, self.eps)
+        if torch.is_grad_enabled() and (y.requires_grad or self.weight.requires_grad):
+            return (y * self.weight).to(x.dtype)  # autograd: mul_ would overwrite what the weight's grad needs
+        return y.mul_(self.weight).to(x.dtype)
 
 
 def rsqrt_mean_square(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """rsqrt(mean(x^2, -1) + eps) in float32, [..., 1]; the sum of squares comes from a norm (no squared copy)."""
-    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_().div_(x.shape[-1])
-    return ms.add_(eps).rsqrt_()
+    """rsqrt(mean(x^2, -1) + eps) in float32, [..., 1]; the sum of squares comes from a norm (no squared copy).
+    Out of place ([..., 1] is small), so autograd can differentiate it."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return (norm.square() / x.shape[-1] + eps).rsqrt()
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ def _mixes(h: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor,
     """
     hf = h.float()
     xf = hf.flatten(1)
-    return F.linear(xf, fn.float()).mul_(rsqrt_mean_square(xf, eps)), hf
+    return F.linear(xf, fn.float()) * rsqrt_mean_square(xf, eps), hf  # [T, n_mix]: out of place for autograd
 
 
 def _collapse(pre: torch.Tensor, hf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -37,8 +37,12 @@ def _collapse(pre: torch.Tensor, hf: torch.Tensor, dtype: torch.dtype) -> torch.
 
 @functools.lru_cache(maxsize=16)
 def _group_scale_index(hc: int, device: torch.device) -> torch.Tensor:
-    """Which of hc_pre's 3 scales each of its 2+hc column groups uses: [0, 1, 2, ..., 2]."""
-    return torch.tensor([0, 1] + [2] * hc, device=device)
+    """Which of hc_pre's 3 scales each of its 2+hc column groups uses: [0, 1, 2, ..., 2].
+
+    Made outside inference mode whatever the caller's mode: a cached inference tensor could not be saved for
+    backward by a later call with autograd."""
+    with torch.inference_mode(False):
+        return torch.tensor([0, 1] + [2] * hc, device=device)
 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -83,7 +87,7 @@ def hc_pre(
     gates = torch.sigmoid(logits[:, :2])  # [T, 2, hc]
     pre = gates[:, 0] + hc_eps
     post = gates[:, 1] * 2
-    comb = torch.softmax(logits[:, 2:], dim=-1).add_(hc_eps)
+    comb = torch.softmax(logits[:, 2:], dim=-1) + hc_eps  # not add_: softmax's backward reads its output
     comb = sinkhorn(comb, sinkhorn_iters, hc_eps)
     return _collapse(pre, hf, h.dtype), post, comb
 
@@ -102,5 +106,5 @@ def hc_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
             hc_eps: float, norm_eps: float) -> torch.Tensor:
     """Final collapse (no Sinkhorn): h [T, hc, D] -> [T, D]."""
     mixes, hf = _mixes(h, fn, norm_eps)  # [T, hc]
-    pre = torch.sigmoid(torch.addcmul(base.float(), mixes, scale.float())).add_(hc_eps)
+    pre = torch.sigmoid(torch.addcmul(base.float(), mixes, scale.float())) + hc_eps  # not add_ (autograd)
     return _collapse(pre, hf, h.dtype)

@@ -250,3 +250,36 @@ def test_apply_rope_round_trip_and_autograd():
     torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x), rtol=1e-5, atol=1e-5)
+
+
+def test_norms_and_mhc_differentiate_like_the_reference():
+    """With autograd (also after an inference-mode call filled a cache), the fast paths give the reference's
+    gradients: no in-place op overwrites what a backward needs, no cached inference tensor is saved."""
+    gen = torch.Generator().manual_seed(7)
+    d = 32
+    fn, base, scale = mhc_params(d, (2 + HC) * HC, gen)
+    h = state(3, d, 1.0, torch.float32, gen)
+    with torch.inference_mode():
+        hc_pre(h, fn, base, scale, HC_EPS, NORM_EPS, ITERS)
+    norm = RMSNorm(d, NORM_EPS)
+    x = torch.randn(3, d, generator=gen)
+    cases = [
+        (lambda h, fn, base, scale: hc_pre(h, fn, base, scale, HC_EPS, NORM_EPS, ITERS),
+         lambda h, fn, base, scale: ref_hc_pre(h, fn, base, scale, HC_EPS, NORM_EPS, ITERS), (h, fn, base, scale)),
+        (lambda h, fn, base, scale: hc_head(h, fn, base, scale, HC_EPS, NORM_EPS),
+         lambda h, fn, base, scale: ref_hc_head(h, fn, base, scale, HC_EPS, NORM_EPS),
+         (h, fn[:HC], base[:HC], scale[:1])),
+        (lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,)),
+         lambda x, w: ref_rms_norm(x, w, NORM_EPS), (x, norm.weight.detach() * 1.5)),
+        (lambda x: rms_normalize(x, NORM_EPS), lambda x: ref_rms_normalize(x, NORM_EPS), (x,)),
+    ]
+    for new_fn, ref_fn, args in cases:
+        grads = []
+        for f in (new_fn, ref_fn):
+            leaves = [a.detach().clone().requires_grad_() for a in args]
+            outs = f(*leaves)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            sum(o.float().sum() * (i + 1) for i, o in enumerate(outs)).backward()
+            grads.append([leaf.grad for leaf in leaves])
+        for g_new, g_ref in zip(*grads, strict=True):
+            assert_near(g_new, g_ref, 1e-4)

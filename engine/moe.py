@@ -175,6 +175,10 @@ class RoutedExperts(nn.Module):
         n = int(counts.sum())
         if n == 0:
             return torch.zeros_like(x)
+        if torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad):
+            # The fast paths write into reused buffers and the C kernel has no backward: under autograd run
+            # the reference, so the expert weights and the input get their gradients.
+            return self._forward_loop(x, topk_weights, local, counts)
         k = topk_weights.shape[1]
         sel = torch.argsort(local, stable=True)[local.numel() - n:]  # -1 (not on this rank) sorts first
         tok = sel // k if k > 1 else sel

@@ -243,33 +243,20 @@ static int check_offsets(const int64_t *off, int64_t S, int64_t N) {
     return 0;
 }
 
-/* One call's job on one thread; the entry points set the thread count. */
-static job_t new_job(const float *x, const int64_t *off, const float *route_w, const float *w1, const float *w3,
-                     const float *w2, float *a, float *y, int64_t S, int64_t D, int64_t I, float limit) {
-    job_t j = {.x = x, .route_w = route_w, .w1 = w1, .w3 = w3, .w2 = w2, .off = off, .a = a, .y = y, .S = S,
-               .D = D, .I = I, .limit = limit, .nthreads = 1, .parts = 1};
-    return j;
-}
-
 #ifdef MEGASERVE_OMP
 /* Threads from the OpenMP runtime torch already loaded (same libgomp, hence torch's own pool). */
 #include <omp.h>
 
-int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, const float *w1, const float *w3,
-                      const float *w2, float *a, float *y, int64_t N, int64_t S, int64_t D, int64_t I, float limit,
-                      int nthreads) {
-    if (check_offsets(off, S, N)) return -1;
-    if (N == 0) return 0;
-    job_t j = new_job(x, off, route_w, w1, w3, w2, a, y, S, D, I, limit);
-    j.nthreads = useful_threads(off, S, N, D, I, nthreads);
-    j.parts = 2 * j.nthreads;
-#pragma omp parallel num_threads(j.nthreads)
+/* Runs job j (single-threaded as built) on up to `nthreads` threads. */
+static void run_job(job_t *j, int nthreads) {
+    j->nthreads = nthreads;
+    j->parts = 2 * nthreads;
+#pragma omp parallel num_threads(nthreads)
     {
-        run_stage(&j, 1);
+        run_stage(j, 1);
 #pragma omp barrier
-        run_stage(&j, 2);
+        run_stage(j, 2);
     }
-    return 0;
 }
 
 #else
@@ -345,30 +332,35 @@ static int ensure_workers(int want) {
     return pool_n;
 }
 
-/* Returns 0 on success, -1 when offsets are not 0 = off[0] <= ... <= off[S] = N. */
+/* Runs job j (single-threaded as built) on this thread plus up to nthreads - 1 pool workers. */
+static void run_job(job_t *j, int nthreads) {
+    pthread_mutex_lock(&call_mu);
+    if (nthreads > 1) {
+        const int have = ensure_workers(nthreads - 1);
+        j->nthreads = have + 1 < nthreads ? have + 1 : nthreads;
+        j->parts = 2 * j->nthreads;
+        pthread_mutex_lock(&pool_mu);
+        pool_job = j;
+        pool_nthreads = j->nthreads;
+        pool_gen++;
+        pthread_cond_broadcast(&pool_cv);
+        pthread_mutex_unlock(&pool_mu);
+    }
+    run_part(j, 0);
+    wait_count(&j->done, j->nthreads);
+    pthread_mutex_unlock(&call_mu);
+}
+#endif
+
+/* The one entry point. Returns 0 on success, -1 when offsets are not 0 = off[0] <= ... <= off[S] = N. */
 int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, const float *w1, const float *w3,
                       const float *w2, float *a, float *y, int64_t N, int64_t S, int64_t D, int64_t I, float limit,
                       int nthreads) {
     if (check_offsets(off, S, N)) return -1;
     if (N == 0) return 0;
-    job_t j = new_job(x, off, route_w, w1, w3, w2, a, y, S, D, I, limit);
-    nthreads = useful_threads(off, S, N, D, I, nthreads);
-    pthread_mutex_lock(&call_mu);
-    if (nthreads > 1) {
-        const int have = ensure_workers(nthreads - 1);
-        j.nthreads = have + 1 < nthreads ? have + 1 : nthreads;
-        j.parts = 2 * j.nthreads;
-        pthread_mutex_lock(&pool_mu);
-        pool_job = &j;
-        pool_nthreads = j.nthreads;
-        pool_gen++;
-        pthread_cond_broadcast(&pool_cv);
-        pthread_mutex_unlock(&pool_mu);
-    }
-    run_part(&j, 0);
-    wait_count(&j.done, j.nthreads);
-    pthread_mutex_unlock(&call_mu);
+    job_t j = {.x = x, .route_w = route_w, .w1 = w1, .w3 = w3, .w2 = w2, .off = off, .a = a, .y = y, .S = S,
+               .D = D, .I = I, .limit = limit, .nthreads = 1, .parts = 1};
+    run_job(&j, useful_threads(off, S, N, D, I, nthreads));
     return 0;
 }
-#endif
 """

@@ -202,7 +202,7 @@ class RoutedExperts(nn.Module):
         """Torch fallback for few rows in most slots (decode without the kernel): rows padded to [S, max_count],
         three bmm's over the stacked weights. Fewer, larger calls than the per-slot loop, where 2-thread MKL
         pays per call; padded rows carry routing weight 0 and are never read back."""
-        w1, w3, w2 = self.w1.detach(), self.w3.detach(), self.w2.detach()
+        w1, w3, w2 = self.w1, self.w3, self.w2
         wdt = w1.dtype
         s = counts.numel()
         row_slot = torch.repeat_interleave(torch.arange(s, device=counts.device), counts)
@@ -233,8 +233,7 @@ class RoutedExperts(nn.Module):
             cnt = torch.where(small, counts, 0)
         offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
         torch.cumsum(cnt, 0, out=offsets[1:])
-        ys = moe_mlp(x.index_select(0, tok), offsets, route_w.contiguous(), self.w1.detach(), self.w3.detach(),
-                     self.w2.detach(), self.limit)
+        ys = moe_mlp(x.index_select(0, tok), offsets, route_w.contiguous(), self.w1, self.w3, self.w2, self.limit)
         out.index_add_(0, tok, ys)
 
     def _experts_sorted(self, x: torch.Tensor, tok: torch.Tensor, counts: list[int], route_w: torch.Tensor,
@@ -246,7 +245,7 @@ class RoutedExperts(nn.Module):
         and routing weight in place, w2, one index_add_. Reused buffers keep the working set in cache and
         avoid fresh large allocations (page faults).
         """
-        w1, w3, w2 = self.w1.detach(), self.w3.detach(), self.w2.detach()  # out= refuses autograd leaves
+        w1, w3, w2 = self.w1, self.w3, self.w2  # no autograd here (`_grouped` runs the reference under it)
         wdt = w1.dtype
         fp32 = wdt == torch.float32 and x.dtype == torch.float32
         cmax = max(counts)

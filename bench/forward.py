@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import versions, write_result  # noqa: E402
-from engine.checkpoint import open_checkpoint  # noqa: E402
-from engine.config import get_preset  # noqa: E402
-from engine.loader import load_model  # noqa: E402
-from engine.make_checkpoint import write_checkpoint  # noqa: E402
+from engine.model.config import get_preset  # noqa: E402
+from engine.weights.checkpoint import open_checkpoint  # noqa: E402
+from engine.weights.loader import load_model  # noqa: E402
+from engine.weights.make_checkpoint import write_checkpoint  # noqa: E402
 
 
 def _ours(model, prompts: torch.Tensor, steps: int) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""Routed-expert MLP micro-benchmark: the C kernel (engine.cpu_kernels.moe_mlp) vs padded torch.bmm vs the
+"""Routed-expert MLP micro-benchmark: the C kernel (engine.kernels.cpu.moe_mlp) vs padded torch.bmm vs the
 per-expert F.linear loop, on the `small` preset's expert shapes (32 experts, D=768, I=512, fp32).
 
 Cases: decode batches of 8/32/64 tokens routed top-6 of 32 (uniformly random experts), a prefill-like
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import versions, write_result  # noqa: E402
-from engine.cpu_kernels import KernelBuildError, moe_mlp, moe_mlp_available  # noqa: E402
+from engine.kernels.cpu import KernelBuildError, moe_mlp, moe_mlp_available  # noqa: E402
 
 Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x, offsets, route_w
 
@@ -91,7 +91,7 @@ def build_variant(source: str) -> Callable:
 
     MoeMlpKernel compiles its module's SOURCE; it is swapped for the build only (the cache key is the source).
     """
-    mod = importlib.import_module("engine.cpu_kernels.moe_mlp")  # the module (the package's moe_mlp is the function)
+    mod = importlib.import_module("engine.kernels.cpu.moe_mlp")  # the module (the package's moe_mlp is the function)
     saved = mod.SOURCE
     mod.SOURCE = source
     try:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import versions, write_result  # noqa: E402
 from comm.dispatch import BACKENDS  # noqa: E402
-from engine.config import ModelConfig, get_preset  # noqa: E402
+from engine.model.config import ModelConfig, get_preset  # noqa: E402
 
 COMM_SHARE_MIN = 0.2  # points where sync's exposed communication is at least this share of its time
 
@@ -170,7 +170,7 @@ def _measure(moes: list, step, use_backend, use_replay, spec: Spec) -> dict:
 
 def _random_moe(cfg: ModelConfig, layer_id: int, local_experts: list[int], seed: int, rank: int):
     """An EP MoE layer with random weights: gate and shared expert equal on every rank, experts per rank."""
-    from engine.moe import MoE
+    from engine.model.moe import MoE
 
     moe = MoE(cfg, layer_id, local_experts, torch.float32)
     g = torch.Generator().manual_seed(seed)
@@ -217,8 +217,8 @@ def _model_part(rank: int, world: int, spec: Spec) -> dict:
     per rank (fresh state each time), embedding through the last token's logits. The compute-only run goes
     layer by layer (the model's own tbo splits the batch in two; attention costs the same either way)."""
     from comm.placement import Placement
-    from engine.loader import load_model
-    from engine.moe import EPContext
+    from engine.model.moe import EPContext
+    from engine.weights.loader import load_model
 
     cfg = spec.cfg
     placement = Placement.static(cfg.num_hidden_layers, cfg.n_routed_experts, world)
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"world sizes {bad} do not divide the {cfg.n_routed_experts} routed experts")
 
     from comm.launch import run_ranks
-    from engine.make_checkpoint import write_checkpoint
+    from engine.weights.make_checkpoint import write_checkpoint
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="moe_overlap_") as tmp:

@@ -31,9 +31,9 @@ from bench.roofline import ceiling, measure_machine, workload_flops  # noqa: E40
 from bench.scheduler_step import measure as measure_scheduler  # noqa: E402
 from cluster.loadtest.offline import OfflineWorkload, engine_args, make_prompts, timed_generate  # noqa: E402
 from engine import LLM  # noqa: E402
-from engine.checkpoint import open_checkpoint  # noqa: E402
-from engine.config import get_preset  # noqa: E402
-from engine.make_checkpoint import write_checkpoint  # noqa: E402
+from engine.model.config import get_preset  # noqa: E402
+from engine.weights.checkpoint import open_checkpoint  # noqa: E402
+from engine.weights.make_checkpoint import write_checkpoint  # noqa: E402
 from scheduler.sampling import SamplingParams  # noqa: E402
 
 

@@ -22,14 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import engine.attention as attention  # noqa: E402
-import engine.model as model  # noqa: E402
-import engine.moe as moe  # noqa: E402
-import engine.runner as runner  # noqa: E402
+import engine.core.runner as runner  # noqa: E402
+import engine.model.attention as attention  # noqa: E402
+import engine.model.model as model  # noqa: E402
+import engine.model.moe as moe  # noqa: E402
 from cluster.loadtest.offline import OfflineWorkload, engine_args, make_prompts  # noqa: E402
 from engine import LLM  # noqa: E402
-from engine.config import get_preset  # noqa: E402
-from engine.make_checkpoint import write_checkpoint  # noqa: E402
+from engine.model.config import get_preset  # noqa: E402
+from engine.weights.make_checkpoint import write_checkpoint  # noqa: E402
 from scheduler.sampling import SamplingParams  # noqa: E402
 
 PARTS = [  # (owner, attribute, label)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from cluster.plan.hardware import get_hardware  # noqa: E402
 from cluster.plan.model_spec import from_v4  # noqa: E402
 from cluster.plan.perf import token_flops  # noqa: E402
-from engine.config import ModelConfig, get_preset  # noqa: E402
+from engine.model.config import ModelConfig, get_preset  # noqa: E402
 
 
 def _median_time(fn, repeats: int) -> float:

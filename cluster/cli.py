@@ -15,8 +15,8 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from engine.checkpoint import CheckpointError
-from engine.config import ConfigError, ModelConfig, get_preset
+from engine.model.config import ConfigError, ModelConfig, get_preset
+from engine.weights.checkpoint import CheckpointError
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
@@ -44,7 +44,7 @@ def _add_make_checkpoint(sub: argparse._SubParsersAction) -> None:
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
-    from engine.make_checkpoint import DEFAULT_SHARD_BYTES, write_checkpoint
+    from engine.weights.make_checkpoint import DEFAULT_SHARD_BYTES, write_checkpoint
 
     cfg = _model_config(args)
     out = write_checkpoint(cfg, args.out, seed=args.seed, shard_bytes=args.shard_bytes or DEFAULT_SHARD_BYTES,
@@ -66,7 +66,7 @@ def _add_manifest(sub: argparse._SubParsersAction) -> None:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from engine.manifest import build_manifest
+    from engine.weights.manifest import build_manifest
 
     m = build_manifest(_model_config(args))
     if args.json:
@@ -202,7 +202,7 @@ def _bench_offline(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = args.model
             if model_dir is None:
-                from engine.make_checkpoint import write_checkpoint
+                from engine.weights.make_checkpoint import write_checkpoint
 
                 preset = args.preset or "small"
                 write_checkpoint(get_preset(preset), tmp, seed=args.seed)

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from engine import LLM, SamplingParams
-from engine.cache_accounting import sequence_cache_bytes
-from engine.config import get_preset
-from engine.cpu_kernels import moe_mlp_available
-from engine.make_checkpoint import write_checkpoint
-from engine.manifest import build_manifest
-from engine.moe import RoutedExperts
+from engine.cache.accounting import sequence_cache_bytes
+from engine.kernels.cpu import moe_mlp_available
+from engine.model.config import get_preset
+from engine.model.moe import RoutedExperts
+from engine.weights.make_checkpoint import write_checkpoint
+from engine.weights.manifest import build_manifest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PROMPTS = [
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Expert parallelism without Ray: 4 rank processes (gloo), each with its own scheduler and cache (DP
     # attention) and a quarter of the routed experts (EP), the wave (MegaMoE) dispatch/combine, EPLB.
-    from engine.engine import EngineConfig
-    from engine.ep_engine import PlacementConfig
-    from engine.ep_group import run_engine_group
+    from engine.core.engine import EngineConfig
+    from engine.core.ep.engine import PlacementConfig
+    from engine.core.ep.group import run_engine_group
 
     ranks, placement = 4, PlacementConfig(policy="eplb", redundant_experts=4, rebalance_interval_steps=8)
     slots = cfg.n_routed_experts + placement.redundant_experts

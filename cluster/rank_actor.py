@@ -83,8 +83,8 @@ class RankActor:
         """Join the process group, load this rank's weights, start the step loop and the TCP server."""
         import ray
 
+        from cluster.rank_server import RankWorker
         from comm.group import init_process_group
-        from engine.worker import RankWorker
 
         t0 = time.perf_counter()
         device = init_process_group(self.rank, self.topo.world_size, master_addr, master_port, self.node.device,
@@ -132,7 +132,7 @@ class RankActor:
 # ---- the engine of one rank --------------------------------------------------------------------------
 def engine_config(topo: Topology, device: str, n_local_experts: int | None = None) -> Any:
     """The EngineConfig for one rank from the topology's scheduler and kv_cache sections."""
-    from engine.engine import EngineConfig
+    from engine.core.engine import EngineConfig
 
     kw: dict[str, Any] = {}
     budget = cache_budget_bytes(topo, device, n_local_experts)
@@ -154,7 +154,7 @@ def cache_budget_bytes(topo: Topology, device: str, n_local_experts: int | None)
         return None
     import torch
 
-    from engine.manifest import build_manifest
+    from engine.weights.manifest import build_manifest
 
     cfg = topo.model_config()
     m = build_manifest(cfg)
@@ -172,17 +172,17 @@ def cache_budget_bytes(topo: Topology, device: str, n_local_experts: int | None)
 def build_rank_engine(topo: Topology, rank: int, device: str) -> tuple[Any, list[list[int]]]:
     """This rank's engine, and the logical expert of each of its slots per MoE layer as its model holds them.
 
-    World 1: the whole model in an LLMEngine. World > 1: the EP engine (engine/ep_engine.py), which loads only
+    World 1: the whole model in an LLMEngine. World > 1: the EP engine (engine/core/ep/engine.py), which loads only
     the experts the placement gives this rank and steps collectively with its peers."""
     from comm.placement import Placement
 
     cfg = topo.model_config()
     if topo.world_size == 1:
-        from engine.engine import LLMEngine
+        from engine.core.engine import LLMEngine
 
         engine = LLMEngine(topo.model.path, engine_config(topo, device))
     else:
-        from engine.ep_engine import PlacementConfig, make_ep_engine
+        from engine.core.ep.engine import PlacementConfig, make_ep_engine
 
         pl = topo.parallel.placement
         placement = Placement.static(cfg.num_hidden_layers, cfg.n_routed_experts, topo.ep_size,

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from engine.config import PRESETS, ConfigError, ModelConfig, get_preset
+from engine.model.config import PRESETS, ConfigError, ModelConfig, get_preset
 
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")

@@ -17,7 +17,7 @@ comm never imports engine: the model passes the callables.
 
 Backends (comm/backends/): ``sync`` — counts all-to-all, then one blocking variable-size all-to-all each
 way (the reference); ``tbo`` — two micro-batches of tokens, one in flight while the other computes
-(engine.model goes further for a whole forward: it splits the sequences into two micro-batches and drives
+(engine.model.model goes further for a whole forward: it splits the sequences into two micro-batches and drives
 them layer by layer through ``begin``/``finish``, so attention overlaps communication too; the in-layer split
 here serves the MTP block and direct calls); ``wave`` — MegaMoE schedule over waves of local slots.
 All produce the same result up to float32 summation order. Every rank must call with the same ``layer``

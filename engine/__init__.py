@@ -1,7 +1,7 @@
 """One rank's compute: the DeepSeek-V4 model, its weights and cache, the step loop.
 
 `from engine import LLM, SamplingParams` is the offline API (imported lazily, so that
-`import engine.config` stays light).
+`import engine.model.config` stays light).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ __all__ = ["LLM", "SamplingParams"]
 
 def __getattr__(name: str) -> Any:
     if name == "LLM":
-        from engine.llm import LLM
+        from engine.core.llm import LLM
 
         return LLM
     if name == "SamplingParams":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import TINY, ModelConfig
+from engine.model.config import TINY, ModelConfig
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _write(tmp_path_factory, cfg: ModelConfig, name: str, seed: int):
-    from engine.make_checkpoint import write_checkpoint
+    from engine.weights.make_checkpoint import write_checkpoint
 
     out = tmp_path_factory.mktemp(name)
     write_checkpoint(cfg, out, seed=seed)
@@ -31,6 +31,6 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_ckpt):
-    from engine.loader import load_model
+    from engine.weights.loader import load_model
 
     return load_model(tiny_ckpt, dtype=torch.float32)

@@ -17,9 +17,9 @@ from torch import Tensor
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 from transformers.cache_utils import DynamicCache
 
-from engine.config import ModelConfig, RopeScaling
-from engine.hf_names import official_to_hf_state_dict
-from engine.manifest import build_manifest
+from engine.model.config import ModelConfig, RopeScaling
+from engine.weights.hf_names import official_to_hf_state_dict
+from engine.weights.manifest import build_manifest
 
 # A second small test config with other features than TINY: layer kinds in another order (HCA, CSA, SWA),
 # one hash layer, window 16 (HF takes any window), 4 output groups, top-3 of 6 experts, an active SwiGLU

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention import Attention, SeqSlice, _Batch
-from engine.seq_state import DenseEntries, LayerState, PagedEntries, append_rows, read_padded
+from engine.cache.seq_state import DenseEntries, LayerState, PagedEntries, append_rows, read_padded
+from engine.model.attention import Attention, SeqSlice, _Batch
 
 TOL = 1e-5
 LENS = [1, 3, 4, 7, 126, 127, 128, 129, 131, 252, 255, 256]  # contexts before the decode steps
@@ -102,7 +102,7 @@ def test_sequences_left_out_stop_pinning_batch_tensors(tiny_model):
     """Sequences that sit out later batched calls (chunked prefill, preemption) have their views into the old
     batch tensors copied out after VIEW_AGE calls; the ones scheduled every call keep the views (no copies), and
     the outputs still equal the per-sequence path."""
-    from engine.attention import VIEW_AGE
+    from engine.model.attention import VIEW_AGE
 
     attn = tiny_model.layers[1].attn
     d = tiny_model.cfg.hidden_size
@@ -129,7 +129,7 @@ def test_sequences_left_out_stop_pinning_batch_tensors(tiny_model):
 def test_long_chunk_left_out_stops_pinning_its_chunk(tiny_model):
     """A chunk that ran alone (`_attend`) leaves a window viewing window + chunk; left out of later calls, it is
     copied out too."""
-    from engine.attention import VIEW_AGE
+    from engine.model.attention import VIEW_AGE
 
     attn = tiny_model.layers[0].attn
     d = tiny_model.cfg.hidden_size

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import get_preset
+from engine.model.config import get_preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a folder of scripts, not installed
 from bench.moe_overlap import main, summarize  # noqa: E402

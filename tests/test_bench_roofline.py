@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import get_preset
-from engine.model import Transformer
+from engine.model.config import get_preset
+from engine.model.model import Transformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a folder of scripts, not installed
 from bench.roofline import ceiling, workload_flops  # noqa: E402

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from engine.cache_accounting import (
+from engine.cache.accounting import (
     CacheBreakdown,
     bytes_per_token,
     kv_entry_bytes,
@@ -16,7 +16,7 @@ from engine.cache_accounting import (
     slot_bytes,
     snapshot_bytes,
 )
-from engine.config import SMALL, TINY, V4_FLASH, V4_PRO
+from engine.model.config import SMALL, TINY, V4_FLASH, V4_PRO
 
 GiB, MiB, KiB = 2**30, 2**20, 2**10
 ONE_M = 1_048_576

@@ -1,4 +1,4 @@
-"""engine/checkpoint.py: validation (every problem, by tensor name, in one error) and streaming."""
+"""engine/weights/checkpoint.py: validation (every problem, by tensor name, in one error) and streaming."""
 
 import json
 import shutil
@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import engine.checkpoint as checkpoint_mod
-from engine.checkpoint import CheckpointError, open_checkpoint
-from engine.config import get_preset
-from engine.make_checkpoint import write_checkpoint
+import engine.weights.checkpoint as checkpoint_mod
+from engine.model.config import get_preset
+from engine.weights.checkpoint import CheckpointError, open_checkpoint
+from engine.weights.make_checkpoint import write_checkpoint
 
 CFG = get_preset("tiny")
 E = CFG.n_routed_experts
@@ -197,7 +197,7 @@ def test_unquantized_loads_identical_to_quantized(quantized, unquantized):
 
 def test_yielded_names_and_dtypes(quantized):
     sd = open_checkpoint(quantized).state_dict(torch.bfloat16)
-    from engine.manifest import build_manifest
+    from engine.weights.manifest import build_manifest
 
     manifest = build_manifest(CFG)
     want = {t.name: t for t in manifest.tensors if t.kind != "scale"}
@@ -275,7 +275,7 @@ def test_open_errors(tmp_path):
 
 # ---- transformers-renamed layout ------------------------------------------------------------------
 def write_hf(path: Path, official: dict[str, torch.Tensor], keep_mtp: bool) -> Path:
-    from engine.hf_names import official_to_hf_state_dict
+    from engine.weights.hf_names import official_to_hf_state_dict
 
     hf = {k: v.contiguous() for k, v in official_to_hf_state_dict(official, CFG).items()}
     if keep_mtp:

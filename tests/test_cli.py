@@ -3,9 +3,9 @@
 import json
 
 from cluster.cli import main
-from engine.checkpoint import open_checkpoint
-from engine.config import get_preset
-from engine.manifest import build_manifest
+from engine.model.config import get_preset
+from engine.weights.checkpoint import open_checkpoint
+from engine.weights.manifest import build_manifest
 
 
 def test_manifest_json_v4_pro(capsys):

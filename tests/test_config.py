@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.config import PRESETS, ConfigError, ModelConfig, get_preset
+from engine.model.config import PRESETS, ConfigError, ModelConfig, get_preset
 
 
 def test_v4_pro_preset_is_the_published_config():

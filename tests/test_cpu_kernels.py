@@ -1,4 +1,4 @@
-"""engine.cpu_kernels: the C moe_mlp kernel equals the plain-torch expert MLP; build, cache and fallback."""
+"""engine.kernels.cpu: the C moe_mlp kernel equals the plain-torch expert MLP; build, cache and fallback."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine.cpu_kernels as ck
-from engine.cpu_kernels.build import DEFAULT_FLAGS, KernelBuildError, compile_shared
-from engine.cpu_kernels.moe_mlp import MoeMlpKernel, openmp_runtimes, torch_uses_libgomp
+import engine.kernels.cpu as ck
+from engine.kernels.cpu.build import DEFAULT_FLAGS, KernelBuildError, compile_shared
+from engine.kernels.cpu.moe_mlp import MoeMlpKernel, openmp_runtimes, torch_uses_libgomp
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc on PATH: the C kernels cannot build")
 
@@ -199,7 +199,7 @@ def test_public_api_uses_the_cache_dir(fresh_default):
 
 def test_disabled_by_env(fresh_default, monkeypatch, caplog):
     monkeypatch.setenv("MEGASERVE_CPU_KERNELS", "0")
-    with caplog.at_level(logging.WARNING, logger="engine.cpu_kernels"):
+    with caplog.at_level(logging.WARNING, logger="engine.kernels.cpu"):
         assert not ck.moe_mlp_available()
         assert not ck.moe_mlp_available()
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
@@ -212,7 +212,7 @@ def test_no_compiler_falls_back(fresh_default, monkeypatch, caplog):
     monkeypatch.setenv("CC", "megaserve-no-such-cc")
     with pytest.raises(KernelBuildError, match="no C compiler"):
         compile_shared("x", "int f(void) { return 1; }", cache=fresh_default)
-    with caplog.at_level(logging.WARNING, logger="engine.cpu_kernels"):
+    with caplog.at_level(logging.WARNING, logger="engine.kernels.cpu"):
         assert not ck.moe_mlp_available()
     assert len(caplog.records) == 1 and "no C compiler" in caplog.records[0].message
 
@@ -238,7 +238,7 @@ def test_no_home_dir_falls_back(fresh_default, monkeypatch, caplog):
         raise RuntimeError("Could not determine home directory.")
 
     monkeypatch.setattr(Path, "home", staticmethod(no_home))
-    with caplog.at_level(logging.WARNING, logger="engine.cpu_kernels"):
+    with caplog.at_level(logging.WARNING, logger="engine.kernels.cpu"):
         assert not ck.moe_mlp_available()
     assert "MEGASERVE_KERNEL_CACHE" in caplog.records[-1].message
 

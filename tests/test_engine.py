@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.engine import EngineConfig, LLMEngine
-from engine.generate import greedy_generate
+from engine.core.engine import EngineConfig, LLMEngine
+from engine.model.generate import greedy_generate
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -74,8 +74,8 @@ def test_32_concurrent_requests_equal_each_alone(tiny_ckpt, alone):
 
 def test_greedy_equals_transformers(tiny_ckpt, alone):
     """The engine's greedy outputs equal transformers' generate on the same checkpoint (tie-aware)."""
-    from engine.checkpoint import open_checkpoint
-    from engine.config import TINY
+    from engine.model.config import TINY
+    from engine.weights.checkpoint import open_checkpoint
     from tests.hf_ref import build_hf_model, hf_greedy, hf_prefill_logits
 
     hf = build_hf_model(TINY, open_checkpoint(tiny_ckpt).state_dict(torch.float32))

@@ -12,10 +12,10 @@ import pytest
 
 from comm.dispatch import BACKENDS
 from comm.launch import run_ranks
-from engine.engine import EngineConfig, LLMEngine
-from engine.ep_engine import EPEngine, PlacementConfig, make_ep_engine
-from engine.ep_group import run_engine_group, serve_until_idle
-from engine.tokenizer import load_tokenizer
+from engine.core.engine import EngineConfig, LLMEngine
+from engine.core.ep.engine import EPEngine, PlacementConfig, make_ep_engine
+from engine.core.ep.group import run_engine_group, serve_until_idle
+from engine.weights.tokenizer import load_tokenizer
 from scheduler.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -96,7 +96,7 @@ def _slots_hold_placement(engine: EPEngine, ckpt: str) -> bool:
     """Every local slot's weights equal its logical expert's weights in the checkpoint (after any moves)."""
     import torch
 
-    from engine.checkpoint import open_checkpoint
+    from engine.weights.checkpoint import open_checkpoint
 
     want = {}
     experts = set(range(engine.model_config.n_routed_experts))

@@ -15,9 +15,9 @@ import torch
 from comm.dispatch import BACKENDS
 from comm.launch import run_ranks
 from comm.placement import Placement
-from engine.config import TINY
-from engine.loader import load_model
-from engine.moe import EPContext
+from engine.model.config import TINY
+from engine.model.moe import EPContext
+from engine.weights.loader import load_model
 
 TOL = 1e-5
 DECODE_STEPS = 2

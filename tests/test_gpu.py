@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.generate import greedy_generate
-from engine.loader import load_model
+from engine.model.generate import greedy_generate
+from engine.weights.loader import load_model
 
 
 @pytest.mark.gpu

@@ -1,12 +1,12 @@
-"""engine/hf_names.py: official names <-> transformers `DeepseekV4ForCausalLM` names, checked against HF itself."""
+"""engine/weights/hf_names.py: official names <-> transformers `DeepseekV4ForCausalLM` names, checked against HF."""
 
 import pytest
 import torch
 from transformers import DeepseekV4ForCausalLM
 
-from engine.config import TINY, V4_FLASH, V4_PRO
-from engine.hf_names import hf_to_official, is_hf_layout, official_to_hf_name, official_to_hf_state_dict
-from engine.manifest import build_manifest
+from engine.model.config import TINY, V4_FLASH, V4_PRO
+from engine.weights.hf_names import hf_to_official, is_hf_layout, official_to_hf_name, official_to_hf_state_dict
+from engine.weights.manifest import build_manifest
 from tests.hf_ref import ALT, hf_config, random_official_state_dict
 
 

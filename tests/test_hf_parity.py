@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import TINY
-from engine.generate import greedy_generate
-from engine.model import Transformer
-from engine.rope import inv_freq
+from engine.model.config import TINY
+from engine.model.generate import greedy_generate
+from engine.model.model import Transformer
+from engine.model.rope import inv_freq
 from tests.hf_ref import (
     ALT,
     build_hf_model,
@@ -95,8 +95,8 @@ def test_greedy_parity(pair):
 
 def test_parity_through_quantized_checkpoint(tiny_ckpt):
     """The official FP8/FP4 checkpoint, dequantized by our reader, drives both models to the same logits."""
-    from engine.checkpoint import open_checkpoint
-    from engine.loader import load_model
+    from engine.weights.checkpoint import open_checkpoint
+    from engine.weights.loader import load_model
 
     ours = load_model(tiny_ckpt, dtype=torch.float32)
     hf = build_hf_model(TINY, dict(open_checkpoint(tiny_ckpt).iter_weights(dtype=torch.float32)))

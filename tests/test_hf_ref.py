@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from engine.config import TINY
-from engine.manifest import build_manifest
+from engine.model.config import TINY
+from engine.weights.manifest import build_manifest
 from tests.hf_ref import (
     ALT,
     NotExpressible,

@@ -169,7 +169,7 @@ def env(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt: Path) -> list[list[int]]:
     """Greedy outputs of the single-process engine."""
-    from engine.llm import LLM
+    from engine.core.llm import LLM
 
     llm = LLM(tiny_ckpt, dtype="float32", page_tokens=128, max_num_seqs=16)
     return [list(o.token_ids) for o in llm.generate(PROMPTS, GREEDY)]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint import CheckpointError, open_checkpoint
-from engine.config import TINY
-from engine.hf_names import official_to_hf_state_dict
-from engine.loader import load_model
+from engine.model.config import TINY
+from engine.weights.checkpoint import CheckpointError, open_checkpoint
+from engine.weights.hf_names import official_to_hf_state_dict
+from engine.weights.loader import load_model
 
 
 def _logits(model, ids):

@@ -1,4 +1,4 @@
-"""engine/make_checkpoint.py and engine/tokenizer.py: the random official-layout checkpoint writer."""
+"""engine/weights/make_checkpoint.py and engine/weights/tokenizer.py: the random official-layout checkpoint writer."""
 
 import hashlib
 import json
@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.config import get_preset
-from engine.make_checkpoint import write_checkpoint
-from engine.manifest import build_manifest
-from engine.safetensors_header import read_header
-from engine.tokenizer import BOS_TOKEN, EOS_TOKEN, build_tokenizer, load_tokenizer
+from engine.model.config import get_preset
+from engine.weights.make_checkpoint import write_checkpoint
+from engine.weights.manifest import build_manifest
+from engine.weights.safetensors_header import read_header
+from engine.weights.tokenizer import BOS_TOKEN, EOS_TOKEN, build_tokenizer, load_tokenizer
 
 CFG = get_preset("tiny")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.config import get_preset
-from engine.manifest import build_manifest
+from engine.model.config import get_preset
+from engine.weights.manifest import build_manifest
 
 
 def test_v4_pro_manifest_matches_published_checkpoint():

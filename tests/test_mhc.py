@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.layers import RMSNorm, rms_normalize, rsqrt_mean_square
-from engine.mhc import hc_head, hc_post, hc_pre, sinkhorn
-from engine.rope import apply_rope, rope_cos_sin
+from engine.model.layers import RMSNorm, rms_normalize, rsqrt_mean_square
+from engine.model.mhc import hc_head, hc_post, hc_pre, sinkhorn
+from engine.model.rope import apply_rope, rope_cos_sin
 
 HC = 4
 HC_EPS = 1e-6

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.generate import greedy_generate
-from engine.model import Transformer
+from engine.model.generate import greedy_generate
+from engine.model.model import Transformer
 
 TOL = 1e-5
 
@@ -85,7 +85,7 @@ def test_mtp_runs_and_is_consistent(tiny_model):
 
 
 def test_bfloat16_runs_close_to_float32(tiny_ckpt, tiny_model):
-    from engine.loader import load_model
+    from engine.weights.loader import load_model
 
     bf = load_model(tiny_ckpt, dtype=torch.bfloat16)
     ids = _ids(260, 4, 512)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine.moe
-from engine.config import TINY, get_preset
-from engine.cpu_kernels import moe_mlp_available
-from engine.moe import Expert, Gate, RoutedExperts, swiglu
+import engine.model.moe
+from engine.kernels.cpu import moe_mlp_available
+from engine.model.config import TINY, get_preset
+from engine.model.moe import Expert, Gate, RoutedExperts, swiglu
 
 
 @pytest.fixture(autouse=True)
@@ -46,19 +46,19 @@ def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def _kernel(monkeypatch, on: bool) -> list[int]:
-    """Kernel availability on/off for engine.moe; returns a list that grows by one per kernel call."""
+    """Kernel availability on/off for engine.model.moe; returns a list that grows by one per kernel call."""
     calls: list[int] = []
     if on:
         if not moe_mlp_available():
             pytest.skip("the CPU moe_mlp kernel did not build here")
-        real = engine.moe.moe_mlp
+        real = engine.model.moe.moe_mlp
 
         def counted(x, offsets, *rest):
             calls.append(x.shape[0])
             return real(x, offsets, *rest)
-        monkeypatch.setattr(engine.moe, "moe_mlp", counted)
+        monkeypatch.setattr(engine.model.moe, "moe_mlp", counted)
     else:
-        monkeypatch.setattr(engine.moe, "moe_mlp_available", lambda: False)
+        monkeypatch.setattr(engine.model.moe, "moe_mlp_available", lambda: False)
     return calls
 
 

@@ -37,9 +37,9 @@ from cluster.plan.perf import (
 from cluster.plan.planner import NodePlan, Perf, PlanInput, build_model, colocated_step, from_topology, make_plan
 from cluster.plan.v3 import V32, from_v3
 from cluster.topology import load_topology
-from engine import cache_accounting as ca
-from engine.config import V4_FLASH, V4_PRO
-from engine.manifest import build_manifest
+from engine.cache import accounting as ca
+from engine.model.config import V4_FLASH, V4_PRO
+from engine.weights.manifest import build_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 EFF = Efficiency()
@@ -127,7 +127,7 @@ def _v32_model() -> PlanModel:
 def _v4_claims() -> dict[str, float]:
     """Per-token FLOPs (perf.token_flops: the planner's own kernel-group counts for one decode token) of a query
     at position 2^20 - 1 (it sees 1M tokens) and KV bytes of one 1M-token sequence (the planner's KV models:
-    engine/cache_accounting.py for V4 in BF16, MLA BF16 latent + FP8 indexer keys for V3.2, as the reference
+    engine/cache/accounting.py for V4 in BF16, MLA BF16 latent + FP8 indexer keys for V3.2, as the reference
     inference code caches them) for V4-Pro, V4-Flash and V3.2."""
     hw = get_hardware("b200")
     ctx = 2**20

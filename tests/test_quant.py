@@ -1,9 +1,9 @@
-"""engine/quant.py: byte layouts of FP8/MXFP4 weights and their E8M0 scales, and round trips."""
+"""engine/weights/formats.py: byte layouts of FP8/MXFP4 weights and their E8M0 scales, and round trips."""
 
 import pytest
 import torch
 
-from engine.quant import (
+from engine.weights.formats import (
     FP4_VALUES,
     dequantize_fp4,
     dequantize_fp8_block,

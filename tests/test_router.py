@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
+from cluster.rank_server import RankWorker
 from cluster.router import RankError, Router
 from comm import wire
-from engine.engine import EngineConfig, LLMEngine
-from engine.worker import RankWorker
+from engine.core.engine import EngineConfig, LLMEngine
 from scheduler.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplerOutput
+from engine.core.sampler import Sampler, SamplerOutput
 from scheduler.sampling import SamplingParams
 
 V = 50

@@ -25,15 +25,15 @@ import openai
 import pytest
 from aiohttp import web
 
+from cluster.rank_server import RankWorker
 from cluster.router import Router
 from cluster.server.app import build_app, serve
 from cluster.server.chat_template import apply_chat_template
 from cluster.server.openai_api import ModelInfo, OpenAIService
 from cluster.server.settings import ServerSettings
 from cluster.server.text import TextStream
-from engine.engine import EngineConfig, LLMEngine
-from engine.tokenizer import load_tokenizer
-from engine.worker import RankWorker
+from engine.core.engine import EngineConfig, LLMEngine
+from engine.weights.tokenizer import load_tokenizer
 
 KEY_ENV = "MEGASERVE_TEST_SERVER_KEY"
 KEY = "sk-test-0123"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cluster.topology import RayNode, Topology, TopologyError, load_topology, match_nodes
-from engine.config import TINY
+from engine.model.config import TINY
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

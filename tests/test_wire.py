@@ -8,8 +8,8 @@ import struct
 import msgpack
 import pytest
 
+from cluster.rank_server import RankWorker
 from comm import wire
-from engine.worker import RankWorker
 from scheduler.request import RequestOutput
 
 EXAMPLES = [

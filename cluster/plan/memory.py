@@ -1,5 +1,5 @@
 """Memory of one rank: weight bytes by kind and dtype (from the checkpoint manifest), an activation estimate,
-and the KV cache the rest holds (engine/cache_accounting.py for V4), in tokens and in sequences at a context.
+and the KV cache the rest holds (engine/cache/accounting.py for V4), in tokens and in sequences at a context.
 
 Every kind except `routed_experts` is replicated on each rank. A rank holds `slots = (E + redundant) / ep_size`
 expert slots in every MoE layer (MTP block included), each the bytes of one expert of that layer; on average

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine import cache_accounting as ca
-from engine.config import ModelConfig
-from engine.manifest import TensorSpec, iter_tensors
+from engine.cache import accounting as ca
+from engine.model.config import ModelConfig
+from engine.weights.manifest import TensorSpec, iter_tensors
 
 KINDS = ("attention", "compressor", "indexer", "router", "routed_experts", "shared_expert", "dense_ffn", "mhc",
          "norm", "embedding", "head", "mtp_proj")
@@ -92,7 +92,7 @@ class KVModel(Protocol):
 
 @dataclass(frozen=True)
 class V4KV:
-    """engine.cache_accounting for a V4 config (windows + compressed entries + compressor state)."""
+    """engine.cache.accounting for a V4 config (windows + compressed entries + compressor state)."""
 
     cfg: ModelConfig
     cache_dtype: str = "bfloat16"
@@ -176,7 +176,7 @@ _ATTN_KIND = {0: "swa", 4: "csa", 128: "hca"}
 
 
 def from_v4(cfg: ModelConfig, name: str = "deepseek-v4", cache_dtype: str = "bfloat16") -> PlanModel:
-    """A V4 config through engine/manifest.py (weights) and engine/cache_accounting.py (KV)."""
+    """A V4 config through engine/weights/manifest.py (weights) and engine/cache/accounting.py (KV)."""
     per_layer, top, by_dtype = group_tensors(iter_tensors(cfg), cfg.num_hidden_layers)
     layers = tuple(
         LayerSpec(lid, _ATTN_KIND[cfg.compress_ratio(lid)], True, lid >= cfg.num_hidden_layers, per_layer[lid])

@@ -13,9 +13,9 @@ from cluster.plan.memory import KVSettings, RankMemory, rank_memory
 from cluster.plan.model_spec import PlanModel, from_v4
 from cluster.plan.perf import Efficiency, Layout, decode, prefill
 from cluster.plan.v3 import V3Config, from_v3
-from engine.config import ModelConfig
+from engine.model.config import ModelConfig
 
-# topology kv_cache.dtype -> engine/cache_accounting.py name
+# topology kv_cache.dtype -> engine/cache/accounting.py name
 KV_DTYPE_NAMES = {"bfloat16": "bfloat16", "float32": "float32", "fp8": "fp8_ds_mla"}
 
 

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 from cluster.plan.model_spec import LayerSpec, PlanModel, group_tensors
-from engine.manifest import TensorSpec
+from engine.weights.manifest import TensorSpec
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ async def run(args: argparse.Namespace, settings: ServerSettings) -> int:
     from cluster.server.app import build_app, serve
     from cluster.server.openai_api import ModelInfo, OpenAIService
     from cluster.server.ranks import EngineArgs, start_ranks
-    from engine.tokenizer import load_tokenizer
+    from engine.weights.tokenizer import load_tokenizer
 
     engine_args = EngineArgs(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                              max_num_batched_tokens=args.max_num_batched_tokens, page_tokens=args.page_tokens,

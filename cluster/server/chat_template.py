@@ -9,7 +9,7 @@
   its content and eos. The prompt ends with `<｜Assistant｜>` (the generation prompt) unless the last
   message is an assistant message, which is then continued (no eos after it).
 - The role markers are the real DeepSeek tokenizer's special tokens; the tiny test tokenizer
-  (engine/tokenizer.py) knows only bos/eos, so for it they are ordinary text, encoded byte-level.
+  (engine/weights/tokenizer.py) knows only bos/eos, so for it they are ordinary text, encoded byte-level.
 - Content is a string or a list of `{"type": "text", "text": ...}` parts (other part types are refused).
 """
 

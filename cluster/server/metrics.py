@@ -151,7 +151,7 @@ def expert_balancedness(rank_stats: list[dict[str, Any]]) -> list[tuple[int, flo
     """[(layer, balancedness)] from the first rank that reports it (the EP group shares one view), capped."""
     for s in rank_stats:
         eng = s.get("engine") or {}
-        rows = eng.get("expert_balance")  # engine/ep_engine.py: per layer {layer, ..., balancedness}
+        rows = eng.get("expert_balance")  # engine/core/ep/engine.py: per layer {layer, ..., balancedness}
         if isinstance(rows, list) and rows:
             out = []
             for i, row in enumerate(rows[:MAX_BALANCE_LAYERS]):

@@ -51,7 +51,7 @@ class ModelInfo:
     @classmethod
     def from_checkpoint(cls, model_dir: str | Path, name: str, max_model_len: int | None = None) -> ModelInfo:
         """Name, context length (default: max_position_embeddings), vocabulary and bos/eos of a checkpoint."""
-        from engine.config import ModelConfig
+        from engine.model.config import ModelConfig
 
         cfg = ModelConfig.from_json(model_dir)
         return cls(name=name, max_model_len=max_model_len or cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
@@ -147,7 +147,7 @@ class OpenAIService:
                     default_max_tokens: int | None = None) -> OpenAIService:
         """A service for the checkpoint in `model_dir` (its config.json and tokenizer.json) over `router`;
         the model id is `settings.model_name` or the directory's name."""
-        from engine.tokenizer import load_tokenizer
+        from engine.weights.tokenizer import load_tokenizer
 
         name = getattr(settings, "model_name", None) or Path(model_dir).resolve().name
         info = ModelInfo.from_checkpoint(model_dir, name, max_model_len)

@@ -2,7 +2,7 @@
 
 N = 1: an LLMEngine in this process behind a RankWorker (its step loop runs in a thread).
 N > 1: N spawned processes form a torch.distributed group (gloo on CPU, NCCL on CUDA), each runs an
-EPEngine (engine/ep_engine.py) behind its own RankWorker and reports the worker's address back. Every
+EPEngine (engine/core/ep/engine.py) behind its own RankWorker and reports the worker's address back. Every
 rank binds to `host` only. A rank process dies with this process (PR_SET_PDEATHSIG on Linux).
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class EngineArgs:
-    """engine.engine.EngineConfig fields the server exposes (plus the EP backend for N > 1)."""
+    """engine.core.engine.EngineConfig fields the server exposes (plus the EP backend for N > 1)."""
 
     dtype: str = "float32"
     device: str = "cpu"
@@ -34,7 +34,7 @@ class EngineArgs:
     ep_backend: str = "sync"
 
     def engine_config(self) -> Any:
-        from engine.engine import EngineConfig
+        from engine.core.engine import EngineConfig
 
         fields = asdict(self)
         fields.pop("ep_backend")
@@ -84,15 +84,15 @@ class RankSet:
 def start_ranks(model_dir: str | Path, num_ranks: int, args: EngineArgs, host: str = "127.0.0.1",
                 timeout_s: float = 600.0) -> RankSet:
     if num_ranks == 1:
-        from engine.engine import LLMEngine
-        from engine.worker import RankWorker
+        from cluster.rank_server import RankWorker
+        from engine.core.engine import LLMEngine
 
         worker = RankWorker(LLMEngine(model_dir, args.engine_config()), host, 0).start()
         return RankSet([worker.address], workers=[worker])
     try:
-        import engine.ep_engine  # noqa: F401
+        import engine.core.ep.engine  # noqa: F401
     except ImportError as e:
-        raise RuntimeError(f"--ranks {num_ranks} needs the expert-parallel engine (engine/ep_engine.py): {e}") from e
+        raise RuntimeError(f"--ranks {num_ranks} needs the expert-parallel engine (engine.core.ep): {e}") from e
     from comm.launch import free_port
 
     ctx = mp.get_context("spawn")
@@ -140,9 +140,9 @@ def _rank_main(rank: int, world_size: int, port: int, model_dir: str, args: Engi
     _die_with_parent(parent_pid)
     torch.set_num_threads(1)
     try:
+        from cluster.rank_server import RankWorker
         from comm.group import init_process_group
-        from engine.ep_engine import EPEngine
-        from engine.worker import RankWorker
+        from engine.core.ep.engine import EPEngine
 
         init_process_group(rank, world_size, "127.0.0.1", port, args.device)
         engine = EPEngine(model_dir, args.engine_config(), rank, world_size, backend=args.ep_backend)

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine.config import ModelConfig
-from engine.manifest import DTYPE_BYTES, TensorSpec, build_manifest
-from engine.quant import dequantize_fp4, dequantize_fp8_block, quantize_fp4, quantize_fp8_block
-from engine.tokenizer import build_tokenizer, save_tokenizer
+from engine.model.config import ModelConfig
+from engine.weights.formats import dequantize_fp4, dequantize_fp8_block, quantize_fp4, quantize_fp8_block
+from engine.weights.manifest import DTYPE_BYTES, TensorSpec, build_manifest
+from engine.weights.tokenizer import build_tokenizer, save_tokenizer
 
 DEFAULT_SHARD_BYTES = 4 << 30
 INDEX_FILE = "model.safetensors.index.json"

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from engine.config import ModelConfig
+from engine.model.config import ModelConfig
 
 CACHE_DTYPES = ("bfloat16", "float32", "fp8_ds_mla")
 _STATE_BYTES = 4  # compressor state and prefix-cache compressor snapshots: float32

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.model import Transformer
+from engine.model.model import Transformer
 
 
 @torch.inference_mode()

@@ -26,11 +26,11 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from engine.checkpoint_check import LoadItem, check_tensors, routed_expert_id
-from engine.config import ConfigError, ModelConfig
-from engine.manifest import Manifest, build_manifest
-from engine.quant import dequantize_fp4, dequantize_fp8_block
-from engine.safetensors_header import ST_DTYPES, TORCH_TO_ST, ShardHeader, TensorEntry, read_header
+from engine.model.config import ConfigError, ModelConfig
+from engine.weights.checkpoint_check import LoadItem, check_tensors, routed_expert_id
+from engine.weights.formats import dequantize_fp4, dequantize_fp8_block
+from engine.weights.manifest import Manifest, build_manifest
+from engine.weights.safetensors_header import ST_DTYPES, TORCH_TO_ST, ShardHeader, TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -215,7 +215,7 @@ class Checkpoint:
 
     def _stream_hf(self, items: list[LoadItem], dtype: torch.dtype,
                    device: torch.device) -> Iterator[tuple[str, Tensor]]:
-        from engine.hf_names import hf_to_official
+        from engine.weights.hf_names import hf_to_official
 
         yield from self._stream([it for it in items if it.spec.name not in self._source], dtype, device)
         wanted = {it.spec.name: it.spec.dtype for it in items if it.spec.name in self._source}
@@ -234,7 +234,7 @@ class Checkpoint:
 
     def _map_hf_names(self) -> None:
         """Run the HF -> official mapping on meta tensors: official names, dtypes and shapes, no data."""
-        from engine.hf_names import hf_to_official
+        from engine.weights.hf_names import hf_to_official
 
         for key, entry in self.entries.items():
             if key.startswith("mtp."):  # no transformers name: kept under its official name
@@ -283,7 +283,7 @@ def _out_dtype(manifest_dtype: str, dtype: torch.dtype) -> torch.dtype:
 
 def _is_hf_layout(entries: dict[str, TensorEntry]) -> bool:
     try:
-        from engine.hf_names import is_hf_layout
+        from engine.weights.hf_names import is_hf_layout
     except ImportError:
         return False
     return bool(entries) and is_hf_layout(entries.keys())

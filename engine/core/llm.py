@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.engine import EngineConfig, LLMEngine
-from engine.tokenizer import load_tokenizer
+from engine.core.engine import EngineConfig, LLMEngine
+from engine.weights.tokenizer import load_tokenizer
 from scheduler.sampling import SamplingParams
 
 

@@ -11,7 +11,7 @@ import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from engine.manifest import Manifest, TensorSpec
+from engine.weights.manifest import Manifest, TensorSpec
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 INT_DTYPES = ("I64", "I32")  # tid2eid: I64 in the checkpoint, int32 in the reference

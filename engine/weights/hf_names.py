@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from engine.config import ModelConfig
+from engine.model.config import ModelConfig
 
 # Top-level tensors.
 _TOP = {

@@ -2,7 +2,7 @@
 
 Attention is data-parallel: every rank runs its own scheduler and KV cache over its own requests, with the
 replicated weights. Routed experts are sharded: the model holds only this rank's physical expert slots and
-every MoE layer exchanges tokens with the other ranks (engine.moe.EPContext, comm.dispatch). Build one per
+every MoE layer exchanges tokens with the other ranks (engine.model.moe.EPContext, comm.dispatch). Build one per
 rank, after the process group is initialised (comm.group.init_process_group, or inside
 comm.launch.run_ranks):
 
@@ -39,10 +39,10 @@ from comm.eplb import rebalance_experts
 from comm.expert_load import ExpertLoadWindow, balancedness
 from comm.placement import Placement
 from comm.rebalance import move_expert_weights
-from engine.checkpoint import open_checkpoint
-from engine.engine import _DTYPES, EngineConfig, LLMEngine
-from engine.loader import load_model
-from engine.moe import EPContext
+from engine.core.engine import _DTYPES, EngineConfig, LLMEngine
+from engine.model.moe import EPContext
+from engine.weights.checkpoint import open_checkpoint
+from engine.weights.loader import load_model
 from scheduler.request import RequestOutput
 from scheduler.sampling import SamplingParams
 

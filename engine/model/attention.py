@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig
-from engine.layers import Linear, RMSNorm, linear, rms_normalize
-from engine.rope import apply_rope, inv_freq, rope_cos_sin
-from engine.seq_state import CompressorState, DenseEntries, LayerSnapshot, LayerState, append_rows, read_padded
+from engine.cache.seq_state import CompressorState, DenseEntries, LayerSnapshot, LayerState, append_rows, read_padded
+from engine.model.config import ModelConfig
+from engine.model.layers import Linear, RMSNorm, linear, rms_normalize
+from engine.model.rope import apply_rope, inv_freq, rope_cos_sin
 
 QUERY_BLOCK = 256  # queries per attention block in prefill
 BATCH_QUERIES = 4096  # padded queries per batched group of prefill chunks

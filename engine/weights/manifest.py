@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from engine.config import ModelConfig
+from engine.model.config import ModelConfig
 
 # safetensors dtype names and their sizes in bytes.
 DTYPE_BYTES = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "BF16": 2, "F32": 4, "I64": 8, "F16": 2}

@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from engine.layers import rsqrt_mean_square
+from engine.model.layers import rsqrt_mean_square
 
 
 def _mixes(h: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
-"""C source of the routed-expert MLP kernel (compiled at first use by `engine.cpu_kernels.build`).
+"""C source of the routed-expert MLP kernel (compiled at first use by `engine.kernels.cpu.build`).
 
 Kept as a Python string so it ships with the package without package-data rules. Layout and math are
-documented in `engine.cpu_kernels.moe_mlp`; the C side trusts the shapes the Python wrapper has checked and
+documented in `engine.kernels.cpu.moe_mlp`; the C side trusts the shapes the Python wrapper has checked and
 only validates `offsets` (it reads them anyway).
 
 Work split: stage 1 (a = route_w * swiglu(x W1^T, x W3^T)) cuts each expert's I rows of W1/W3 into 2T parts

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import open_checkpoint
-from engine.model import Transformer
-from engine.moe import EPContext
+from engine.model.model import Transformer
+from engine.model.moe import EPContext
+from engine.weights.checkpoint import open_checkpoint
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -17,9 +17,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     """Validate the checkpoint against its manifest, then stream its tensors into a new model.
 
     `experts`: the routed experts to load (a rank loads only its own); None loads all.
-    `ep`: build an expert-parallel model (engine.model docstring); only the experts of this rank's slots
+    `ep`: build an expert-parallel model (engine.model.model docstring); only the experts of this rank's slots
     are read, per layer. Give `experts` or `ep`, not both.
-    Raises `engine.checkpoint.CheckpointError` naming every bad tensor before anything is loaded.
+    Raises `engine.weights.checkpoint.CheckpointError` naming every bad tensor before anything is loaded.
     """
     if ep is not None and experts is not None:
         raise ValueError("pass either experts or ep (the placement decides the experts), not both")

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from engine.config import ModelConfig
+from engine.model.config import ModelConfig
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, original_len: int) -> float:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from engine.cpu_kernels.build import DEFAULT_FLAGS, KernelBuildError, compile_shared
-from engine.cpu_kernels.moe_mlp_src import SOURCE
+from engine.kernels.cpu.build import DEFAULT_FLAGS, KernelBuildError, compile_shared
+from engine.kernels.cpu.moe_mlp_src import SOURCE
 
 _SYMBOL = "megaserve_moe_mlp"
 OPENMP_FLAGS = ("-fopenmp", "-DMEGASERVE_OMP")

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_cache import PagedKVCache
-from engine.model import SequenceState, Transformer
-from engine.sampler import Sampler
+from engine.cache.kv_cache import PagedKVCache
+from engine.core.sampler import Sampler
+from engine.model.model import SequenceState, Transformer
 from scheduler.output import ModelRunnerOutput, SchedulerOutput
 from scheduler.sampling import SamplingParams
 

@@ -26,12 +26,12 @@ from torch import nn
 
 from comm.dispatch import Dispatcher
 from comm.placement import Placement
-from engine.attention import Attention, SeqSlice
-from engine.config import ModelConfig
-from engine.layers import Linear, RMSNorm
-from engine.mhc import hc_head, hc_post, hc_pre
-from engine.moe import EPContext, LoadRecorder, MoE
-from engine.seq_state import LayerState
+from engine.cache.seq_state import LayerState
+from engine.model.attention import Attention, SeqSlice
+from engine.model.config import ModelConfig
+from engine.model.layers import Linear, RMSNorm
+from engine.model.mhc import hc_head, hc_post, hc_pre
+from engine.model.moe import EPContext, LoadRecorder, MoE
 
 
 @dataclass

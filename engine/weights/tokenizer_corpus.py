@@ -1,4 +1,4 @@
-"""A small built-in English corpus for training the test tokenizer (engine/tokenizer.py), deterministic.
+"""A small built-in English corpus for training the test tokenizer (engine/weights/tokenizer.py), deterministic.
 
 `corpus()` = the hand-written paragraphs below, then sentences recombined from their words, numbers, and
 pseudo-words built from English syllables, all drawn from a fixed-seed `random.Random`, so that byte-level

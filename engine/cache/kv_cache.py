@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig
-from engine.model import SequenceState, Transformer
-from engine.seq_state import LayerSnapshot, PagedEntries
+from engine.cache.seq_state import LayerSnapshot, PagedEntries
+from engine.model.config import ModelConfig
+from engine.model.model import SequenceState, Transformer
 
 
 class PagedKVCache:

@@ -26,9 +26,9 @@ from torch import nn
 
 from comm.dispatch import BACKENDS, Dispatcher
 from comm.placement import Placement
-from engine.config import ModelConfig
-from engine.cpu_kernels import moe_mlp, moe_mlp_available
-from engine.layers import Linear, linear
+from engine.kernels.cpu import moe_mlp, moe_mlp_available
+from engine.model.config import ModelConfig
+from engine.model.layers import Linear, linear
 
 
 @dataclass(frozen=True)

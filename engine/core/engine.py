@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from engine.cache_accounting import plan_cache
-from engine.kv_cache import PagedKVCache
-from engine.loader import load_model
-from engine.model import Transformer
-from engine.runner import ModelRunner
-from engine.sampler import Sampler
+from engine.cache.accounting import plan_cache
+from engine.cache.kv_cache import PagedKVCache
+from engine.core.runner import ModelRunner
+from engine.core.sampler import Sampler
+from engine.model.model import Transformer
+from engine.weights.loader import load_model
 from scheduler.config import SchedulerConfig
 from scheduler.request import Request, RequestOutput
 from scheduler.sampling import SamplingParams
@@ -31,7 +31,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024  # the token budget of one step
     page_tokens: int = 256  # tokens per cache page (a multiple of every compress ratio)
-    cache_budget_bytes: int = 512 * 2**20  # sizes the page pool (engine.cache_accounting.plan_cache)
+    cache_budget_bytes: int = 512 * 2**20  # sizes the page pool (engine.cache.accounting.plan_cache)
     num_pages: int | None = None  # overrides the budget (tests: force preemption)
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings

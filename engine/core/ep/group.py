@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from comm.launch import run_ranks
-from engine.engine import EngineConfig
-from engine.ep_engine import EPEngine, PlacementConfig
+from engine.core.engine import EngineConfig
+from engine.core.ep.engine import EPEngine, PlacementConfig
 from scheduler.sampling import SamplingParams
 
 
@@ -85,8 +85,8 @@ def run_engine_group(model_dir: str | Path, world_size: int, prompts: Sequence[s
         raise ValueError(f"ranks must give one rank in [0, {world_size}) per prompt, got {ranks}")
     tokenizer = None
     if any(isinstance(p, str) for p in prompts):
-        from engine.checkpoint import open_checkpoint
-        from engine.tokenizer import load_tokenizer
+        from engine.weights.checkpoint import open_checkpoint
+        from engine.weights.tokenizer import load_tokenizer
 
         if not (Path(model_dir) / "tokenizer.json").exists():
             raise ValueError(f"string prompts need a tokenizer.json in {model_dir}")

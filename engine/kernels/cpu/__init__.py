@@ -1,7 +1,7 @@
 """Hand-written CPU kernels, compiled with the system C compiler at first use (see `build`).
 
 `moe_mlp(x, offsets, route_w, w1, w3, w2, limit)`: the routed-expert MLP over rows grouped by expert slot
-(layout and math in `engine.cpu_kernels.moe_mlp`). Call it only when `moe_mlp_available()` is True: that is
+(layout and math in `engine.kernels.cpu.moe_mlp`). Call it only when `moe_mlp_available()` is True: that is
 False when env MEGASERVE_CPU_KERNELS=0, or there is no compiler, or compiling/loading failed (one warning
 says why); callers then use their torch path.
 """
@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from engine.cpu_kernels.build import KernelBuildError
-from engine.cpu_kernels.moe_mlp import MoeMlpKernel, check_args
+from engine.kernels.cpu.build import KernelBuildError
+from engine.kernels.cpu.moe_mlp import MoeMlpKernel, check_args
 
 __all__ = ["moe_mlp", "moe_mlp_available", "MoeMlpKernel", "KernelBuildError", "check_args"]
 

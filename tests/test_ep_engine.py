@@ -84,7 +84,7 @@ def _rank_fn_4(rank: int, world: int, ckpt: str, prompts: list[list[int]]) -> di
             "tokens": {rid: o.token_ids for rid, o in outs.items()},
             "finish": {rid: o.finish_reason for rid, o in outs.items()},
             "stats": engine.stats(),
-            "runner_reqs": len(engine.engine.runner.reqs),
+            "runner_reqs": len(engine.runner.reqs),
             "placement_changed": not bool((engine.placement.phy2log == initial).all()),
             "local_slots": [moe.experts.local_experts for moe in engine.model.moe_layers()],
             "slots_hold_placement": _slots_hold_placement(engine, ckpt),

@@ -102,10 +102,35 @@ class LLMEngine:
         return not self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """One step: schedule, run the packed batch, update; returns the new tokens and finished requests."""
-        so = self.scheduler.schedule()
+        """The one step loop: schedule, run the packed batch, update; returns the new tokens and finished requests.
+
+        An expert-parallel rank (engine.core.ep.EPEngine) adds only what is collective, through the three hooks
+        below: the ranks agree whether any of them has work, a rank without tokens joins the MoE exchanges with an
+        empty forward, and the step ends at the rebalance point.
+        """
+        sched = self.scheduler
+        group_busy = self._agree(sched.num_waiting > 0 or sched.num_running > 0)
+        if not group_busy and not sched.has_unfinished():
+            return []
+        so = sched.schedule()
         ro = self.runner.execute(so)
-        return self.scheduler.update_from_output(so, ro)
+        if group_busy and so.total_num_scheduled_tokens == 0:
+            self._empty_forward()
+        outputs = sched.update_from_output(so, ro)
+        if group_busy:
+            self._end_step()
+        return outputs
+
+    # ---- the collective hooks (one rank alone: nothing to agree on, nobody to wait for) ----
+    def _agree(self, has_work: bool) -> bool:
+        """Whether any rank of the group has work this step (here: this rank)."""
+        return has_work
+
+    def _empty_forward(self) -> None:
+        """Run when the group is busy but this rank scheduled no tokens (alone: never needed)."""
+
+    def _end_step(self) -> None:
+        """After a busy step's update (alone: nothing)."""
 
     def stats(self) -> dict:
         """Scheduler figures (running, waiting, pages, prefix hits, preemptions) and the cache's size."""

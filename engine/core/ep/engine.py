@@ -9,14 +9,16 @@ comm.launch.run_ranks):
     engine = EPEngine(model_dir, EngineConfig(...), ep_rank, ep_size, backend="sync",
                       placement_config=PlacementConfig(policy="eplb", rebalance_interval_steps=512))
 
-Same surface as LLMEngine (add_request, abort_request, step, stats, idle), but `step()` is collective:
-every rank of the group calls it on every iteration of its loop, work or not.
+An LLMEngine (same surface: add_request, abort_request, step, stats, idle) whose `step()` is collective:
+every rank of the group calls it on every iteration of its loop, work or not. The step loop is LLMEngine's;
+this class fills in only its three collective hooks:
 
-    step():  agree (one all-reduce of [ranks with work, rebalance requests])
-             nobody has work -> return [] (idle() is True: the caller may wait for input)
-             else: schedule -> execute (a zero-token forward when this rank has no tokens, so every
-                   MoE exchange completes) -> update; record this rank's expert load
-                   every rebalance_interval_steps steps (or on request): rebalance the placement
+    _agree:          one all-reduce of [ranks with work, rebalance requests]; nobody has work -> the step
+                     only reports finished requests (idle() is True: the caller may wait for input)
+    _empty_forward:  a zero-token forward when the group is busy but this rank has no tokens, so every
+                     MoE exchange completes
+    _end_step:       record this rank's expert load; every rebalance_interval_steps steps (or on request):
+                     rebalance the placement
 
 A rebalance happens between two forwards at the same step on every rank: the ranks sum their expert-load
 windows (comm.expert_load), compute a new placement with EPLB (comm.eplb), move the slot weights
@@ -43,8 +45,6 @@ from engine.core.engine import _DTYPES, EngineConfig, LLMEngine
 from engine.model.moe import EPContext
 from engine.weights.checkpoint import open_checkpoint
 from engine.weights.loader import load_model
-from scheduler.request import RequestOutput
-from scheduler.sampling import SamplingParams
 
 POLICIES = ("static", "eplb")
 
@@ -83,7 +83,7 @@ class PlacementConfig:
                    load_window_steps=spec.load_window_steps)
 
 
-class EPEngine:
+class EPEngine(LLMEngine):
     """One rank's engine in an EP group of `ep_size` ranks (module docstring).
 
     model_dir: checkpoint directory (every rank reads the replicated weights and its own experts).
@@ -130,8 +130,7 @@ class EPEngine:
                              f"layers (the main MoE layers), {num_experts} experts")
         ep = EPContext(ep_rank, ep_size, placement, backend=backend, group=group, num_waves=num_waves)
         model = load_model(model_dir, dtype=_DTYPES[c.dtype], device=c.device, ep=ep)
-        self.engine = LLMEngine(model_dir, c, model=model)
-        self.model, self.model_config, self.config = model, cfg, c
+        super().__init__(model_dir, c, model=model)
         self.placement = placement
         self.window = ExpertLoadWindow(num_layers, num_experts, pc.load_window_steps)
         # Its counters are allocated by the first record(): do that here, outside inference mode, so they are
@@ -150,22 +149,10 @@ class EPEngine:
         self._balance_step = -1
         self._last_rebalance: dict | None = None
 
-    # ---- requests (local: no communication) ----
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    req_id: str | None = None) -> str:
-        return self.engine.add_request(prompt_token_ids, params, req_id)
-
-    def abort_request(self, req_id: str) -> bool:
-        return self.engine.abort_request(req_id)
-
-    def has_unfinished(self) -> bool:
-        """This rank still has requests (or finished ones to report)."""
-        return self.engine.has_unfinished()
-
     def idle(self) -> bool:
         """True when neither this rank nor (at the last step) any other rank had work: the caller may wait for
         input before the next step(). Keeps stepping (False) while another rank is busy."""
-        return self._busy_ranks == 0 and not self.engine.has_unfinished()
+        return self._busy_ranks == 0 and not self.scheduler.has_unfinished()
 
     def request_rebalance(self) -> None:
         """Ask for a rebalance at the next step (any rank may ask; all ranks rebalance together)."""
@@ -174,11 +161,10 @@ class EPEngine:
                              f"{self.placement_config.policy!r})")
         self._rebalance_wanted = True
 
-    # ---- the collective step ----
-    def step(self) -> list[RequestOutput]:
-        """Collective: every rank calls this each iteration. Returns this rank's new tokens and finished ones."""
-        sched, runner = self.engine.scheduler, self.engine.runner
-        has_work = sched.num_waiting > 0 or sched.num_running > 0  # tokens to compute, now or once admitted
+    # ---- what is collective in LLMEngine.step (every rank calls step() each iteration, work or not) ----
+    def _agree(self, has_work: bool) -> bool:
+        """Collective: one all-reduce of [ranks with work, rebalance requests]; a requested rebalance runs here,
+        between two forwards, on every rank."""
         flags = torch.tensor([int(has_work), int(self._rebalance_wanted)], dtype=torch.int64, device=self._comm_device)
         dist.all_reduce(flags, group=self.group)
         busy, rebalance = flags.tolist()
@@ -186,17 +172,19 @@ class EPEngine:
         self._rebalance_wanted = False
         if rebalance:
             self._rebalance()
-        if busy == 0:
-            if was_busy:
-                self._sync_balance()  # the group just went idle: fresh figures for stats()
-            # Finished or aborted requests may still have to be reported (and dropped by the runner): a local
-            # step without a forward, since nobody has tokens.
-            return self.engine.step() if self.engine.has_unfinished() else []
-        so = sched.schedule()
-        ro = runner.execute(so)
-        if so.total_num_scheduled_tokens == 0:
-            self._dummy_forward()
-        outputs = sched.update_from_output(so, ro)
+        if busy == 0 and was_busy:
+            self._sync_balance()  # the group just went idle: fresh figures for stats()
+        return busy > 0
+
+    @torch.inference_mode()
+    def _empty_forward(self) -> None:
+        """A forward of zero tokens: this rank joins every MoE exchange of the step with nothing to send."""
+        self.dummy_steps += 1
+        self.model(torch.zeros(0, dtype=torch.long), [], [])
+
+    def _end_step(self) -> None:
+        """The rebalance point: every rebalance_interval_steps busy steps (else a balancedness sync every
+        load_window_steps)."""
         self.window.end_step()
         self.steps += 1
         pc = self.placement_config
@@ -204,13 +192,6 @@ class EPEngine:
             self._rebalance()
         elif self.steps % pc.load_window_steps == 0:
             self._sync_balance()
-        return outputs
-
-    @torch.inference_mode()
-    def _dummy_forward(self) -> None:
-        """A forward of zero tokens: this rank joins every MoE exchange of the step with nothing to send."""
-        self.dummy_steps += 1
-        self.model(torch.zeros(0, dtype=torch.long), [], [])
 
     # ---- expert load and placement ----
     def _global_load(self) -> torch.Tensor:
@@ -262,8 +243,8 @@ class EPEngine:
         """LLMEngine's figures plus EP ones; `expert_balance`: per layer, mean/max tokens per rank at the last
         sync (step `expert_balance_step`); `balancedness`: their mean over layers (None before any sync)."""
         return {
-            **self.engine.stats(),
-            "num_pages": self.engine.cache.num_pages,
+            **super().stats(),
+            "num_pages": self.cache.num_pages,
             "ep_rank": self.ep_rank, "ep_size": self.ep_size, "ep_backend": self.backend,
             "placement_policy": self.placement_config.policy,
             "steps": self.steps, "dummy_steps": self.dummy_steps, "rebalances": self.rebalances,

@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from engine.model.config import ConfigError, ModelConfig, get_preset
+from engine.model.config import MODEL_DTYPES, ConfigError, ModelConfig, get_preset
 from engine.weights.checkpoint import CheckpointError
 
 
@@ -159,7 +159,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--new-tokens", type=int, default=64)
     o.add_argument("--repeats", type=int, default=3, help="timed runs; the summary is their median")
     o.add_argument("--seed", type=int, default=0, help="prompt ids (and the random checkpoint's weights)")
-    o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    o.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     o.add_argument("--device", default="cpu")
     o.add_argument("--max-num-batched-tokens", type=int, default=8192)
     o.add_argument("--page-tokens", type=int, default=128)

@@ -21,14 +21,13 @@ from typing import Any
 
 import yaml
 
-from engine.model.config import PRESETS, ConfigError, ModelConfig, get_preset
+from engine.cache.accounting import KV_CACHE_DTYPES
+from engine.model.config import MODEL_DTYPES, PRESETS, ConfigError, ModelConfig, get_preset
 
-DTYPES = ("float32", "bfloat16")
 DEVICES = ("cpu", "cuda")
 ACCELERATORS = ("b200", "gb200", "gb300", "h200", "h100")
 EP_BACKENDS = ("sync", "tbo", "wave")
 PLACEMENT_POLICIES = ("static", "eplb")
-KV_DTYPES = ("bfloat16", "float32", "fp8")
 DEFAULT_LABEL_KEY = "megaserve.node"
 
 
@@ -320,7 +319,7 @@ def _model(r: _Reader, base: Path) -> ModelSpec:
                       f"{', '.join(sorted(PRESETS))})")
     if path is not None and not path:
         raise r.error("model.path", "must be a non-empty path")
-    dtype = r.str_("dtype", "bfloat16", choices=DTYPES)
+    dtype = r.str_("dtype", "bfloat16", choices=MODEL_DTYPES)
     return ModelSpec(path=(base / path).resolve() if path is not None else None, dtype=dtype, config=config)
 
 
@@ -425,7 +424,7 @@ def _kv_cache(r: _Reader) -> KVCacheSpec:
     kv = KVCacheSpec(
         budget_bytes=r.int_("budget_bytes", None, minimum=1, optional=True),
         memory_fraction=r.float_("memory_fraction", None, optional=True, maximum=1.0),
-        dtype=r.str_("dtype", None, choices=KV_DTYPES),
+        dtype=r.str_("dtype", None, choices=tuple(KV_CACHE_DTYPES)),
     )
     if kv.budget_bytes is not None and kv.memory_fraction is not None:
         raise r.error(r.where, "give budget_bytes or memory_fraction, not both")

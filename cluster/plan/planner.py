@@ -13,10 +13,10 @@ from cluster.plan.memory import KVSettings, RankMemory, rank_memory
 from cluster.plan.model_spec import PlanModel, from_v4
 from cluster.plan.perf import Efficiency, Layout, decode, prefill
 from cluster.plan.v3 import V3Config, from_v3
+from engine.cache.accounting import KV_CACHE_DTYPES
 from engine.model.config import ModelConfig
 
 # topology kv_cache.dtype -> engine/cache/accounting.py name
-KV_DTYPE_NAMES = {"bfloat16": "bfloat16", "float32": "float32", "fp8": "fp8_ds_mla"}
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,8 @@ class PlanInput:
     def __post_init__(self) -> None:
         if not self.nodes:
             raise ValueError("a plan needs at least one node")
-        if self.kv_dtype not in KV_DTYPE_NAMES:
-            raise ValueError(f"kv_dtype must be one of {sorted(KV_DTYPE_NAMES)}, got {self.kv_dtype!r}")
+        if self.kv_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {self.kv_dtype!r}")
 
     @property
     def world_size(self) -> int:
@@ -76,7 +76,7 @@ def from_topology(topo) -> PlanInput:
 def build_model(inp: PlanInput, hw: Hardware) -> tuple[PlanModel, list[str]]:
     """The planner's model for `inp` on `hw`; FP4 experts become FP8 on a GPU without FP4 (Hopper)."""
     notes: list[str] = []
-    cache_dtype = KV_DTYPE_NAMES[inp.kv_dtype]
+    cache_dtype = KV_CACHE_DTYPES[inp.kv_dtype]
     if isinstance(inp.model, V3Config):
         return from_v3(inp.model, inp.model_name, cache_dtype), notes
     cfg = inp.model

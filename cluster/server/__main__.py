@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from cluster.server.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings
+from engine.model.config import MODEL_DTYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key-env", default=None, help="environment variable holding the API key (Bearer)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--page-tokens", type=int, default=256)

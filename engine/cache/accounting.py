@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from engine.model.config import ModelConfig
 
 CACHE_DTYPES = ("bfloat16", "float32", "fp8_ds_mla")
+# The topology's `kv_cache.dtype` names -> CACHE_DTYPES (the planner and the topology read this one table).
+KV_CACHE_DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "fp8": "fp8_ds_mla"}
 _STATE_BYTES = 4  # compressor state and prefix-cache compressor snapshots: float32
 _CSA, _HCA = 4, 128
 _FP8_SCALE_BLOCK = 64  # no-RoPE values per UE8M0 scale in fp8_ds_mla

@@ -14,6 +14,7 @@ from engine.cache.accounting import plan_cache
 from engine.cache.kv_cache import PagedKVCache
 from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler
+from engine.model.config import MODEL_DTYPES
 from engine.model.model import Transformer
 from engine.weights.loader import load_model
 from scheduler.config import SchedulerConfig
@@ -21,7 +22,7 @@ from scheduler.request import Request, RequestOutput
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import Scheduler
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The dtypes the engine computes (and keeps dequantized weights and the cache) in: the one list of names.
+MODEL_DTYPES = ("float32", "bfloat16")
+
 VALID_RATIOS = (0, 4, 128)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,3 +24,62 @@ def write_result(path: str | Path, result: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2))
     print(json.dumps(result["summary"], indent=2))
+
+
+# transformers' routed-expert implementations, fastest first where the installed version has them; eager (a
+# per-expert Python loop) is the slow fallback and never the baseline while a faster one loads.
+HF_EXPERT_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+
+
+def fastest_hf_model(cfg, sd: dict, dtype: torch.dtype = torch.float32, batch: int = 8, prompt_len: int = 64,
+                     decode_steps: int = 4) -> tuple[object, dict]:
+    """transformers' DeepseekV4ForCausalLM on `sd`, with the experts implementation that runs a short probe
+    (one `batch` x `prompt_len` prefill, `decode_steps` decode steps, last-position logits) fastest here.
+
+    Returns (model, info): info["experts_implementation"] is the one chosen, info["probe_s"] the probe time of
+    every implementation that loaded (and the error of those that did not). Attention is eager: transformers'
+    DeepseekV4 supports no other attention implementation on CPU (sdpa is refused at construction).
+    """
+    root = Path(__file__).resolve().parents[1]
+    if str(root / "tests") not in sys.path:
+        sys.path.insert(0, str(root / "tests"))
+    from hf_ref import build_hf_model  # test-only dependency: transformers
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, cfg.vocab_size, (batch, prompt_len), generator=g)
+    probe: dict[str, float | str] = {}
+    best = None
+    for impl in HF_EXPERT_IMPLEMENTATIONS:
+        try:
+            model = build_hf_model(cfg, sd, dtype=dtype, experts_implementation=impl)
+        except Exception as e:  # an implementation this transformers version lacks
+            probe[impl] = f"unavailable: {type(e).__name__}: {e}"[:200]
+            continue
+        hf_generate_steps(model, ids[:, :8], 1)  # warm-up
+        t = min(sum(hf_generate_steps(model, ids, decode_steps)) for _ in range(2))
+        probe[impl] = round(t, 4)
+        if best is None or t < best[1]:
+            best = (model, t, impl)
+        else:
+            del model
+    if best is None:
+        raise RuntimeError(f"no transformers experts implementation loaded: {probe}")
+    return best[0], {"experts_implementation": best[2], "attn_implementation": "eager", "probe_s": probe}
+
+
+def hf_generate_steps(model, prompts: torch.Tensor, steps: int) -> tuple[float, float]:
+    """transformers: prefill `prompts` [B, S] and `steps` greedy decode steps with its DynamicCache, computing
+    logits for the last position only (`logits_to_keep=1`, as our engine does); returns (prefill s, decode s)."""
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        t0 = time.perf_counter()
+        out = model(prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            out = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1

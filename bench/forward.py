@@ -3,7 +3,10 @@
 Two workloads: "batch" = `--batch` prompts of `--prompt-len` random tokens prefilled together, then
 `--decode-steps` greedy decode steps of the whole batch; "long" = one prompt of `--long-prompt-len`
 tokens, then `--decode-steps` steps. Each measurement is repeated `--repeats` times, alternating the
-two implementations; the JSON reports medians, min/max and the ratio ours / transformers.
+two implementations; the JSON reports medians, min/max and the ratio ours / transformers. Both sides compute
+logits for the last position only; transformers runs its fastest routed-expert implementation on this
+machine (`bench.common.fastest_hf_model`: grouped_mm, batched_mm or eager, chosen by a probe, named in the
+JSON).
 
     python bench/forward.py --out out/forward.json [--preset small]
 """
@@ -22,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import versions, write_result  # noqa: E402
+from bench.common import fastest_hf_model, hf_generate_steps, versions, write_result  # noqa: E402
 from engine.model.config import get_preset  # noqa: E402
 from engine.weights.checkpoint import open_checkpoint  # noqa: E402
 from engine.weights.loader import load_model  # noqa: E402
@@ -39,22 +42,6 @@ def _ours(model, prompts: torch.Tensor, steps: int) -> tuple[float, float]:
         t1 = time.perf_counter()
         for _ in range(steps):
             nxt = model.compute_logits(model(nxt, states, [1] * b)).argmax(-1)
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
-
-
-def _hf(model, prompts: torch.Tensor, steps: int) -> tuple[float, float]:
-    from transformers import DynamicCache
-
-    with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        t0 = time.perf_counter()
-        out = model(prompts, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        t1 = time.perf_counter()
-        for _ in range(steps):
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 
@@ -77,15 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hf_ref import build_hf_model  # test-only dependency: transformers
-
     cfg = get_preset(args.preset)
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(cfg, tmp, seed=args.seed)
         ours = load_model(tmp, dtype=torch.float32)
         sd = dict(open_checkpoint(tmp).iter_weights(dtype=torch.float32))
-    theirs = build_hf_model(cfg, sd, dtype=torch.float32)
+    theirs, hf_info = fastest_hf_model(cfg, sd, dtype=torch.float32)
     del sd
     g = torch.Generator().manual_seed(args.seed)
     workloads = {"batch": torch.randint(2, cfg.vocab_size, (args.batch, args.prompt_len), generator=g)}
@@ -93,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         workloads["long"] = torch.randint(2, cfg.vocab_size, (1, args.long_prompt_len), generator=g)
 
     _ours(ours, workloads["batch"][:, :16], 2)  # warm-up both
-    _hf(theirs, workloads["batch"][:, :16], 2)
-    impls = (("ours", _ours, ours), ("transformers", _hf, theirs))
+    hf_generate_steps(theirs, workloads["batch"][:, :16], 2)
+    impls = (("ours", _ours, ours), ("transformers", hf_generate_steps, theirs))
     res = {w: {name: {"prefill": [], "decode": []} for name, _, _ in impls} for w in workloads}
     for _ in range(args.repeats):
         for w, prompts in workloads.items():
@@ -110,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                      "repeats": args.repeats, "seed": args.seed, "dtype": "float32", "device": "cpu",
                      "threads": torch.get_num_threads(), "unit": "tokens/s"},
         "versions": versions(),
+        "transformers": hf_info,
         "results": {w: {name: {k: _stats(v) for k, v in r.items()} for name, r in rw.items()}
                     for w, rw in res.items()},
     }
@@ -123,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             summary[f"{key}_tok_s_transformers"] = round(statistics.median(b_runs), 1)
             summary[f"{key}_ratio"] = round(statistics.median(ratios), 3)
             summary[f"{key}_ratio_min_max"] = [round(min(ratios), 3), round(max(ratios), 3)]
+    summary["transformers_experts_implementation"] = hf_info["experts_implementation"]
     out["summary"] = summary
     write_result(args.out, out)
     return 0

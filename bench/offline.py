@@ -2,7 +2,8 @@
 
 The standard workload (cluster/loadtest/offline.py, shared with `megaserve bench offline`): 32 prompts x 128
 random tokens -> 64 new tokens each, greedy, ignore_eos, float32, the `small` preset. Output tokens/s of each
-(median over `--repeats`, alternating), the ratio (`summary.speedup_vs_transformers`), and the scheduler's own
+(median over `--repeats`, alternating; transformers with its fastest routed-expert implementation here, chosen
+by a probe and named in the JSON), the ratio (`summary.speedup_vs_transformers`), and the scheduler's own
 time per step with 1,000 running requests.
 
 Also the roofline (bench/roofline.py): the workload's FLOPs, this machine's measured fp32 GEMM peak, hence the
@@ -26,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import versions, write_result  # noqa: E402
+from bench.common import fastest_hf_model, versions, write_result  # noqa: E402
 from bench.roofline import ceiling, measure_machine, workload_flops  # noqa: E402
 from bench.scheduler_step import measure as measure_scheduler  # noqa: E402
 from cluster.loadtest.offline import OfflineWorkload, engine_args, make_prompts, timed_generate  # noqa: E402
@@ -85,11 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(cfg, tmp, seed=args.seed)
         llm = LLM(tmp, **engine_args(workload))
-        hf = None
+        hf, hf_info = None, None
         if not args.skip_transformers:
-            from hf_ref import build_hf_model  # test-only dependency
-
-            hf = build_hf_model(cfg, open_checkpoint(tmp).state_dict(torch.float32))
+            hf, hf_info = fastest_hf_model(cfg, open_checkpoint(tmp).state_dict(torch.float32))
     timed_generate(llm, prompts[:2], 2)
     if hf is not None:
         _hf(hf, prompts[:2], 2)
@@ -111,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         summary.update({
             "output_tok_s_transformers": round(statistics.median(runs["transformers"]), 1),
             "speedup_vs_transformers": round(statistics.median(ratios), 2),
+            "transformers_experts_implementation": hf_info["experts_implementation"],
             "speedup_min_max": [round(min(ratios), 2), round(max(ratios), 2)],
             # the most any engine on this machine could beat transformers by: the ceiling / transformers
             "max_possible_speedup_vs_transformers": round(
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                      "new_tokens": args.new_tokens, "greedy": True, "ignore_eos": True, "dtype": "float32",
                      "device": "cpu", "repeats": args.repeats, "seed": args.seed, "threads": torch.get_num_threads()},
         "versions": versions(with_transformers=hf is not None),
+        "transformers": hf_info,
         "runs_output_tok_s": runs,
         "scheduler": sched,
         "ours_phases": phases,

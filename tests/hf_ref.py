@@ -142,15 +142,17 @@ def hf_config(cfg: ModelConfig) -> DeepseekV4Config:
 
 
 def build_hf_model(
-    cfg: ModelConfig, sd: dict[str, Tensor], dtype: torch.dtype = torch.float32
+    cfg: ModelConfig, sd: dict[str, Tensor], dtype: torch.dtype = torch.float32, experts_implementation: str = "eager"
 ) -> DeepseekV4ForCausalLM:
-    """A `DeepseekV4ForCausalLM` (eager attention, eager experts, eval mode) holding the official-layout `sd`.
+    """A `DeepseekV4ForCausalLM` (eager attention, eval mode) holding the official-layout `sd`; its routed experts
+    run `experts_implementation` (tests: "eager", the per-expert loop; benchmarks: the fastest, see
+    bench.common.fastest_hf_model).
 
     Every key must match: the only model entries not loaded are the non-persistent rotary buffers, which are
     not in `state_dict()` and are computed from the config.
     """
     model = DeepseekV4ForCausalLM._from_config(
-        hf_config(cfg), dtype=dtype, attn_implementation="eager", experts_implementation="eager"
+        hf_config(cfg), dtype=dtype, attn_implementation="eager", experts_implementation=experts_implementation
     )
     hsd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in official_to_hf_state_dict(sd, cfg).items()}
     expected = model.state_dict()

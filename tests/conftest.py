@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton picks its CPU interpreter when triton.language is first imported (transformers imports triton during
+# collection), so it is chosen here, before any test module: without CUDA the Triton kernel tests
+# (tests/test_triton_kernels.py) run under TRITON_INTERPRET=1; with CUDA they run the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.model.config import TINY, ModelConfig
 

@@ -137,7 +137,8 @@ def fp8_block_linear(x: Tensor, w_fp8: Tensor, w_scale: Tensor, *, out_dtype: to
 def moe_grouped_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor, *, w_scale: Tensor | None = None,
                      w3: Tensor | None = None, w3_scale: Tensor | None = None, swiglu_limit: float | None = None,
                      row_weight: Tensor | None = None, out_dtype: torch.dtype | None = None,
-                     input_precision: str | None = None, block_m: int | None = None) -> Tensor:
+                     input_precision: str | None = None, block_m: int | None = None,
+                     out: Tensor | None = None) -> Tensor:
     """One grouped GEMM over rows sorted by expert: y[r] = x_sorted[r] @ W_e^T for the expert e owning row r.
 
     Layout contract:
@@ -155,10 +156,11 @@ def moe_grouped_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor, *, w_s
                       w / w_scale. y = silu(min(g, limit)) * clamp(u, -limit, limit), g = x w1^T, u = x w3^T,
                       limit = `swiglu_limit` (None: no clamp).
       row_weight      optional [T] float: multiplies each output row (the routing weight, applied after SwiGLU).
-      returns         [T, N] in `out_dtype` (default x's dtype), contiguous; fp32 accumulation.
-    Grid: (cdiv(T, BLOCK_M) + E + 1, cdiv(N, BLOCK_N)), fixed by the shapes alone, so a call is CUDA-graph
-    capturable; each program finds its expert from the offsets in the kernel. `block_m` (16, 32, 64) overrides
-    the rows per tile (default: from the mean rows per expert).
+      out             optional [T, N] float tensor, any strides, written in place and returned (a static buffer
+                      for CUDA graphs); else a new contiguous [T, N] in `out_dtype` (default x's dtype).
+    fp32 accumulation. Grid: (cdiv(T, BLOCK_M) + E + 1, cdiv(N, BLOCK_N)), fixed by the shapes alone, so a call
+    is CUDA-graph capturable; each program finds its expert from the offsets in the kernel. `block_m` (16, 32,
+    64, 128) overrides the rows per tile (default: from the mean rows per expert).
     """
     if x_sorted.dim() != 2 or w.dim() != 3 or expert_offsets.dim() != 1:
         raise ValueError(f"moe_grouped_gemm: x_sorted must be [T, K], w [E, N, K or K/2], expert_offsets [E]; got "
@@ -194,8 +196,13 @@ def moe_grouped_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor, *, w_s
     if row_weight is not None and tuple(row_weight.shape) != (t,):
         raise ValueError(f"moe_grouped_gemm: row_weight must be [{t}], got {tuple(row_weight.shape)}")
     tensors = [x_sorted, w, expert_offsets] + [a for a in (w_scale, w3, w3_scale, row_weight) if a is not None]
+    if out is not None:
+        if tuple(out.shape) != (t, n) or not out.is_floating_point():
+            raise ValueError(f"moe_grouped_gemm: out must be a float [{t}, {n}] tensor, got {out.dtype} "
+                             f"{list(out.shape)}")
+        tensors.append(out)
     _check_device(*tensors)
-    y = torch.empty(t, n, dtype=out_dtype or x_sorted.dtype, device=x_sorted.device)
+    y = out if out is not None else torch.empty(t, n, dtype=out_dtype or x_sorted.dtype, device=x_sorted.device)
     if t == 0 or n == 0:
         return y
     if block_m is None:

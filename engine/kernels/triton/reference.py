@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from engine.model.moe import swiglu
 from engine.weights.formats import dequantize_fp4, dequantize_fp8_block
 
 
@@ -36,8 +37,7 @@ def moe_grouped_gemm_ref(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor, w_
             y = xe @ _dequant_expert(w, w_scale, e).t()
             if w3 is not None:
                 u = xe @ _dequant_expert(w3, w3_scale, e).t()
-                limit = float("inf") if swiglu_limit is None else swiglu_limit
-                y = torch.nn.functional.silu(y.clamp(max=limit)) * u.clamp(min=-limit, max=limit)
+                y = swiglu(y, u, float("inf") if swiglu_limit is None else swiglu_limit)
             if row_weight is not None:
                 y = y * row_weight[start:end, None].float()
             out[start:end] = y

@@ -1,0 +1,191 @@
+"""The Triton kernels (engine.kernels.triton) against the plain-torch references, at small shapes.
+
+Without CUDA they run on CPU under Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1 before anything
+imports triton (Triton chooses the interpreter when triton.language is first imported, and transformers imports
+triton during collection). With CUDA the compiled kernels run. fp32 activations and `input_precision="ieee"` (the
+interpreter's bf16 `tl.dot` is wrong; fp32's default is tf32). Skipped without triton.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from engine.kernels.triton import available, fp8_block_linear, moe_grouped_gemm  # noqa: E402
+from engine.kernels.triton.moe import ExpertWeights, routed_experts, sort_by_expert  # noqa: E402
+from engine.kernels.triton.reference import fp8_block_linear_ref, moe_grouped_gemm_ref  # noqa: E402
+from engine.weights.formats import dequantize_fp4, quantize_fp4, quantize_fp8_block  # noqa: E402
+
+IEEE = {"input_precision": "ieee"}
+DEV = "cuda" if available("cuda") else "cpu"
+if not available(DEV):
+    pytest.skip("the Triton kernels need CUDA, or TRITON_INTERPRET=1 set before triton was imported (conftest.py)",
+                allow_module_level=True)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    # fp32 with ieee dots: only the summation order differs
+    got, want = got.cpu(), want.cpu()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * max(1.0, want.abs().max().item()))
+
+
+def _dev(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(DEV) for t in ts]
+
+
+# ---- FP8 block-scaled linear ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale_fmt", ["e8m0", "fp32"])
+def test_fp8_block_linear_matches_reference(scale_fmt):
+    g = torch.Generator().manual_seed(0)
+    n, k = 200, 300  # neither a multiple of 128: partial scale blocks on both edges
+    w = torch.randn(n, k, generator=g) * torch.logspace(-2, 1, n).unsqueeze(1)  # scales differ per row block
+    q, s = quantize_fp8_block(w)
+    if scale_fmt == "fp32":
+        s = torch.rand(s.shape, generator=g) + 0.5  # not powers of two
+    x = torch.randn(2, 3, k, generator=g)
+    y = fp8_block_linear(*_dev(x, q, s), **IEEE)
+    assert y.shape == (2, 3, n) and y.dtype == torch.float32
+    ref = fp8_block_linear_ref(x, q, s)
+    _close(y, ref)
+    # the reference itself is x @ dequant(W)^T: against the unquantized weight within FP8's rounding
+    if scale_fmt == "e8m0":
+        assert (ref - x @ w.t()).abs().max() < 0.1 * (x @ w.t()).abs().max()
+
+
+def test_fp8_block_linear_takes_uint8_bytes_strided_x_and_many_rows():
+    g = torch.Generator().manual_seed(1)
+    q, s = quantize_fp8_block(torch.randn(64, 256, generator=g))
+    x = torch.randn(256, 70, generator=g).t()  # [70, 256], non-contiguous; 70 rows: several M tiles
+    y = fp8_block_linear(*_dev(x, q.view(torch.uint8), s.view(torch.uint8)), **IEEE)
+    _close(y, fp8_block_linear_ref(x, q, s))
+
+
+def test_fp8_block_linear_rejects_bad_layouts():
+    q, s = quantize_fp8_block(torch.randn(130, 64))
+    with pytest.raises(ValueError, match="w_scale must be"):
+        fp8_block_linear(torch.randn(2, 64), q, s[:1])
+    with pytest.raises(ValueError, match="x has K=32"):
+        fp8_block_linear(torch.randn(2, 32), q, s)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_block_linear(torch.randn(2, 64), q.float(), s)
+
+
+# ---- grouped MoE GEMM ------------------------------------------------------------------------------------------
+def _offsets(counts: list[int], dtype=torch.int32) -> torch.Tensor:
+    return torch.tensor(counts, dtype=dtype).cumsum(0).to(dtype)
+
+
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_grouped_gemm_dense_weights_match_reference(block_m):
+    g = torch.Generator().manual_seed(2)
+    e, n, k = 5, 40, 48
+    counts = [3, 0, 37, 1, 0]  # empty experts, one spanning several 16-row tiles
+    t = sum(counts) + 6  # 6 padding rows past offsets[-1]
+    w = torch.randn(e, k, n, generator=g).transpose(1, 2)  # [E, N, K] with non-contiguous strides
+    x = torch.randn(t, k, generator=g)
+    off = _offsets(counts, torch.int64)
+    out = torch.full((t, n), float("nan"), device=DEV)
+    y = moe_grouped_gemm(*_dev(x, w, off), block_m=block_m, out=out, **IEEE)
+    assert y is out
+    y = y.cpu()
+    ref = moe_grouped_gemm_ref(x, w, off)
+    _close(y, ref)
+    assert (y[sum(counts):] == 0).all()  # padding rows zeroed, not left as they were
+    start = counts[0]  # an independent check of one expert's rows
+    _close(y[start + 0:start + 37], x[start:start + 37] @ w[2].t())
+
+
+def test_grouped_gemm_mxfp4_matches_dequantized_reference():
+    g = torch.Generator().manual_seed(3)
+    e, n, k = 6, 48, 96  # K = 3 groups of 32: the kernel's K step is 32
+    w = torch.randn(e, n, k, generator=g)
+    packed, scale = quantize_fp4(w)
+    counts = [4, 0, 9, 2, 20, 1]
+    x = torch.randn(sum(counts), k, generator=g)
+    off = _offsets(counts)
+    y = moe_grouped_gemm(*_dev(x, packed, off), w_scale=scale.to(DEV), **IEEE)
+    _close(y, moe_grouped_gemm_ref(x, packed, off, w_scale=scale))
+    deq = dequantize_fp4(packed, scale, dtype=torch.float32)
+    _close(y[4 + 9:4 + 9 + 2], x[13:15] @ deq[3].t())
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "mxfp4"])
+def test_grouped_gemm_fused_swiglu_and_row_weight(fmt):
+    g = torch.Generator().manual_seed(4)
+    e, n, k = 4, 32, 128
+    w1, w3 = torch.randn(e, n, k, generator=g), torch.randn(e, n, k, generator=g)
+    counts = [5, 17, 0, 2]
+    t = sum(counts) + 3
+    x = torch.randn(t, k, generator=g) * 0.3
+    rw = torch.rand(t, generator=g)
+    off = _offsets(counts)
+    kw: dict = {"swiglu_limit": 2.0, "row_weight": rw}
+    if fmt == "mxfp4":
+        (w1, s1), (w3, s3) = quantize_fp4(w1), quantize_fp4(w3)
+        kw.update(w_scale=s1, w3_scale=s3)
+    y = moe_grouped_gemm(*_dev(x, w1, off), w3=w3.to(DEV), **{a: v.to(DEV) if isinstance(v, torch.Tensor) else v
+                                                             for a, v in kw.items()}, **IEEE).cpu()
+    ref = moe_grouped_gemm_ref(x, w1, off, w3=w3, **kw)
+    _close(y, ref)
+    assert ref.abs().max() > 1.0 and (y[sum(counts):] == 0).all()
+    # the clamp is active: without it the values differ
+    unclamped = moe_grouped_gemm_ref(x, w1, off, w3=w3, **{**kw, "swiglu_limit": None})
+    assert (unclamped - ref).abs().max() > 0.1
+
+
+def test_grouped_gemm_rejects_bad_layouts():
+    w = torch.randn(3, 16, 64)
+    packed, scale = quantize_fp4(w)
+    x, off = torch.randn(4, 64), _offsets([1, 1, 2])
+    with pytest.raises(ValueError, match="3 experts"):
+        moe_grouped_gemm(x, w, off[:2])
+    with pytest.raises(ValueError, match=r"scale must be \[E, N, K/32\]"):
+        moe_grouped_gemm(x, packed, off, w_scale=scale[:, :, :1])
+    with pytest.raises(ValueError, match="packed MXFP4 with w_scale"):
+        moe_grouped_gemm(x, packed, off)
+    with pytest.raises(ValueError, match="w3 must match w"):
+        moe_grouped_gemm(x, w, off, w3=w[:, :8])
+    with pytest.raises(ValueError, match="need w3"):
+        moe_grouped_gemm(x, w, off, swiglu_limit=1.0)
+
+
+# ---- one MoE layer's routed experts ----------------------------------------------------------------------------
+def test_sort_by_expert_offsets():
+    idx = torch.tensor([[2, 0], [2, 3], [0, 2]])
+    order, off = sort_by_expert(idx, 5)
+    assert off.tolist() == [2, 2, 5, 6, 6] and off.dtype == torch.int32
+    assert idx.flatten()[order].tolist() == [0, 0, 2, 2, 2, 3]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "mxfp4"])
+def test_routed_experts_match_the_model_reference(fmt):
+    """Against the engine's own routed-expert loop (engine.model.moe) on the same (dequantized) weights."""
+    from engine.model.config import TINY
+    from engine.model.moe import RoutedExperts
+
+    cfg = TINY
+    e, d, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    g = torch.Generator().manual_seed(5)
+    w1, w3 = torch.randn(e, inter, d, generator=g) * 0.2, torch.randn(e, inter, d, generator=g) * 0.2
+    w2 = torch.randn(e, d, inter, generator=g) * 0.2
+    if fmt == "mxfp4":
+        (w1, s1), (w3, s3), (w2, s2) = quantize_fp4(w1), quantize_fp4(w3), quantize_fp4(w2)
+        weights = ExpertWeights(w1, w3, w2, s1, s3, s2)
+        w1, w3, w2 = (dequantize_fp4(p, s, dtype=torch.float32) for p, s in ((w1, s1), (w3, s3), (w2, s2)))
+    else:
+        weights = ExpertWeights(w1, w3, w2)
+    ref_mod = RoutedExperts(cfg, list(range(e)), torch.float32)
+    with torch.no_grad():
+        for name, t in (("w1", w1), ("w3", w3), ("w2", w2)):
+            getattr(ref_mod, name).copy_(t)
+    t = 9
+    x = torch.randn(t, d, generator=g)
+    topk_idx = torch.rand(t, e, generator=g).argsort(1)[:, :cfg.num_experts_per_tok]
+    topk_w = torch.rand(t, cfg.num_experts_per_tok, generator=g)
+    local = topk_idx.flatten()
+    want = ref_mod._forward_loop(x, topk_w, local, torch.bincount(local, minlength=e))
+    dev_weights = ExpertWeights(*(None if a is None else a.to(DEV) for a in vars(weights).values()))
+    got = routed_experts(*_dev(x, topk_w, topk_idx), dev_weights, cfg.swiglu_limit, **IEEE)
+    _close(got, want)

@@ -8,11 +8,15 @@ rewritten after every measurement, so a timeout still leaves everything measured
   machine  device, versions, achievable HBM bandwidth (a large device-to-device copy) next to the nominal 4.8 TB/s.
   moe      (issue 14) one MoE layer's routed experts at V4-Flash dims (hidden 4096, 256 experts, top-6, width 2048)
            at 1, 64 and 256 tokens: dequantized bf16 through torch._grouped_mm vs native MXFP4 through the Triton
-           grouped GEMM (and the Triton kernel on the bf16 weights); time per call (CUDA events, median), bytes
-           of the experts touched, achieved bandwidth and its fraction of the measured and nominal HBM bandwidth,
-           relative error of each against the bf16 path.
+           grouped GEMM (and the Triton kernel on the bf16 weights); both also captured in a CUDA graph and
+           replayed (`*_graph`: the layer is sync-free); time per call (CUDA events, median), bytes of the
+           experts touched, achieved bandwidth and its fraction of the measured and nominal HBM bandwidth,
+           relative error of each against the bf16 path; the w1 projection alone.
   fp8      FP8 block-scaled linear (Triton, W8A16) vs a bf16 matmul on the dequantized weight, at V4-Flash attention
            shapes and 1, 64, 256 tokens.
+  e2e      the `small` preset end to end (engine.LLM on cuda, bf16, a random checkpoint in a temp dir) vs
+           transformers' DeepseekV4ForCausalLM.generate with its fastest routed-expert implementation that loads
+           (grouped_mm, else batched_mm, else eager) at 32 x 128 -> 64 and 256 x 512 -> 128: output tok/s, ratio.
   decode   (issue 19) the engine (LLMEngine over a Transformer of the V4_FLASH preset with 4 layers: CSA, HCA, CSA,
            HCA; random weights) decoding at batch 1, 64 and 256 with 8K tokens of context; per-step and per-layer
            time, the bytes a step must read (weights touched + ideal sparse KV reads) and the fraction of the HBM
@@ -20,10 +24,8 @@ rewritten after every measurement, so a timeout still leaves everything measured
            through the public API: one request prefills the 8K prefix, every measured request hits it in the
            prefix cache (so the batch's KV pages are shared: L2 may serve some KV reads). Every CUDA-graph switch
            found in EngineConfig (`cuda_graphs` / `enforce_eager`) is measured both ways; weights "native" too when
-           the Transformer takes a `weights` argument.
-  e2e      the `small` preset end to end (engine.LLM on cuda, bf16, a random checkpoint in a temp dir) vs
-           transformers' DeepseekV4ForCausalLM.generate with its fastest routed-expert implementation that loads
-           (grouped_mm, else batched_mm, else eager) at 32 x 128 -> 64 and 256 x 512 -> 128: output tok/s, ratio.
+           the Transformer takes a `weights` argument. `--decode-layers 4,2` (default) also gives the marginal
+           per-layer time (the difference of the step times: no embedding, head or sampling in it).
 `--budget-s` (default 420) bounds the whole run: a step that would start past it is recorded as skipped.
 """
 
@@ -274,6 +276,26 @@ def dequantize_mxfp4_chunked(packed: torch.Tensor, scale: torch.Tensor, dtype: t
     return out
 
 
+def captured(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`fn` captured in a CUDA graph (after two warm-up calls on a side stream); returns a replay function that
+    gives the graph's output tensor. Raises when `fn` cannot be captured (e.g. it syncs with the host)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
 def moe_bf16_grouped_mm(x: torch.Tensor, topk_w: torch.Tensor, topk_idx: torch.Tensor, w1: torch.Tensor,
                         w3: torch.Tensor, w2: torch.Tensor, limit: float) -> torch.Tensor:
     """The dequantized reference path: the same sort as the Triton path, three torch._grouped_mm (bf16)."""
@@ -328,6 +350,11 @@ def section_moe(plan: Plan, res: Results, out: dict) -> None:
                                                                               input_precision=ip),
         }
         ref = _try(row, "bf16_grouped_mm", paths["bf16_grouped_mm"])
+        if dev == "cuda":  # sync-free, so capturable: the same calls replayed from CUDA graphs
+            for name in ("bf16_grouped_mm", "mxfp4_triton"):
+                graph = _try(row, f"{name}_graph", lambda fn=paths[name]: captured(fn))
+                if graph is not None:
+                    paths[f"{name}_graph"] = graph
         for name, fn in paths.items():
             fmt = "mxfp4" if name.startswith("mxfp4") else "bf16"
 
@@ -365,7 +392,7 @@ def section_moe(plan: Plan, res: Results, out: dict) -> None:
         res.save()
     summ = {}
     for t, row in out["tokens"].items():
-        for name in ("bf16_grouped_mm", "mxfp4_triton"):
+        for name in ("bf16_grouped_mm", "mxfp4_triton", "bf16_grouped_mm_graph", "mxfp4_triton_graph"):
             if "median_ms" in row.get(name, {}):
                 summ[f"moe_{name}_ms_t{t}"] = row[name]["median_ms"]
                 summ[f"moe_{name}_frac_bw_t{t}"] = row[name]["fraction_of_measured_bw"]
@@ -815,8 +842,9 @@ def _cache_bytes_needed(cfg, workload: tuple[int, int, int]) -> int:
     return pages * page_bytes(cfg, 128, "bfloat16", True, True) + n * slot_bytes(cfg, "bfloat16", True)
 
 
+# e2e before decode: decode depends most on the engine of the day and takes what the budget leaves
 SECTIONS: dict[str, Callable[[Plan, Results, dict], None]] = {
-    "machine": section_machine, "moe": section_moe, "fp8": section_fp8, "decode": section_decode, "e2e": section_e2e,
+    "machine": section_machine, "moe": section_moe, "fp8": section_fp8, "e2e": section_e2e, "decode": section_decode,
 }
 
 

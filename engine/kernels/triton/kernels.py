@@ -90,11 +90,12 @@ def _load_w_tile(w_ptr, s_ptr, e, offs_n, mask_n, k0, K,
         s = _e8m0_to_f32(tl.load(s_ptr + e * stride_se + offs_n[:, None] * stride_sn + offs_g[None, :] * stride_sk,
                                  mask=mask_n[:, None], other=127))  # [BLOCK_N, BLOCK_K/32]
         vals = tl.reshape(_e2m1_to_f32(codes), (BLOCK_N, BLOCK_K // 32, 32)) * s[:, :, None]
-        return tl.trans(tl.reshape(vals, (BLOCK_N, BLOCK_K)))
+        w = tl.trans(tl.reshape(vals, (BLOCK_N, BLOCK_K)))
     else:
         k = k0 + tl.arange(0, BLOCK_K)
-        return tl.load(w_ptr + e * stride_we + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                       mask=(k < K)[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptr + e * stride_we + k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=(k < K)[:, None] & mask_n[None, :], other=0.0)
+    return w
 
 
 @triton.jit

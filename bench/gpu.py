@@ -26,6 +26,8 @@ rewritten after every measurement, so a timeout still leaves everything measured
            found in EngineConfig (`cuda_graphs` / `enforce_eager`) is measured both ways; weights "native" too when
            the Transformer takes a `weights` argument. `--decode-layers 4,2` (default) also gives the marginal
            per-layer time (the difference of the step times: no embedding, head or sampling in it).
+  tune     a few TileConfigs of the fused w1/w3 MXFP4 GEMM and of the FP8 linear (the defaults are untuned), best
+           per case in the summary; last, so it only uses what the budget leaves.
 `--budget-s` (default 420) bounds the whole run: a step that would start past it is recorded as skipped.
 """
 
@@ -58,6 +60,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.kernels.triton import TileConfig  # noqa: E402  (no triton import: that happens at the first kernel)
+
+TILES_DEFAULT = TileConfig()
+
 NOMINAL_HBM_TB_S = 4.8  # H200 (HBM3e)
 
 
@@ -86,6 +92,9 @@ class Plan:
     e2e_preset: str
     e2e_dtype: str
     e2e_workloads: tuple[tuple[int, int, int], ...]  # (prompts, prompt tokens, new tokens)
+    tune_moe: tuple  # TileConfigs tried for the fused w1/w3 MXFP4 grouped GEMM
+    tune_fp8: tuple  # TileConfigs tried for the FP8 linear
+    tune_fp8_shapes: tuple[str, ...]
 
     @staticmethod
     def gpu(layers: tuple[int, ...]) -> Plan:
@@ -100,6 +109,13 @@ class Plan:
             decode_preset="v4-flash", decode_layers=layers, decode_batches=(1, 64, 256), decode_context=8192,
             decode_page_tokens=256, decode_prefill_chunk=2048, decode_steps=(3, 8, 2),
             e2e_preset="small", e2e_dtype="bfloat16", e2e_workloads=((32, 128, 64), (256, 512, 128)),
+            tune_moe=tuple(TileConfig(**c) for c in (
+                {}, {"block_n": 32}, {"block_n": 128}, {"block_k": 256}, {"num_warps": 8},
+                {"block_n": 128, "block_k": 256, "num_warps": 8}, {"num_stages": 4}, {"block_n": 32, "num_stages": 4})),
+            tune_fp8=tuple(TileConfig(**c) for c in (
+                {}, {"block_n": 16}, {"block_n": 32}, {"block_n": 128}, {"block_n": 32, "num_warps": 2},
+                {"block_k": 64, "block_n": 32})),
+            tune_fp8_shapes=("wq_a", "wq_b", "wo_b"),
         )
 
     @staticmethod
@@ -112,6 +128,8 @@ class Plan:
             decode_preset="tiny", decode_layers=layers, decode_batches=(1, 3), decode_context=512,
             decode_page_tokens=128, decode_prefill_chunk=256, decode_steps=(1, 2, 1),
             e2e_preset="tiny", e2e_dtype="float32", e2e_workloads=((2, 16, 3),),
+            tune_moe=(TileConfig(), TileConfig(block_n=32, block_k=32)),
+            tune_fp8=(TileConfig(), TileConfig(block_n=16)), tune_fp8_shapes=("wq_a",),
         )
 
 
@@ -250,6 +268,10 @@ def section_machine(plan: Plan, res: Results, out: dict) -> None:
     out["nominal_hbm_tb_s"] = NOMINAL_HBM_TB_S
     out["copy"] = copy_bandwidth(plan.device, plan.copy_bytes)
     res.doc["summary"]["copy_tb_s"] = out["copy"]["tb_s"]
+
+
+def _tiles_name(t) -> str:
+    return f"m{t.block_m or 'auto'}_n{t.block_n or 'auto'}_k{t.block_k or 'auto'}_w{t.num_warps}_s{t.num_stages}"
 
 
 def _copy_tb_s(res: Results) -> float:
@@ -842,9 +864,77 @@ def _cache_bytes_needed(cfg, workload: tuple[int, int, int]) -> int:
     return pages * page_bytes(cfg, 128, "bfloat16", True, True) + n * slot_bytes(cfg, "bfloat16", True)
 
 
-# e2e before decode: decode depends most on the engine of the day and takes what the budget leaves
+# ---- (tune) tile sizes of the two kernels, for the next defaults -------------------------------------------------
+def section_tune(plan: Plan, res: Results, out: dict) -> None:
+    """Time the fused w1/w3 MXFP4 grouped GEMM and the FP8 linear under a few TileConfigs (the defaults are untuned
+    heuristics); records every time and the best config per case. Results do not change with the tiles."""
+    from engine.kernels.triton import fp8_block_linear, moe_grouped_gemm
+    from engine.kernels.triton.moe import sort_by_expert
+    from engine.weights.formats import quantize_fp8_block
+
+    d, n_exp, topk, inter = plan.moe_dims
+    dev, ip = plan.device, plan.input_precision
+    copy_tb_s = _copy_tb_s(res)
+    g = torch.Generator(device=dev).manual_seed(2)
+    (p1, s1), (p3, s3) = random_mxfp4((n_exp, inter, d), dev, g), random_mxfp4((n_exp, inter, d), dev, g)
+    out["moe_w13_mxfp4"] = {}
+    for t in plan.moe_tokens:
+        rows: dict = {}
+        out["moe_w13_mxfp4"][f"t{t}"] = rows
+        topk_idx = torch.rand(t, n_exp, generator=g, device=dev).argsort(1)[:, :topk]
+        order, offs = sort_by_expert(topk_idx, n_exp)
+        xs = torch.randn(t * topk, d, generator=g, device=dev).to(plan.act_dtype)
+        rw = torch.rand(t * topk, generator=g, device=dev)
+        nbytes = int(torch.unique(topk_idx).numel()) * 2 * inter * (d // 2 + d // 32)
+        for tiles in plan.tune_moe:
+            name = _tiles_name(tiles)
+            if not res.guard(rows, name, 8):
+                break
+
+            def run(tiles=tiles, xs=xs, offs=offs, rw=rw) -> torch.Tensor:
+                return moe_grouped_gemm(xs, p1, offs, w_scale=s1, w3=p3, w3_scale=s3, swiglu_limit=10.0,
+                                        row_weight=rw, input_precision=ip, tiles=tiles)
+
+            got = _try(rows, name, lambda run=run, nbytes=nbytes: {
+                **(m := time_ms(run, dev, plan.warmup, plan.iters)), **_bw(nbytes, m["median_ms"], copy_tb_s)})
+            if got is not None:
+                rows[name] = got
+        _best(rows, res, f"tune_moe_w13_t{t}")
+        res.save()
+    out["fp8_linear"] = {}
+    for shape in plan.tune_fp8_shapes:
+        n, k = plan.linear_shapes[shape]
+        q, s = quantize_fp8_block(torch.randn(n, k, generator=g, device=dev) / math.sqrt(k))
+        for t in plan.linear_tokens:
+            rows = {}
+            out["fp8_linear"][f"{shape}_t{t}"] = rows
+            x = torch.randn(t, k, generator=g, device=dev).to(plan.act_dtype)
+            for tiles in plan.tune_fp8:
+                name = _tiles_name(tiles)
+                if not res.guard(rows, name, 6):
+                    break
+                got = _try(rows, name, lambda tiles=tiles, x=x, q=q, s=s, n=n, k=k: {
+                    **(m := time_ms(lambda: fp8_block_linear(x, q, s, input_precision=ip, tiles=tiles), dev,
+                                    plan.warmup, plan.iters)),
+                    **_bw(n * k + s.numel(), m["median_ms"], copy_tb_s)})
+                if got is not None:
+                    rows[name] = got
+            _best(rows, res, f"tune_fp8_{shape}_t{t}")
+            res.save()
+
+
+def _best(rows: dict, res: Results, key: str) -> None:
+    timed = {k: v["median_ms"] for k, v in rows.items() if isinstance(v, dict) and "median_ms" in v}
+    if timed:
+        best = min(timed, key=timed.get)
+        rows["best"] = best
+        res.doc["summary"][key] = {"best": best, "ms": timed[best], "default_ms": timed.get(_tiles_name(TILES_DEFAULT))}
+
+
+# e2e before decode: decode depends most on the engine of the day and takes what the budget leaves; tune last
 SECTIONS: dict[str, Callable[[Plan, Results, dict], None]] = {
     "machine": section_machine, "moe": section_moe, "fp8": section_fp8, "e2e": section_e2e, "decode": section_decode,
+    "tune": section_tune,
 }
 
 

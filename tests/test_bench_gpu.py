@@ -29,7 +29,7 @@ def test_dry_run_cpu_runs_every_section(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["finished"] and _errors(doc) == []
     sections = doc["sections"]
-    assert [k for k, v in sections.items() if v["status"] == "ok"] == ["machine", "moe", "fp8", "e2e", "decode"]
+    assert [k for k, v in sections.items() if v["status"] == "ok"] == ["machine", "moe", "fp8", "e2e", "decode", "tune"]
     for row in sections["moe"]["tokens"].values():
         assert row["mxfp4_triton"]["rel_err_vs_bf16_grouped_mm"] < 0.02  # bf16 rounding of the reference path
         assert row["mxfp4_triton"]["bytes"] * 3 < row["bf16_grouped_mm"]["bytes"]
@@ -42,7 +42,7 @@ def test_dry_run_cpu_runs_every_section(tmp_path):
         assert r["bytes"]["step_total"] > r["bytes"]["layers_total"] > 0
     e2e = sections["e2e"]["workloads"]["2x16->3"]
     assert e2e["ours"]["output_tokens"] == e2e["transformers"]["output_tokens"] == 6
-    assert {"copy_tb_s", "e2e_2x16->3_ratio", "fp8_speedup_vs_bf16_median"} <= set(doc["summary"])
+    assert {"copy_tb_s", "e2e_2x16->3_ratio", "fp8_speedup_vs_bf16_median", "tune_moe_w13_t4"} <= set(doc["summary"])
 
 
 def test_cuda_only_without_dry_run(tmp_path, monkeypatch, capsys):

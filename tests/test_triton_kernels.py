@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from engine.kernels.triton import available, fp8_block_linear, moe_grouped_gemm  # noqa: E402
+from engine.kernels.triton import TileConfig, available, fp8_block_linear, moe_grouped_gemm  # noqa: E402
 from engine.kernels.triton.moe import ExpertWeights, routed_experts, sort_by_expert  # noqa: E402
 from engine.kernels.triton.reference import fp8_block_linear_ref, moe_grouped_gemm_ref  # noqa: E402
 from engine.weights.formats import dequantize_fp4, quantize_fp4, quantize_fp8_block  # noqa: E402
@@ -60,6 +60,8 @@ def test_fp8_block_linear_takes_uint8_bytes_strided_x_and_many_rows():
     x = torch.randn(256, 70, generator=g).t()  # [70, 256], non-contiguous; 70 rows: several M tiles
     y = fp8_block_linear(*_dev(x, q.view(torch.uint8), s.view(torch.uint8)), **IEEE)
     _close(y, fp8_block_linear_ref(x, q, s))
+    y2 = fp8_block_linear(*_dev(x, q, s), **IEEE, tiles=TileConfig(block_m=16, block_n=16, block_k=32))
+    _close(y2, y)
 
 
 def test_fp8_block_linear_rejects_bad_layouts():
@@ -70,6 +72,8 @@ def test_fp8_block_linear_rejects_bad_layouts():
         fp8_block_linear(torch.randn(2, 32), q, s)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         fp8_block_linear(torch.randn(2, 64), q.float(), s)
+    with pytest.raises(ValueError, match="TileConfig.block_n must be one of"):
+        TileConfig(block_n=48)
 
 
 # ---- grouped MoE GEMM ------------------------------------------------------------------------------------------
@@ -87,7 +91,7 @@ def test_grouped_gemm_dense_weights_match_reference(block_m):
     x = torch.randn(t, k, generator=g)
     off = _offsets(counts, torch.int64)
     out = torch.full((t, n), float("nan"), device=DEV)
-    y = moe_grouped_gemm(*_dev(x, w, off), block_m=block_m, out=out, **IEEE)
+    y = moe_grouped_gemm(*_dev(x, w, off), tiles=TileConfig(block_m=block_m), out=out, **IEEE)
     assert y is out
     y = y.cpu()
     ref = moe_grouped_gemm_ref(x, w, off)
@@ -109,6 +113,12 @@ def test_grouped_gemm_mxfp4_matches_dequantized_reference():
     _close(y, moe_grouped_gemm_ref(x, packed, off, w_scale=scale))
     deq = dequantize_fp4(packed, scale, dtype=torch.float32)
     _close(y[4 + 9:4 + 9 + 2], x[13:15] @ deq[3].t())
+    # other tiles (32 columns, one 32-wide scale group per K step, 32 rows): the same result
+    y2 = moe_grouped_gemm(*_dev(x, packed, off), w_scale=scale.to(DEV), **IEEE,
+                          tiles=TileConfig(block_m=32, block_n=32, block_k=32, num_warps=2, num_stages=2))
+    _close(y2, y)
+    with pytest.raises(ValueError, match="must be at least 32 and divide K=96"):
+        moe_grouped_gemm(x, packed, off, w_scale=scale, tiles=TileConfig(block_k=64))
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "mxfp4"])

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "fp8_block_linear", "moe_grouped_gemm", "FP8_SCALE_BLOCK", "FP4_GROUP"]
+__all__ = ["available", "fp8_block_linear", "moe_grouped_gemm", "TileConfig", "FP8_SCALE_BLOCK", "FP4_GROUP"]
 
 FP8_SCALE_BLOCK = 128  # FP8 weights: one scale per 128 x 128 block
 FP4_GROUP = 32  # MXFP4: one E8M0 scale per 32 values along K
@@ -69,6 +70,31 @@ def _check_device(*tensors: Tensor) -> None:
                            "or CPU tensors under TRITON_INTERPRET=1")
 
 
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch settings of a kernel call; None picks the default from the shapes (untuned
+    heuristics: rows per tile from the rows per expert, 64 output columns, 128 along K). A tuning knob: results
+    do not depend on it beyond fp32 summation order."""
+
+    block_m: int | None = None  # 16, 32, 64, 128
+    block_n: int | None = None  # 16 .. 256, a power of two
+    block_k: int | None = None  # FP8: 16 .. 128 (divides the 128 scale block); MXFP4: 32 .. 256 dividing K
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("block_m", (16, 32, 64, 128)), ("block_n", (16, 32, 64, 128, 256)),
+                             ("block_k", (16, 32, 64, 128, 256)), ("num_warps", (1, 2, 4, 8, 16))):
+            value = getattr(self, key)
+            if value is not None and value not in allowed:
+                raise ValueError(f"TileConfig.{key} must be one of {allowed}, got {value!r}")
+        if self.num_stages < 1:
+            raise ValueError(f"TileConfig.num_stages must be positive, got {self.num_stages!r}")
+
+
+_DEFAULT_TILES = TileConfig()
+
+
 def _pow2_block(n: int, lo: int, hi: int) -> int:
     b = lo
     while b < hi and b < n:
@@ -77,7 +103,7 @@ def _pow2_block(n: int, lo: int, hi: int) -> int:
 
 
 def fp8_block_linear(x: Tensor, w_fp8: Tensor, w_scale: Tensor, *, out_dtype: torch.dtype | None = None,
-                     input_precision: str | None = None) -> Tensor:
+                     input_precision: str | None = None, tiles: TileConfig = _DEFAULT_TILES) -> Tensor:
     """y = x @ dequant(w_fp8, w_scale)^T: FP8 e4m3 weight with 128x128 block scales, dequantized in registers.
 
     Layout contract:
@@ -87,6 +113,7 @@ def fp8_block_linear(x: Tensor, w_fp8: Tensor, w_scale: Tensor, *, out_dtype: to
                byte b = 2^(b-127)); scale[i, j] covers rows 128i..128i+127 and columns 128j..128j+127.
       returns  [..., N] in `out_dtype` (default x's dtype), contiguous; fp32 accumulation.
     `input_precision` goes to `tl.dot` ("ieee" for exact fp32 under the interpreter; None: Triton's default).
+    `tiles`: tile sizes (None fields: defaults from the shapes).
     """
     if x.dim() < 1 or w_fp8.dim() != 2:
         raise ValueError(f"fp8_block_linear: x must be [..., K] and w_fp8 [N, K], got {tuple(x.shape)} and "
@@ -120,16 +147,18 @@ def fp8_block_linear(x: Tensor, w_fp8: Tensor, w_scale: Tensor, *, out_dtype: to
     if k == 0:
         return y.zero_().view(*lead, n)
     kern = _kernels()
-    block_m = _pow2_block(m, 16, 64)
-    block_n = 64 if m <= 64 else 128
-    block_k = 128 if k >= 128 else _pow2_block(k, 32, 128)
+    block_m = tiles.block_m or _pow2_block(m, 16, 64)
+    block_n = tiles.block_n or (64 if m <= 64 else 128)
+    block_k = tiles.block_k or (128 if k >= 128 else _pow2_block(k, 32, 128))
+    if blk % block_k:
+        raise ValueError(f"fp8_block_linear: block_k={block_k} must divide the {blk}-wide scale block")
     grid = (-(-m // block_m), -(-n // block_n))
     kern.fp8_block_linear_kernel[grid](
         x2, w_fp8, w_scale, y, m, n, k,
         x2.stride(0), x2.stride(1), w_fp8.stride(0), w_fp8.stride(1), w_scale.stride(0), w_scale.stride(1),
         y.stride(0), y.stride(1),
         SCALE_BLOCK=blk, SCALE_E8M0=e8m0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        INPUT_PRECISION=input_precision, num_warps=4, num_stages=3,
+        INPUT_PRECISION=input_precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return y.view(*lead, n)
 
@@ -137,7 +166,7 @@ def fp8_block_linear(x: Tensor, w_fp8: Tensor, w_scale: Tensor, *, out_dtype: to
 def moe_grouped_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor, *, w_scale: Tensor | None = None,
                      w3: Tensor | None = None, w3_scale: Tensor | None = None, swiglu_limit: float | None = None,
                      row_weight: Tensor | None = None, out_dtype: torch.dtype | None = None,
-                     input_precision: str | None = None, block_m: int | None = None,
+                     input_precision: str | None = None, tiles: TileConfig = _DEFAULT_TILES,
                      out: Tensor | None = None) -> Tensor:
     """One grouped GEMM over rows sorted by expert: y[r] = x_sorted[r] @ W_e^T for the expert e owning row r.
 
@@ -159,8 +188,8 @@ def moe_grouped_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor, *, w_s
       out             optional [T, N] float tensor, any strides, written in place and returned (a static buffer
                       for CUDA graphs); else a new contiguous [T, N] in `out_dtype` (default x's dtype).
     fp32 accumulation. Grid: (cdiv(T, BLOCK_M) + E + 1, cdiv(N, BLOCK_N)), fixed by the shapes alone, so a call
-    is CUDA-graph capturable; each program finds its expert from the offsets in the kernel. `block_m` (16, 32,
-    64, 128) overrides the rows per tile (default: from the mean rows per expert).
+    is CUDA-graph capturable; each program finds its expert from the offsets in the kernel. `tiles`: tile sizes
+    (None fields: defaults; rows per tile from the mean rows per expert, as the grid is fixed by T and E).
     """
     if x_sorted.dim() != 2 or w.dim() != 3 or expert_offsets.dim() != 1:
         raise ValueError(f"moe_grouped_gemm: x_sorted must be [T, K], w [E, N, K or K/2], expert_offsets [E]; got "
@@ -205,15 +234,15 @@ def moe_grouped_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor, *, w_s
     y = out if out is not None else torch.empty(t, n, dtype=out_dtype or x_sorted.dtype, device=x_sorted.device)
     if t == 0 or n == 0:
         return y
-    if block_m is None:
-        block_m = _pow2_block(-(-t // max(e, 1)), 16, 64)
-    if block_m not in (16, 32, 64, 128):
-        raise ValueError(f"moe_grouped_gemm: block_m must be 16, 32, 64 or 128, got {block_m}")
+    block_m = tiles.block_m or _pow2_block(-(-t // max(e, 1)), 16, 64)
+    block_n = tiles.block_n or 64
     if fp4:
-        block_k = next(b for b in (128, 64, 32) if k % b == 0)
+        block_k = tiles.block_k or next(b for b in (128, 64, 32) if k % b == 0)
+        if block_k < FP4_GROUP or k % block_k:
+            raise ValueError(f"moe_grouped_gemm: MXFP4 block_k={block_k} must be at least {FP4_GROUP} and divide "
+                             f"K={k}")
     else:
-        block_k = 128 if k >= 128 else _pow2_block(k, 16, 128)
-    block_n = 64
+        block_k = tiles.block_k or (128 if k >= 128 else _pow2_block(k, 16, 128))
     kern = _kernels()
     scale = w_scale if fp4 else w  # unused pointers when not FP4 / no SwiGLU: any tensor of the device
     grid = (kern.grid_rows(t, e, block_m), -(-n // block_n))
@@ -226,7 +255,7 @@ def moe_grouped_gemm(x_sorted: Tensor, w: Tensor, expert_offsets: Tensor, *, w_s
         float("inf") if swiglu_limit is None else float(swiglu_limit),
         FP4=fp4, SWIGLU=w3 is not None, HAS_ROW_WEIGHT=row_weight is not None,
         E_POW2=max(16, 1 << (e - 1).bit_length()), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        INPUT_PRECISION=input_precision, num_warps=4, num_stages=3,
+        INPUT_PRECISION=input_precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return y
 

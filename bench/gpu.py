@@ -28,7 +28,7 @@ rewritten after every measurement, so a timeout still leaves everything measured
            per-layer time (the difference of the step times: no embedding, head or sampling in it).
   tune     a few TileConfigs of the fused w1/w3 MXFP4 GEMM and of the FP8 linear (the defaults are untuned), best
            per case in the summary; last, so it only uses what the budget leaves.
-`--budget-s` (default 420) bounds the whole run: a step that would start past it is recorded as skipped.
+`--budget-s` (default 360) bounds the whole run: a step that would start past it is recorded as skipped.
 """
 
 from __future__ import annotations
@@ -946,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
     ap.add_argument("--decode-layers", default="4,2", help="layer counts for the decode section, run in this order "
                     "(two counts also give the marginal per-layer time: the difference of step times)")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new steps after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=360.0, help="stop starting new steps after this many seconds")
     args = ap.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = [s for s in sections if s not in SECTIONS]

@@ -167,6 +167,9 @@ def test_sort_by_expert_offsets():
     order, off = sort_by_expert(idx, 5)
     assert off.tolist() == [2, 2, 5, 6, 6] and off.dtype == torch.int32
     assert idx.flatten()[order].tolist() == [0, 0, 2, 2, 2, 3]
+    # -1: not on this rank, sorted after every expert's rows
+    order, off = sort_by_expert(torch.tensor([[-1, 1], [0, -1]]), 2)
+    assert off.tolist() == [1, 2] and order.tolist() == [2, 1, 0, 3]
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "mxfp4"])
@@ -199,3 +202,13 @@ def test_routed_experts_match_the_model_reference(fmt):
     dev_weights = ExpertWeights(*(None if a is None else a.to(DEV) for a in vars(weights).values()))
     got = routed_experts(*_dev(x, topk_w, topk_idx), dev_weights, cfg.swiglu_limit, **IEEE)
     _close(got, want)
+    # a rank holding experts 0..3 only: the others map to -1 and contribute nothing (the model's g2l convention)
+    g2l = torch.where(torch.arange(e) < 4, torch.arange(e), -1)
+    four = ExpertWeights(*(None if a is None else a[:4] for a in vars(dev_weights).values()))
+    part = routed_experts(*_dev(x, topk_w, g2l[topk_idx]), four, cfg.swiglu_limit, **IEEE)
+    ref_part = RoutedExperts(cfg, [0, 1, 2, 3], torch.float32)
+    with torch.no_grad():
+        for name, t in (("w1", w1), ("w3", w3), ("w2", w2)):
+            getattr(ref_part, name).copy_(t[:4])
+    local = ref_part.g2l[topk_idx].flatten()
+    _close(part, ref_part._forward_loop(x, topk_w, local, torch.bincount(local[local >= 0], minlength=4)))

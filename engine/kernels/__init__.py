@@ -1,1 +1,2 @@
-"""Fast paths per device: `cpu/` (C, compiled at first use). Each is tested against `engine.model`'s reference."""
+"""Fast paths per device: `cpu/` (C, compiled at first use), `triton/` (CUDA kernels in Triton, an optional
+dependency imported only when a kernel runs). Each is tested against `engine.model`'s reference."""

@@ -38,21 +38,26 @@ class ExpertWeights:
 
 
 def sort_by_expert(topk_idx: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
-    """topk_idx [T, k] (expert ids in [0, num_experts)) -> (order [T*k] int64: the flat assignment indices sorted
-    by expert, stable; offsets [num_experts] int32: cumulative row ends). No host sync."""
+    """topk_idx [T, k] (local expert ids in [0, num_experts), or -1: not on this rank) -> (order [T*k] int64: the
+    flat assignment indices sorted by expert, stable, the -1 ones last; offsets [num_experts] int32: cumulative row
+    ends, so the -1 rows lie past offsets[-1]). No host sync."""
     flat = topk_idx.reshape(-1)
+    flat = torch.where(flat < 0, num_experts, flat)  # dropped assignments: one bucket after the last expert
     order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=flat.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    return order, torch.cumsum(counts, 0, dtype=torch.int32)
+    return order, torch.cumsum(counts[:num_experts], 0, dtype=torch.int32)
 
 
 def routed_experts(x: Tensor, topk_weights: Tensor, topk_idx: Tensor, weights: ExpertWeights, swiglu_limit: float,
                    input_precision: str | None = None) -> Tensor:
     """x [T, D], topk_weights/topk_idx [T, k] -> sum_k w_k * Expert_{idx_k}(x) [T, D] in x's dtype.
 
-    Same math as `engine.model.moe.RoutedExperts.forward` with all experts local: the routing weight multiplies
-    the SwiGLU output before w2; fp32 accumulation, the SwiGLU in fp32, h stored in x's dtype between the GEMMs.
+    `topk_idx` holds local expert ids (rows of the stacked weights); -1 marks an assignment to an expert this rank
+    does not hold (it contributes nothing), e.g. `RoutedExperts.g2l[topk_idx]`. Same math as
+    `engine.model.moe.RoutedExperts.forward`: the routing weight multiplies the SwiGLU output before w2; fp32
+    accumulation, the SwiGLU in fp32, h stored in x's dtype between the GEMMs. For EP rows that each carry one
+    slot (`forward_slots(x, slot, weight)`), pass topk_idx = slot[:, None] and topk_weights = weight[:, None].
     """
     t, k = topk_idx.shape
     order, offsets = sort_by_expert(topk_idx, weights.num_experts)

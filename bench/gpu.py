@@ -646,6 +646,8 @@ def _decode_batch(eng, cfg, plan: Plan, prefix: list[int], batch: int, n_layers:
     cached = []
     t0 = time.perf_counter()
     while len(produced) < batch:  # the suffix prefill (prefix-cache hits): every request gets its first token
+        if not eng.has_unfinished() or time.perf_counter() - t0 > 120:
+            raise RuntimeError(f"only {len(produced)} of {batch} requests produced a first token")
         for ro in eng.step():
             if ro.req_id in rids and ro.new_token_ids:
                 produced[ro.req_id] = produced.get(ro.req_id, 0) + len(ro.new_token_ids)

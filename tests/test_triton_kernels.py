@@ -118,7 +118,7 @@ def test_grouped_gemm_mxfp4_matches_dequantized_reference():
                           tiles=TileConfig(block_m=32, block_n=32, block_k=32, num_warps=2, num_stages=2))
     _close(y2, y)
     with pytest.raises(ValueError, match="must be at least 32 and divide K=96"):
-        moe_grouped_gemm(x, packed, off, w_scale=scale, tiles=TileConfig(block_k=64))
+        moe_grouped_gemm(*_dev(x, packed, off), w_scale=scale.to(DEV), tiles=TileConfig(block_k=64))
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "mxfp4"])

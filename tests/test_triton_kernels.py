@@ -149,6 +149,7 @@ def test_grouped_gemm_rejects_bad_layouts():
     w = torch.randn(3, 16, 64)
     packed, scale = quantize_fp4(w)
     x, off = torch.randn(4, 64), _offsets([1, 1, 2])
+    w, packed, scale, x, off = (t.to(DEV) for t in (w, packed, scale, x, off))  # the shape checks, not the device's
     with pytest.raises(ValueError, match="3 experts"):
         moe_grouped_gemm(x, w, off[:2])
     with pytest.raises(ValueError, match=r"scale must be \[E, N, K/32\]"):

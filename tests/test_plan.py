@@ -444,6 +444,22 @@ def test_decode_step_grows_with_batch_and_overlap_helps():
     assert set(st.per_layer) == {"mla/dense", "mla/moe"} and "all_to_all" in st.per_layer["mla/moe"]
 
 
+def test_backends_from_the_registry_and_their_overlap():
+    """Any registered name is a layout backend; its declared overlap picks the model, and a fixed-capacity backend
+    (ll) sends one copy per (token, expert) in prefill too, where sync sends one per (token, rank)."""
+    model = from_v3()
+    hw = get_hardware("h100")
+    slots = 288 / 72
+    sync, ll = (Layout(72, 8, 8, hw, b, "eplb", 32) for b in ("sync", "ll"))
+    assert decode(model, ll, EFF, slots, 64, 2000).step.time_s == decode(model, sync, EFF, slots, 64, 2000).step.time_s
+    pre_sync, pre_ll = (prefill(model, lay, EFF, slots, 2000, 8192).step for lay in (sync, ll))
+    assert pre_ll.a2a_combine_bytes == pytest.approx(58 * 8192 * 8 * 71 / 72 * EFF.imbalance_eplb * 7168 * 2)
+    assert pre_ll.a2a_combine_bytes > 1.3 * pre_sync.a2a_combine_bytes
+    assert pre_ll.compute_s == pytest.approx(pre_sync.compute_s) and pre_ll.time_s > pre_sync.time_s
+    with pytest.raises(ValueError, match=r"ep_backend must be one of \(.*'ll'.*\), got 'deepep'"):
+        Layout(72, 8, 8, hw, "deepep")
+
+
 def test_hardware_profiles_have_sources():
     profiles = load_profiles()
     assert {"h100", "h800", "h200", "b200", "gb200", "gb300"} <= set(profiles)

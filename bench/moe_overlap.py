@@ -1,4 +1,5 @@
-"""Dispatch/combine overlap: how much communication each EP backend (sync, tbo, wave) leaves exposed.
+"""Dispatch/combine overlap: how much communication each EP backend (every registered one: sync, tbo, wave, ll,
+...) leaves exposed.
 
 For each world size (ranks as local processes on gloo, one thread each) and each number of tokens per
 rank, every backend runs
@@ -19,7 +20,9 @@ communication is at least 20% of the sync time (exposed / sync time >= 0.2).
 Model: the `small` preset with a wider hidden size (1536), narrower experts (moe_intermediate_size 256) and
 no MTP block (a step does not run it): the bytes per token on the wire are those of a real hidden size while
 the expert matmuls stay small enough for a 2-core CPU. Placement: static round robin, no redundancy. Each
-rank runs one thread on gloo. `--preset/--hidden-size/--moe-intermediate-size` change the model. `--quick`
+rank runs one thread on gloo. A fixed-capacity backend (ll) gets max_tokens_per_rank = the largest --tokens, so
+it moves and computes its whole padded buffer at every token count.
+`--preset/--hidden-size/--moe-intermediate-size` change the model. `--quick`
 (tiny preset, 2 ranks, 1 and 8 tokens, 2 repeats) only checks that everything runs; its numbers mean nothing.
 
     python bench/moe_overlap.py --out out/moe_overlap.json [--world-sizes 2,4] [--tokens 1,8,64,512]
@@ -41,10 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import versions, write_result  # noqa: E402
-from comm.dispatch import BACKENDS  # noqa: E402
+from comm.backends.registry import backend_capabilities, backend_names  # noqa: E402
 from engine.model.config import ModelConfig, get_preset  # noqa: E402
 
 COMM_SHARE_MIN = 0.2  # points where sync's exposed communication is at least this share of its time
+# every registered backend that runs on the CPU, sync (the reference) first
+DEFAULT_BACKENDS = ("sync", *(b for b in backend_names() if b != "sync" and "cpu" in backend_capabilities(b).devices))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +156,12 @@ def _measure(moes: list, step, use_backend, use_replay, spec: Spec) -> dict:
                 t = _timed(step)
                 stats = d.totals.as_dict()
                 rows = sum(call[0].shape[0] for rec in recorders.values() for call in rec.calls)
-                if rows != stats["assignments_recv"]:
-                    raise RuntimeError(f"{backend}: recorded {rows} expert rows, the dispatcher received "
-                                       f"{stats['assignments_recv']}; the replay would not match the step")
+                want = stats["assignments_recv"]
+                if d.capabilities.fixed_capacity:  # expert_fn also ran the padding of every fixed buffer
+                    want = stats["calls"] * d.ep_size * d.impl.capacity_for(spec.cfg.num_experts_per_tok)
+                if rows != want:
+                    raise RuntimeError(f"{backend}: recorded {rows} expert rows, the dispatcher received {want}; "
+                                       "the replay would not match the step")
                 replay = _Replay(recorders)
                 use_replay(replay)
                 c = _timed(step)
@@ -195,7 +203,7 @@ def _layer_part(rank: int, world: int, spec: Spec) -> dict:
     moe = _random_moe(cfg, layer_id, placement.local_logical(layer_id, rank), spec.seed, rank)
 
     def use_backend(name: str) -> Dispatcher:
-        moe.dispatcher = Dispatcher(placement, rank, world, backend=name)
+        moe.dispatcher = Dispatcher(placement, rank, world, backend=name, max_tokens_per_rank=max(spec.tokens))
         return moe.dispatcher
 
     def use_replay(replay: _Replay) -> None:
@@ -222,7 +230,8 @@ def _model_part(rank: int, world: int, spec: Spec) -> dict:
 
     cfg = spec.cfg
     placement = Placement.static(cfg.num_hidden_layers, cfg.n_routed_experts, world)
-    model = load_model(spec.checkpoint, dtype=torch.float32, ep=EPContext(rank, world, placement))
+    model = load_model(spec.checkpoint, dtype=torch.float32,
+                       ep=EPContext(rank, world, placement, max_tokens_per_rank=max(spec.tokens)))
     moes = model.moe_layers()
 
     def use_backend(name: str):
@@ -352,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--world-sizes", type=_ints, default=(2, 4))
     ap.add_argument("--tokens", type=_ints, default=(1, 8, 64, 512), help="tokens per rank")
-    ap.add_argument("--backends", type=_names(BACKENDS), default=BACKENDS)
+    ap.add_argument("--backends", type=_names(backend_names()), default=DEFAULT_BACKENDS,
+                    help=f"comma-separated, from the registry (default: {','.join(DEFAULT_BACKENDS)})")
     ap.add_argument("--parts", type=_names(("layer", "model")), default=("layer", "model"))
     ap.add_argument("--preset", default="small")
     ap.add_argument("--hidden-size", type=int, default=1536)

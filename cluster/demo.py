@@ -175,15 +175,13 @@ def _cluster_demo(topology: Path, load_prompts: int) -> None:
 
 def _leftover_processes() -> list[str]:
     """Ray or rank processes still alive (their command lines), children of nobody we know."""
+    import psutil
+
     left = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(k in cmd for k in ("raylet", "gcs_server", "ray::", "default_worker.py")):
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["pid"] != os.getpid() and any(k in cmd for k in ("raylet", "gcs_server", "ray::",
+                                                                     "default_worker.py")):
             left.append(cmd[:80])
     return left
 

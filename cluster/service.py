@@ -8,7 +8,7 @@ SIGINT, or when the launcher gives up (max_restarts), and then stops everything 
 State files, under the topology's `server.state_dir`:
     up.json       {pid, phase: starting|ready, ray_address, embedded, session_dir, http, topology, processes}
                   written at start, updated when ready, removed on a clean stop.
-                  processes: [pid, start time] of every descendant of the driver (an embedded Ray's
+                  processes: [pid, create time] of every descendant of the driver (an embedded Ray's
                   processes, the rank processes it runs), refreshed in status.json.
     status.json   the launcher's view (nodes, ranks, experts per layer, latest stats, recoveries),
                   rewritten every ping interval while up.
@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from cluster.topology import Topology, load_topology
 
@@ -58,52 +60,38 @@ def read_state(state_dir: Path, name: str = UP_FILE) -> dict[str, Any] | None:
 
 def pid_alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+    if pid <= 0:
         return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1], starttime [19])."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # someone else's process: it exists
+        return True
 
 
-def process_tree(root: int) -> list[list[int]]:
-    """[pid, start time] of every live descendant of `root` (the start time tells a reused PID apart)."""
-    children: dict[int, list[int]] = {}
-    start: dict[int, int] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            fields = _stat_fields(int(d))
-            if fields is not None and fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(d))
-                start[int(d)] = int(fields[19])
-    out: list[list[int]] = []
-    todo = [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append([c, start[c]])
-            todo.append(c)
+def process_tree(root: int) -> list[list[float]]:
+    """[pid, create time] of every live descendant of `root` (the create time tells a reused PID apart)."""
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out: list[list[float]] = []
+    for c in children:
+        try:
+            if c.status() != psutil.STATUS_ZOMBIE:
+                out.append([c.pid, c.create_time()])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
     return out
 
 
-def _same_process(pid: int, start_time: int) -> bool:
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] != "Z" and int(fields[19]) == start_time
+def _same_process(pid: int, create_time: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and p.create_time() == create_time
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 # ---- up ----------------------------------------------------------------------------------------------
@@ -315,7 +303,7 @@ def down(topo_path: str | Path, *, timeout_s: float = 60.0) -> int:
             _kill_all([pid])
     # What the driver should have stopped, if it could not: its recorded descendants (an embedded Ray's
     # processes and the ranks it ran), each only while it is still the same process.
-    recorded = {(int(p), int(t)) for p, t in [*st.get("processes", []), *status.get("processes", [])]}
+    recorded = {(int(p), float(t)) for p, t in [*st.get("processes", []), *status.get("processes", [])]}
     left = sorted(p for p, t in recorded if _same_process(p, t))
     _kill_all(left)
     if not clean and not st.get("embedded") and st.get("ray_address"):

@@ -21,13 +21,13 @@ from typing import Any
 
 import yaml
 
+from comm.backends.registry import backend_capabilities, backend_names
+from comm.placement_policy import PLACEMENT_POLICIES
 from engine.cache.accounting import KV_CACHE_DTYPES
 from engine.model.config import MODEL_DTYPES, PRESETS, ConfigError, ModelConfig, get_preset
 
 DEVICES = ("cpu", "cuda")
 ACCELERATORS = ("b200", "gb200", "gb300", "h200", "h100")
-EP_BACKENDS = ("sync", "tbo", "wave")
-PLACEMENT_POLICIES = ("static", "eplb")
 DEFAULT_LABEL_KEY = "megaserve.node"
 
 
@@ -300,7 +300,7 @@ def parse_topology(raw: Any, file: str | Path) -> Topology:
         raise top.error("nodes", "missing; give a list of nodes, e.g. [{name: a, ranks: 2}]")
     model = _model(top.sub("model"), base)
     nodes = _nodes(top)
-    parallel = _parallel(top.sub("parallel"))
+    parallel = _parallel(top.sub("parallel"), nodes[0].device)
     topo = Topology(
         source=file, model=model, nodes=nodes, parallel=parallel,
         scheduler=_scheduler(top.sub("scheduler")), kv_cache=_kv_cache(top.sub("kv_cache")),
@@ -388,9 +388,14 @@ def _nodes(top: _Reader) -> tuple[NodeSpec, ...]:
     return tuple(out)
 
 
-def _parallel(r: _Reader) -> ParallelSpec:
+def _parallel(r: _Reader, device: str) -> ParallelSpec:
+    """`ep_backend`: a name registered in comm.backends.registry (a plugin's backend: import it first) that runs
+    on the nodes' device."""
     r.check_keys(("ep_backend", "placement"))
-    backend = r.str_("ep_backend", "sync", choices=EP_BACKENDS)
+    backend = r.str_("ep_backend", "sync", choices=backend_names())
+    devices = backend_capabilities(backend).devices
+    if device not in devices:
+        raise r.error(r.path("ep_backend"), f"{backend} runs on {', '.join(devices)}, the nodes are {device}")
     p = r.sub("placement")
     p.check_keys(("policy", "redundant_experts", "rebalance_interval_steps", "load_window_steps"))
     policy = p.str_("policy", "static", choices=PLACEMENT_POLICIES)

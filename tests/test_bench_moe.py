@@ -28,8 +28,8 @@ def test_quick_run_writes_the_result_json(tmp_path, capsys):
     assert res["benchmark"] == "moe_overlap" and res["workload"]["quick"] is True
     assert {"torch", "python"} <= set(res["versions"])
     rows = res["results"]
-    # 2 parts x 1 world size x 2 token counts x 3 backends.
-    assert len(rows) == 12
+    # 2 parts x 1 world size x 2 token counts x 4 backends (the registered ones: sync, tbo, wave, ll).
+    assert len(rows) == 16
     cfg = get_preset("tiny")
     for r in rows:
         assert set(r) == ROW_KEYS
@@ -46,11 +46,12 @@ def test_quick_run_writes_the_result_json(tmp_path, capsys):
             sync = by_key[(part, tokens, "sync")]
             assert sync["speedup_vs_sync"] == 1.0
             # Same routing for every backend: the same assignments travel.
-            assert {by_key[(part, tokens, b)]["assignments"] for b in ("sync", "tbo", "wave")} == {sync["assignments"]}
+            backends = ("sync", "tbo", "wave", "ll")
+            assert {by_key[(part, tokens, b)]["assignments"] for b in backends} == {sync["assignments"]}
         assert by_key[(part, 8, "sync")]["bytes_moved"] > by_key[(part, 1, "sync")]["bytes_moved"]
     summary = res["summary"]
     for part in ("layer", "model"):
-        for backend in ("tbo", "wave"):
+        for backend in ("tbo", "wave", "ll"):
             entry = summary[part][backend]["ws2"]
             assert set(entry) == {"best_speedup_vs_sync", "tokens_per_rank", "points"}
 

@@ -10,7 +10,6 @@ import random
 
 import pytest
 
-from comm.dispatch import BACKENDS
 from comm.launch import run_ranks
 from engine.core.engine import EngineConfig, LLMEngine
 from engine.core.ep.engine import EPEngine, PlacementConfig, make_ep_engine
@@ -22,6 +21,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 # Small budgets: chunked prefills, a queue behind max_num_seqs, decodes and prefills in one step.
 CONFIG = EngineConfig(max_num_seqs=3, max_num_batched_tokens=128, page_tokens=128, num_pages=24)
 LENGTHS = (3, 17, 64, 131, 140, 9, 200, 33, 127, 260, 5, 48, 150, 21, 90, 133)  # 7 prompts > 130 tokens
+BACKENDS = ("sync", "tbo", "wave", "ll")
 REBALANCE = PlacementConfig(policy="eplb", redundant_experts=4, rebalance_interval_steps=3, load_window_steps=8)
 
 

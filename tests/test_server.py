@@ -296,6 +296,35 @@ def test_metrics_expert_balancedness_is_bounded():
     assert "expert_balancedness" not in Metrics().render([{"rank": 0, "engine": {"expert_balance": []}}])
 
 
+def test_metrics_parse_with_the_prometheus_parser():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cluster.server.metrics import Metrics
+
+    m = Metrics()
+    m.record_request(7)
+    m.record_choice("length", 3, 0.02, 0.5, cached_prompt_tokens=4)
+    m.record_choice("weird", 0, None, 0.1)
+    m.record_error(400)
+    m.end_request()
+    stats = [{"rank": 0, "connected": True, "outstanding_tokens": 5, "engine": {"running": 1, "prefix_hit_rate": 0.5}}]
+    fams = {f.name: f for f in text_string_to_metric_families(m.render(stats))}
+    value = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
+    assert value["megaserve:prompt_tokens_total", ()] == 7 and value["megaserve:generation_tokens_total", ()] == 3
+    assert value["megaserve:prefix_cache_hit_tokens_total", ()] == 4
+    assert value["megaserve:request_success_total", (("finished_reason", "abort"),)] == 1  # unknown reason: abort
+    assert value["megaserve:request_success_total", (("finished_reason", "length"),)] == 1
+    assert value["megaserve:request_errors_total", (("status", "400"),)] == 1
+    assert value["megaserve:requests_in_progress", ()] == 0
+    assert value["megaserve:time_to_first_token_seconds_count", ()] == 1
+    assert value["megaserve:time_per_output_token_seconds_sum", ()] == pytest.approx(0.24)
+    assert value["megaserve:e2e_request_latency_seconds_count", ()] == 2
+    assert value["megaserve:prefix_cache_hit_rate", (("rank", "0"),)] == 0.5
+    assert fams["megaserve:time_to_first_token_seconds"].type == "histogram"
+    assert not any(name.endswith("_created") for name, _ in value)
+    assert m.finished == {"abort": 1, "length": 1, "stop": 0}
+
+
 # ---------------- bad input: 4xx + OpenAI error JSON, and the server keeps serving ----------------
 @pytest.mark.parametrize("kwargs, exc, status, needle", [
     ({"model": "nope", "prompt": "x"}, openai.NotFoundError, 404, "does not exist"),

@@ -227,6 +227,19 @@ def test_unknown_backend(tmp_path: Path) -> None:
     _bad(tmp_path, _with("parallel.ep_backend", "deepep"), "'parallel.ep_backend'", "sync, tbo, wave", "'deepep'")
 
 
+def test_backends_come_from_the_registry(tmp_path: Path) -> None:
+    from comm.backends.registry import Capabilities, register_backend, unregister_backend
+
+    t = load_topology(_write(tmp_path, _with("parallel.ep_backend", "ll")))
+    assert t.parallel.ep_backend == "ll"
+    register_backend("gpu-only", Capabilities(devices=("cuda",)), target="somewhere:Else")
+    try:
+        _bad(tmp_path, _with("parallel.ep_backend", "gpu-only"), "'parallel.ep_backend'",
+             "gpu-only runs on cuda, the nodes are cpu")
+    finally:
+        unregister_backend("gpu-only")
+
+
 def test_unknown_placement_policy(tmp_path: Path) -> None:
     _bad(tmp_path, _with("parallel.placement.policy", "random"), "'parallel.placement.policy'", "static, eplb")
 

@@ -9,13 +9,15 @@ received x top-k x imbalance; only the weights of the experts that receive a tok
 V3's dense FFN, and the LM head once per step. Every kernel also costs a fixed launch/tail overhead.
 
 All-to-all per MoE layer (dispatch in FP8 with a float32 scale per 128 values, combine in BF16, as DeepEP does):
-decode sends one copy per (token, remote expert) like DeepEP's low-latency kernels; prefill sends one copy per
-(token, remote rank) inside the NVLink domain and one per (token, remote domain) over the scale-out network,
-like DeepEP's normal kernels. NVLink and the network run in parallel; each collective has a fixed latency.
+decode, and every step of a fixed-capacity backend (`ll`), sends one copy per (token, remote expert) like
+DeepEP's low-latency kernels; prefill otherwise sends one copy per (token, remote rank) inside the NVLink domain
+and one per (token, remote domain) over the scale-out network, like DeepEP's normal kernels. NVLink and the
+network run in parallel; each collective has a fixed latency.
 
-Overlap by EP backend: `sync` none (layer = compute + comm); `tbo` two micro-batches, comm of one hides behind
-compute of the other up to `overlap` of the shorter, and every weight is read once per micro-batch; `wave`
-(MegaMoE) hides comm behind the routed-expert GEMMs only, inside one NVLink domain.
+Overlap by the backend's declared `overlap` (comm.backends.registry; any registered backend name is accepted):
+`none` (sync, ll) layer = compute + comm; `micro_batches` (tbo) two micro-batches, comm of one hides behind
+compute of the other up to `overlap` of the shorter, and every weight is read once per micro-batch;
+`expert_waves` (wave, MegaMoE) hides comm behind the routed-expert GEMMs only, inside one NVLink domain.
 
 The efficiency factors are global (one set for every GPU and model) and come from published kernel
 measurements, not from the serving figures the model is tested against; see `Efficiency`.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 from cluster.plan.hardware import Hardware
 from cluster.plan.model_spec import Group, LayerSpec, PlanModel
-from cluster.topology import EP_BACKENDS
+from comm.backends.registry import backend_capabilities, backend_names
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,8 @@ class Layout:
     redundant: int = 0
 
     def __post_init__(self) -> None:
-        if self.backend not in EP_BACKENDS:
-            raise ValueError(f"ep_backend must be one of {EP_BACKENDS}, got {self.backend!r}")
+        if self.backend not in backend_names():
+            raise ValueError(f"ep_backend must be one of {backend_names()}, got {self.backend!r}")
         if self.world < 1 or self.domain < 1 or self.ranks_per_node < 1:
             raise ValueError("world, domain and ranks_per_node must be positive")
 
@@ -276,7 +278,7 @@ def a2a(model: PlanModel, tokens: float, decode: bool, lay: Layout, eff: Efficie
         return Comm(0.0, 0.0, 0.0)
     imb = _imbalance(lay, eff)
     local = lay.local
-    if decode:  # one copy per (token, expert) on another rank
+    if decode or backend_capabilities(lay.backend).fixed_capacity:  # one copy per (token, expert) on another rank
         intra_copies = tokens * k * (local - 1) / w
         inter_copies = tokens * k * (w - local) / w
     else:  # one copy per (token, destination rank) in the domain, per (token, remote domain) outside
@@ -298,7 +300,7 @@ def a2a(model: PlanModel, tokens: float, decode: bool, lay: Layout, eff: Efficie
 class StepResult:
     tokens_per_rank: float
     time_s: float
-    compute_s: float  # sum of kernel times (one micro-batch pass for sync/wave; both for tbo)
+    compute_s: float  # sum of kernel times (both micro-batches for a micro_batches backend such as tbo)
     comm_s: float  # all-to-all time of every MoE layer
     exposed_comm_s: float
     by_component_s: dict  # component -> seconds summed over layers (compute only)
@@ -321,7 +323,8 @@ def step_time(model: PlanModel, qs: list[Queries], lay: Layout, eff: Efficiency,
     `expert_share` as in `layer_costs` (the all-to-all is the sending rank's, unchanged)."""
     decode = all(q.length == 1 for q in qs)
     backend = lay.backend
-    micro = 2 if backend == "tbo" else 1
+    overlap = backend_capabilities(backend).overlap
+    micro = 2 if overlap == "micro_batches" else 1
     mqs = [dataclasses.replace(q, n_seqs=q.n_seqs / micro) for q in qs]
     tokens = sum(q.tokens for q in qs)
     total = compute_all = comm_all = exposed = 0.0
@@ -347,11 +350,11 @@ def step_time(model: PlanModel, qs: list[Queries], lay: Layout, eff: Efficiency,
             if layer.moe:
                 per_layer[key]["all_to_all"] = {"dispatch_bytes": comm.dispatch_bytes,
                                                 "combine_bytes": comm.combine_bytes, "time_s": m}
-        if backend == "sync" or m == 0:
+        if overlap == "none" or m == 0:
             t_layer = comp + m
-        elif backend == "tbo":
+        elif overlap == "micro_batches":
             t_layer = max(comp, m) + (1 - eff.overlap) * min(comp, m)
-        else:  # wave: only the routed-expert GEMMs hide the all-to-all
+        else:  # expert_waves: only the routed-expert GEMMs hide the all-to-all
             ex = times.get("experts", 0.0)
             t_layer = comp - ex + max(ex, m) + (1 - eff.overlap) * min(ex, m)
         compute_all += comp

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from cluster.server.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings
+from comm.backends.registry import backend_names
 from engine.model.config import MODEL_DTYPES
 
 
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="chat requests without max_tokens generate at most this many (default: the context left)")
     p.add_argument("--log-level", default="INFO")
-    p.add_argument("--ep-backend", default="sync", help="EP dispatch backend for --ranks > 1 (sync, tbo, wave)")
+    p.add_argument("--ep-backend", default="sync", choices=backend_names(),
+                   help="EP dispatch backend for --ranks > 1 (comm.backends.registry)")
     args = p.parse_args(argv)
     if args.topology is None and args.model is None:
         p.error("one of --model or --topology is required")

@@ -307,7 +307,6 @@ class OpenAIService:
     async def _events(self, job: Job) -> AsyncIterator[_Event]:
         """Events of all choices of a job, merged in arrival order; aborts every request if abandoned."""
         self.metrics.record_request(sum(len(p) for p in job.prompts))
-        self.metrics.requests_in_progress += 1
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -334,7 +333,7 @@ class OpenAIService:
                 else:
                     yield item
         finally:
-            self.metrics.requests_in_progress -= 1
+            self.metrics.end_request()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -382,8 +381,8 @@ class OpenAIService:
             raise APIError(503, f"the request was lost: {e}", "server_error") from None
         finally:
             await stream.aclose()
-            self.metrics.cached_prompt_tokens += cached_tokens
-            self.metrics.record_choice(reason or "abort", n_tokens, ttft, time.monotonic() - job.arrival)
+            self.metrics.record_choice(reason or "abort", n_tokens, ttft, time.monotonic() - job.arrival,
+                                       cached_tokens)
 
     # ======================= helpers =======================
     def _encode(self, text: str) -> list[int]:

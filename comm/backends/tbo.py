@@ -12,15 +12,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from comm.backends.base import DispatchBackend
 from comm.backends.exchange import Exchange, make_plan
 from comm.backends.pipeline import ExpertFn, SharedFn, run_pipeline
 from comm.placement import Placement
 
 
-def run(ex: Exchange, placement: Placement, layer: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor,
-        expert_fn: ExpertFn, shared_fn: SharedFn | None) -> Tensor:
-    phys = placement.route(layer, topk_idx)
-    t = topk_idx.shape[0]
-    micro = (torch.arange(t, device=phys.device) >= (t + 1) // 2).long().unsqueeze(1).expand_as(phys)
-    plan = make_plan(phys, topk_weights, micro, 2, placement.slots_per_rank, ex.ep_size)
-    return run_pipeline(ex, plan, x, expert_fn, shared_fn, overlapped=True)
+class TwoBatchBackend(DispatchBackend):
+    def run(self, ex: Exchange, placement: Placement, layer: int, x: Tensor, topk_idx: Tensor,
+            topk_weights: Tensor, expert_fn: ExpertFn, shared_fn: SharedFn | None) -> Tensor:
+        phys = placement.route(layer, topk_idx)
+        t = topk_idx.shape[0]
+        micro = (torch.arange(t, device=phys.device) >= (t + 1) // 2).long().unsqueeze(1).expand_as(phys)
+        plan = make_plan(phys, topk_weights, micro, 2, placement.slots_per_rank, ex.ep_size)
+        return run_pipeline(ex, plan, x, expert_fn, shared_fn, overlapped=True)

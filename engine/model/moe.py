@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comm.dispatch import BACKENDS, Dispatcher
+from comm.dispatch import Dispatcher, backend_names
 from comm.placement import Placement
 from engine.kernels.cpu import moe_mlp, moe_mlp_available
 from engine.model.config import ModelConfig
@@ -35,8 +35,10 @@ from engine.model.layers import Linear, linear
 class EPContext:
     """This rank's part in expert parallelism: its rank in the EP group, the placement, the backend.
 
-    `group`: the torch.distributed group of the EP ranks (None: the default group). `num_waves`: for the
-    `wave` backend (None: its default).
+    `backend`: a registered name (comm.dispatch.backend_names()). `group`: the torch.distributed group of the
+    EP ranks (None: the default group). `num_waves`: for `wave` (None: its default). `max_tokens_per_rank` (the
+    most tokens one forward passes to a MoE layer) and `capacity` (rows per destination, default
+    max_tokens_per_rank x top-k): for `ll`, which needs one of them. Backends ignore the options of others.
     """
 
     ep_rank: int
@@ -45,10 +47,12 @@ class EPContext:
     backend: str = "sync"
     group: Any = None
     num_waves: int | None = None
+    max_tokens_per_rank: int | None = None
+    capacity: int | None = None
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"EP backend {self.backend!r}: must be one of {BACKENDS}")
+        if self.backend not in backend_names():
+            raise ValueError(f"EP backend {self.backend!r}: must be one of {backend_names()}")
         if not 0 <= self.ep_rank < self.ep_size:
             raise ValueError(f"ep_rank {self.ep_rank} outside [0, ep_size={self.ep_size})")
         if self.placement.ep_size != self.ep_size:
@@ -56,7 +60,8 @@ class EPContext:
 
     def dispatcher(self) -> Dispatcher:
         return Dispatcher(self.placement, self.ep_rank, self.ep_size, backend=self.backend, group=self.group,
-                          num_waves=self.num_waves)
+                          num_waves=self.num_waves, max_tokens_per_rank=self.max_tokens_per_rank,
+                          capacity=self.capacity)
 
 
 class LoadRecorder(Protocol):

@@ -36,17 +36,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from comm.dispatch import BACKENDS
+from comm.dispatch import backend_names
 from comm.eplb import rebalance_experts
 from comm.expert_load import ExpertLoadWindow, balancedness
 from comm.placement import Placement
+from comm.placement_policy import PLACEMENT_POLICIES
 from comm.rebalance import move_expert_weights
 from engine.core.engine import _DTYPES, EngineConfig, LLMEngine
 from engine.model.moe import EPContext
 from engine.weights.checkpoint import open_checkpoint
 from engine.weights.loader import load_model
-
-POLICIES = ("static", "eplb")
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,8 @@ class PlacementConfig:
     load_window_steps: int = 128
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"placement policy {self.policy!r}: must be one of {POLICIES}")
+        if self.policy not in PLACEMENT_POLICIES:
+            raise ValueError(f"placement policy {self.policy!r}: must be one of {PLACEMENT_POLICIES}")
         for key, lo in (("redundant_experts", 0), ("rebalance_interval_steps", 0), ("load_window_steps", 1)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -89,7 +88,8 @@ class EPEngine(LLMEngine):
     model_dir: checkpoint directory (every rank reads the replicated weights and its own experts).
     config: the per-rank engine settings (scheduler, cache); `device="cuda"` means this rank's current CUDA
     device (comm.group.init_process_group sets it). ep_rank / ep_size: this rank in `group` (default: the
-    default process group, which must be initialised). backend: `sync`, `tbo` or `wave` (comm.dispatch);
+    default process group, which must be initialised). backend: a comm.dispatch backend name (`sync`, `tbo`,
+    `wave`, `ll`: its capacity is max_num_batched_tokens x top-k);
     num_waves: for `wave`. placement: the initial placement over the main MoE layers (default: static
     round-robin with `placement_config.redundant_experts` redundant slots).
     """
@@ -101,8 +101,8 @@ class EPEngine(LLMEngine):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("EPEngine needs an initialised torch.distributed process group "
                                "(comm.group.init_process_group or comm.launch.run_ranks)")
-        if backend not in BACKENDS:
-            raise ValueError(f"EP backend {backend!r}: must be one of {BACKENDS}")
+        if backend not in backend_names():
+            raise ValueError(f"EP backend {backend!r}: must be one of {backend_names()}")
         group_rank, group_size = dist.get_rank(group), dist.get_world_size(group)
         ep_rank = group_rank if ep_rank is None else ep_rank
         ep_size = group_size if ep_size is None else ep_size
@@ -128,7 +128,8 @@ class EPEngine(LLMEngine):
             raise ValueError(f"placement is for ep_size={placement.ep_size}, {placement.num_layers} layers, "
                              f"{placement.num_experts} experts; this group needs ep_size={ep_size}, {num_layers} "
                              f"layers (the main MoE layers), {num_experts} experts")
-        ep = EPContext(ep_rank, ep_size, placement, backend=backend, group=group, num_waves=num_waves)
+        ep = EPContext(ep_rank, ep_size, placement, backend=backend, group=group, num_waves=num_waves,
+                       max_tokens_per_rank=c.max_num_batched_tokens)  # a forward's tokens: bounds ll's capacity
         model = load_model(model_dir, dtype=_DTYPES[c.dtype], device=c.device, ep=ep)
         super().__init__(model_dir, c, model=model)
         self.placement = placement

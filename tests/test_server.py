@@ -248,6 +248,26 @@ def test_models_and_health(server, client):
     assert status == 200 and json.loads(body)["status"] == "ok"
 
 
+def test_tokenizer_route_and_bench_uses_it(server, capsys):
+    """GET /v1/models/{id}/tokenizer serves the model's tokenizer.json; `bench serve` without --tokenizer takes it,
+    so random prompts are the asked length in this model's tokens (the server adds bos), with no warning."""
+    from tokenizers import Tokenizer
+
+    from cluster.loadtest.runner import run_benchmark
+
+    status, body = _raw(server, "GET", "/v1/models/tiny/tokenizer")
+    assert status == 200 and Tokenizer.from_str(body.decode()).to_str() == server.tokenizer.to_str()
+    status, body = _raw(server, "GET", "/v1/models/other/tokenizer")
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+    assert _raw(server, "GET", "/v1/models/tiny/tokenizer", headers={"Authorization": ""})[0] == 401
+    m = run_benchmark({"base_url": server.url, "model": "tiny", "num_prompts": 3, "random_input_len": 60,
+                       "random_output_len": 2, "api_key_env": KEY_ENV, "progress": False, "seed": 3})
+    assert m["completed"] == 3 and m["warnings"] == [] and "WARNING" not in capsys.readouterr().err
+    # 60 prompt tokens + bos; decode -> re-encode may leave a prompt a token or two long, as in vLLM
+    assert all(61 <= n <= 63 for n in m["input_lens"]), m["input_lens"]
+    assert m["tokenizer_id"] == f"{server.url}/v1/models/tiny/tokenizer (the served model's)"
+
+
 _LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"'
 _SAMPLE = re.compile(rf"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{{{_LABEL}(,{_LABEL})*\}})? (-?[0-9.e+-]+|\+Inf|-Inf|NaN)$")
 

@@ -228,7 +228,8 @@ def _bench_offline(args: argparse.Namespace) -> int:
 # ---- plan ----------------------------------------------------------------------------------------------
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="what each rank of a topology holds and how fast it will run (capacity planner)")
-    p.add_argument("topology", metavar="TOPOLOGY", help="topology YAML (nodes need an accelerator profile)")
+    p.add_argument("topology", metavar="TOPOLOGY", help="topology YAML (cuda nodes need an accelerator profile; "
+                                                        "cpu nodes are planned for memory only)")
     p.add_argument("--isl", type=int, default=1024, help="input tokens per request (default 1024)")
     p.add_argument("--osl", type=int, default=1024, help="output tokens per request (default 1024)")
     p.add_argument("--concurrency", type=int, default=None,

@@ -479,8 +479,8 @@ def test_cpu_rank_memory_is_what_a_cpu_rank_holds(tiny_ckpt):
     expert slots per MoE layer, and the int64 hash-routing tables."""
     import torch
 
-    from engine.config import TINY
-    from engine.loader import load_model
+    from engine.model.config import TINY
+    from engine.weights.loader import load_model
 
     model = load_model(tiny_ckpt, dtype=torch.float32, experts=[0, 4])
     held = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(

@@ -137,8 +137,8 @@ def checkpoint_problem(model: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     from cluster.service import port_in_use
-    from engine.checkpoint import CheckpointError
-    from engine.config import ConfigError
+    from engine.model.config import ConfigError
+    from engine.weights.checkpoint import CheckpointError
 
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    {n_new} tokens for {2 * len(prompts)} requests in {dt:.2f}s ({n_new / dt:.0f} tok/s; random weights, "
           f"so the text is noise); prefix cache: {stats['prefix_hit_tokens']} of {stats['prefix_query_tokens']} "
           f"prompt tokens reused ({stats['prefix_hit_rate']:.0%})")
-    print("    routed experts ran " + (f"the C kernel (engine/cpu_kernels, compiled here at first use) for experts "
+    print("    routed experts ran " + (f"the C kernel (engine/kernels/cpu, compiled here at first use) for experts "
                                       f"with under {RoutedExperts.KERNEL_MAX_ROWS} rows, MKL above"
                                       if moe_mlp_available() else "on torch only (no C compiler, or "
                                       "MEGASERVE_CPU_KERNELS=0)"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -227,7 +228,8 @@ def _bench_offline(args: argparse.Namespace) -> int:
 # ---- plan ----------------------------------------------------------------------------------------------
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="what each rank of a topology holds and how fast it will run (capacity planner)")
-    p.add_argument("topology", metavar="TOPOLOGY", help="topology YAML (nodes need an accelerator profile)")
+    p.add_argument("topology", metavar="TOPOLOGY", help="topology YAML (cuda nodes need an accelerator profile; "
+                                                        "cpu nodes are planned for memory only)")
     p.add_argument("--isl", type=int, default=1024, help="input tokens per request (default 1024)")
     p.add_argument("--osl", type=int, default=1024, help="output tokens per request (default 1024)")
     p.add_argument("--concurrency", type=int, default=None,
@@ -337,6 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"megaserve {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader left (`megaserve status | head`): stop quietly; stdout is pointed at devnull so the
+        # interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+BATCH_ENDPOINTS = (CHAT, COMPLETIONS)
 _LINE_OF_ID = re.compile(r"_(\d+)$")
 
 
@@ -52,17 +54,23 @@ class BatchStatus:
     error_file_id: str | None
     errors: list[dict[str, Any]] = field(default_factory=list)  # whole-job errors (a failed job says why)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    endpoint: str | None = None
 
     @property
     def done(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def all_failed(self) -> bool:
+        """Finished with requests, none of which succeeded (status may still say "completed")."""
+        return self.done and self.failed > 0 and self.completed == 0
 
     @classmethod
     def from_api(cls, b: dict[str, Any]) -> BatchStatus:
         rc = b.get("request_counts") or {}
         errs = (b.get("errors") or {}).get("data") or []
         return cls(b["id"], b["status"], rc.get("total", 0), rc.get("completed", 0), rc.get("failed", 0),
-                   b.get("output_file_id"), b.get("error_file_id"), errs, b)
+                   b.get("output_file_id"), b.get("error_file_id"), errs, b, b.get("endpoint"))
 
 
 @dataclass(frozen=True)
@@ -169,30 +177,41 @@ class Client:
                 f"Content-Type: application/jsonl\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
         return self._json("POST", "/v1/files", body, f"multipart/form-data; boundary={boundary}")["id"]
 
-    def submit_batch(self, path_or_records: str | Path | Iterable[dict[str, Any]],
-                     endpoint: str = "/v1/chat/completions", completion_window: str = "24h",
-                     metadata: dict[str, str] | None = None) -> BatchJob:
+    def submit_batch(self, path_or_records: str | Path | Iterable[dict[str, Any]], endpoint: str | None = None,
+                     completion_window: str = "24h", metadata: dict[str, str] | None = None) -> BatchJob:
         """Start a batch job from a JSONL file or from records. A record is either a full request line
-        ({custom_id, method, url, body}) or just a request body, which gets custom_id `request-<i>`, the
-        endpoint, and the server's first model when it names none."""
+        ({custom_id, method, url, body}) or just a request body, which gets custom_id `request-<i>`, a url,
+        and the server's first model when it names none.
+
+        A batch job runs one endpoint, so it comes from the lines: their `url`, and for a bare body `messages`
+        (chat, /v1/chat/completions) or `prompt` (/v1/completions). Lines that disagree, with each other or
+        with an `endpoint` given here, are refused before anything is uploaded (ValueError naming the lines);
+        `endpoint` is needed only when nothing in the lines says. `BatchJob.endpoint` is the one chosen, and
+        the progress bar shows it."""
         if isinstance(path_or_records, (str, Path)):
-            fid = self.upload_file(Path(path_or_records))
+            path = Path(path_or_records)
+            data = path.read_bytes()
+            endpoint = _endpoint_of_file(data, endpoint, str(path))
+            fid = self.upload_file(data, path.name)
         else:
-            lines = []
-            for i, rec in enumerate(path_or_records):
+            records = list(path_or_records)
+            for i, rec in enumerate(records):
                 if not isinstance(rec, dict):
                     raise TypeError(f"record {i} is a {type(rec).__name__}, expected a dict")
+            if not records:
+                raise ValueError("submit_batch got no records")
+            endpoint = _endpoint_of_records(records, endpoint)
+            lines = []
+            for i, rec in enumerate(records):
                 if "body" not in rec:
                     rec = {"custom_id": f"request-{i}", "method": "POST", "url": endpoint,
                            "body": {"model": self.default_model, **rec} if "model" not in rec else rec}
                 lines.append(json.dumps(rec))
-            if not lines:
-                raise ValueError("submit_batch got no records")
             fid = self.upload_file(("\n".join(lines) + "\n").encode())
         body: dict[str, Any] = {"input_file_id": fid, "endpoint": endpoint, "completion_window": completion_window}
         if metadata is not None:
             body["metadata"] = metadata
-        return BatchJob(self, self._json("POST", "/v1/batches", body)["id"])
+        return BatchJob(self, self._json("POST", "/v1/batches", body)["id"], endpoint)
 
     def batch(self, batch_id: str) -> BatchJob:
         return BatchJob(self, batch_id)
@@ -228,12 +247,73 @@ class Client:
             raise ClientError(0, f"{self.base_url}: {e.reason}", "connection_error") from None
 
 
+def _body_endpoint(body: Any) -> str | None:
+    """The endpoint a request body is for: `messages` -> chat, `prompt` -> completions; None if it says neither."""
+    if not isinstance(body, dict):
+        return None
+    if "messages" in body and "prompt" not in body:
+        return CHAT
+    if "prompt" in body and "messages" not in body:
+        return COMPLETIONS
+    return None
+
+
+def _choose_endpoint(found: dict[str, list[str]], given: str | None, source: str) -> str:
+    """One endpoint from {endpoint: [where it was found]} and the caller's `endpoint` argument."""
+    for url, where in found.items():
+        if url not in BATCH_ENDPOINTS:
+            raise ValueError(f"{source}: {where[0]} asks for {url!r}; batch jobs run {' or '.join(BATCH_ENDPOINTS)}")
+    if given is not None and given not in BATCH_ENDPOINTS:
+        raise ValueError(f"endpoint must be {' or '.join(BATCH_ENDPOINTS)}, got {given!r}")
+    if len(found) > 1 or (given is not None and found and given not in found):
+        parts = [f"{len(where)} for {url} (first: {where[0]})" for url, where in found.items()]
+        if given is not None and given not in found:
+            parts.append(f"endpoint={given!r} given to submit_batch")
+        raise ValueError(f"{source} mixes endpoints: {'; '.join(parts)}; a batch job runs one endpoint, so submit "
+                         f"each kind as its own batch")
+    if found:
+        return next(iter(found))
+    if given is None:
+        raise ValueError(f"{source}: no line says its endpoint (no 'url', no 'messages' or 'prompt' body); pass "
+                         f"endpoint={CHAT!r} or {COMPLETIONS!r}")
+    return given
+
+
+def _endpoint_of_records(records: list[dict[str, Any]], given: str | None) -> str:
+    found: dict[str, list[str]] = {}
+    for i, rec in enumerate(records):
+        if "body" in rec:
+            url = rec.get("url")
+            if isinstance(url, str):
+                found.setdefault(url, []).append(f"record {i} (url)")
+        elif (url := _body_endpoint(rec)) is not None:
+            found.setdefault(url, []).append(f"record {i} ({'messages' if url == CHAT else 'prompt'})")
+    return _choose_endpoint(found, given, "the records")
+
+
+def _endpoint_of_file(data: bytes, given: str | None, name: str) -> str:
+    """The endpoint of a JSONL batch input: every line's `url` (lines that do not parse are left to the server,
+    which records each with its line number)."""
+    found: dict[str, list[str]] = {}
+    for lineno, line in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            url = rec.get("url") if isinstance(rec.get("url"), str) else _body_endpoint(rec.get("body"))
+            if url is not None:
+                found.setdefault(url, []).append(f"line {lineno}")
+    return _choose_endpoint(found, given, name)
+
+
 class BatchJob:
     """A handle on one batch job."""
 
-    def __init__(self, client: Client, batch_id: str):
+    def __init__(self, client: Client, batch_id: str, endpoint: str | None = None):
         self.client = client
         self.id = batch_id
+        self.endpoint = endpoint  # set by submit_batch; status().endpoint is the server's word
 
     def __repr__(self) -> str:
         return f"BatchJob({self.id!r})"
@@ -267,6 +347,8 @@ class BatchJob:
                 if st is not None and bar is not None:
                     bar.draw(st)
                 if st is not None and st.done:
+                    if bar is not None and st.failed:
+                        bar.note(self._first_error(st))
                     return st
                 if deadline is not None and time.monotonic() > deadline:
                     now = st.status if st is not None else "unreachable"
@@ -275,6 +357,20 @@ class BatchJob:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _first_error(self, st: BatchStatus) -> str:
+        """'first error (<custom_id>): <message>' from the error file, for the progress bar's last line."""
+        if st.errors:
+            return f"the job failed: {st.errors[0].get('message')}"
+        if not st.error_file_id:
+            return f"{st.failed} request(s) failed"
+        try:
+            first = self.client.file_content(st.error_file_id).split(b"\n", 1)[0]
+            result = BatchResult.from_record(json.loads(first))
+        except (ClientError, ValueError):
+            return f"{st.failed} request(s) failed (the error file {st.error_file_id} could not be read)"
+        what = "every request failed" if st.all_failed else f"{st.failed} of {st.total} requests failed"
+        return f"{what}; first error ({result.custom_id}): {(result.error or {}).get('message')}"
 
     def results(self) -> Iterator[BatchResult]:
         """Every request of a finished job, output and errors together, in input order."""
@@ -306,6 +402,7 @@ class _ProgressBar:
         # Not a terminal (a log file, CI): one line per change in progress instead of carriage-return redraws.
         self.live = bool(getattr(out, "isatty", lambda: False)())
         self.last_key: tuple | None = None
+        self.live_closed = False
 
     def draw(self, st: BatchStatus) -> None:
         done = st.completed + st.failed
@@ -315,8 +412,13 @@ class _ProgressBar:
         rate = (done - self.first_done) / dt if dt > 0 else 0.0
         frac = done / st.total if st.total else 0.0
         fill = int(frac * self.WIDTH)
-        line = (f"{st.id[:20]} [{'#' * fill}{'.' * (self.WIDTH - fill)}] {done}/{st.total or '?'} "
-                f"({st.completed} ok, {st.failed} failed) {rate:.1f} req/s {st.status}")
+        state = st.status
+        if st.all_failed:
+            state = f"{st.status}: EVERY REQUEST FAILED"
+        elif st.done and st.failed:
+            state = f"{st.status} with {st.failed} failed"
+        line = (f"{st.id[:20]} {st.endpoint or ''} [{'#' * fill}{'.' * (self.WIDTH - fill)}] {done}/{st.total or '?'} "
+                f"({st.completed} ok, {st.failed} failed) {rate:.1f} req/s {state}")
         if self.live:
             self.out.write("\r" + line + " " * max(0, self.last_len - len(line)))
             self.last_len = len(line)
@@ -325,7 +427,15 @@ class _ProgressBar:
         self.last_key = (done, st.status)
         self.out.flush()
 
-    def close(self) -> None:
+    def note(self, text: str) -> None:
+        """A line under the bar (why requests failed)."""
         if self.live:
+            self.out.write("\n")
+            self.live_closed = True
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.live and not self.live_closed:
             self.out.write("\n")
             self.out.flush()

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--load-prompts", type=int, default=32, help="requests in the load test against the cluster")
     args = ap.parse_args(argv)
+    in_the_way = running_cluster(EXAMPLES / "local.yaml")
+    if in_the_way is not None:
+        print(f"megaserve demo: {in_the_way}", file=sys.stderr)
+        return 1
 
     cfg = get_preset("tiny")
     ckpt = Path(args.dir) / "tiny"
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    {n_new} tokens for {2 * len(prompts)} requests in {dt:.2f}s ({n_new / dt:.0f} tok/s; random weights, "
           f"so the text is noise); prefix cache: {stats['prefix_hit_tokens']} of {stats['prefix_query_tokens']} "
           f"prompt tokens reused ({stats['prefix_hit_rate']:.0%})")
-    print("    routed experts ran " + (f"the C kernel (engine/cpu_kernels, compiled here at first use) for experts "
+    print("    routed experts ran " + (f"the C kernel (engine/kernels/cpu, compiled here at first use) for experts "
                                       f"with under {RoutedExperts.KERNEL_MAX_ROWS} rows, MKL above"
                                       if moe_mlp_available() else "on torch only (no C compiler, or "
                                       "MEGASERVE_CPU_KERNELS=0)"))
@@ -131,6 +135,22 @@ def main(argv: list[str] | None = None) -> int:
     kv = sequence_cache_bytes(get_preset("v4-pro"), 1 << 20).kv / 2**30
     print(f"    KV cache per 1M-token sequence in bf16: {kv:.3f} GiB (vLLM publishes ~9.62 GiB)")
     return 0
+
+
+def running_cluster(topology: Path) -> str | None:
+    """Why the demo must not run now: an `up` of `topology` is serving (the demo rewrites that topology's
+    checkpoint and brings up the same topology itself), or None."""
+    from cluster.service import pid_alive, read_state
+    from cluster.topology import load_topology
+
+    topo = load_topology(topology)
+    st = read_state(topo.server.state_dir)
+    if st is None or not pid_alive(int(st.get("pid", 0))):
+        return None
+    rel = os.path.relpath(topology)
+    return (f"`megaserve up {rel}` is running (pid {st['pid']}, {st.get('http') or 'starting'}); the demo rewrites "
+            f"the checkpoint it serves ({topo.model.path}) and brings up the same topology. Stop it first: "
+            f"megaserve down {rel}")
 
 
 def _megaserve(*argv: str, check: bool = True) -> subprocess.CompletedProcess:

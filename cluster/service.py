@@ -12,7 +12,7 @@ State files, under the topology's `server.state_dir`:
                   processes, the rank processes it runs), refreshed in status.json.
     status.json   the launcher's view (nodes, ranks, experts per layer, latest stats, recoveries),
                   rewritten every ping interval while up.
-    up.log        output of a detached `up`.
+    up.log        output of a detached `up`, this attempt's only (the previous attempt's is up.log.1).
 `down` reads up.json, sends the driver SIGTERM and waits; if the driver does not exit in time (or was
 killed), it kills every recorded descendant still alive (same PID and start time), and for a joined Ray
 kills our rank actors by name; then it removes the state files.
@@ -21,10 +21,12 @@ kills our rank actors by name; then it removes the state files.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -94,6 +96,12 @@ def _same_process(pid: int, create_time: float) -> bool:
         return False
 
 
+def leftover_processes(up_state: dict[str, Any], status: dict[str, Any]) -> list[int]:
+    """The driver's recorded descendants (up.json, status.json) still alive as the same processes, sorted."""
+    recorded = {(int(p), float(t)) for p, t in [*up_state.get("processes", []), *status.get("processes", [])]}
+    return sorted(p for p, t in recorded if _same_process(p, t))
+
+
 # ---- up ----------------------------------------------------------------------------------------------
 def up(topo_path: str | Path, *, ready_timeout_s: float = 300.0, port: int | None = None) -> int:
     """Serve the topology in the foreground until SIGTERM/SIGINT or a fatal failure; the exit status."""
@@ -105,7 +113,7 @@ def up(topo_path: str | Path, *, ready_timeout_s: float = 300.0, port: int | Non
               f"{topo_path}` first", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    problem = preflight(topo)
+    problem = preflight(topo, port)
     if problem:
         print(f"megaserve up: error: {problem}", file=sys.stderr)
         return 2
@@ -197,10 +205,25 @@ async def _serve(topo: Topology, topo_path: Path, conn: Any, up_state: dict[str,
             (state_dir / name).unlink(missing_ok=True)
 
 
-def preflight(topo: Topology) -> str | None:
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be served on (in use, or not an address of this machine); None when it can.
+    Port 0 (any free port) always can."""
+    if port == 0:
+        return None
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: a TIME_WAIT port is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return f"{host}:{port} is in use" if e.errno == errno.EADDRINUSE else f"cannot bind {host}:{port}: " \
+                f"{e.strerror}"
+    return None
+
+
+def preflight(topo: Topology, port: int | None = None) -> str | None:
     """What would make `up` fail after Ray and the ranks started (or silently differ from the file), found
     before: the checkpoint (the driver reads its tokenizer; the ranks read the same path), a KV cache dtype
-    the ranks do not serve, and the API key variable."""
+    the ranks do not serve, the API key variable, and the HTTP port (`port` overrides server.port)."""
     from cluster.server.settings import ServerSettings
 
     path = topo.model.path
@@ -217,6 +240,10 @@ def preflight(topo: Topology) -> str | None:
         ServerSettings.from_topology(topo).api_key()
     except ValueError as e:
         return f"{topo.source}: field 'server.api_key_env': {e}"
+    busy = port_in_use(topo.server.host, topo.server.port if port is None else port)
+    if busy:
+        where = "--port" if port is not None else f"{topo.source}: field 'server.port'"
+        return f"{where}: {busy} (another server?); choose another port with --port, or --port 0 for any free one"
     return None
 
 
@@ -257,11 +284,19 @@ def up_detached(topo_path: str | Path, *, ready_timeout_s: float = 300.0, port: 
     ready (0) or has failed (its exit status, with the log's tail)."""
     topo = load_topology(topo_path)
     state_dir = topo.server.state_dir
+    prev = read_state(state_dir)
+    if prev is not None and pid_alive(int(prev.get("pid", 0))):
+        print(f"megaserve up: already up (pid {prev['pid']}, {prev.get('http') or 'starting'}); run `megaserve down "
+              f"{topo_path}` first", file=sys.stderr)
+        return 1
     state_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "cluster.cli", "up", str(topo_path), "--ready-timeout", str(ready_timeout_s)]
     if port is not None:
         cmd += ["--port", str(port)]
-    with open(state_dir / LOG_FILE, "ab") as logf:
+    log_path = state_dir / LOG_FILE
+    if log_path.exists():  # each attempt's log starts afresh; the one before stays beside it
+        os.replace(log_path, log_path.with_name(LOG_FILE + ".1"))
+    with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     deadline = time.monotonic() + ready_timeout_s + 60
@@ -303,8 +338,7 @@ def down(topo_path: str | Path, *, timeout_s: float = 60.0) -> int:
             _kill_all([pid])
     # What the driver should have stopped, if it could not: its recorded descendants (an embedded Ray's
     # processes and the ranks it ran), each only while it is still the same process.
-    recorded = {(int(p), float(t)) for p, t in [*st.get("processes", []), *status.get("processes", [])]}
-    left = sorted(p for p, t in recorded if _same_process(p, t))
+    left = leftover_processes(st, status)
     _kill_all(left)
     if not clean and not st.get("embedded") and st.get("ray_address"):
         _kill_named_actors(topo, st["ray_address"])
@@ -375,10 +409,20 @@ def status(topo_path: str | Path, *, as_json: bool = False) -> int:
     topo = load_topology(topo_path)
     state_dir = topo.server.state_dir
     st = read_state(state_dir)
-    if st is None or not pid_alive(int(st.get("pid", 0))):
+    if st is None:
         print(f"megaserve status: not up ({topo_path}; state in {state_dir})")
         return 1
     s = read_state(state_dir, STATUS_FILE) or {}
+    if not pid_alive(int(st.get("pid", 0))):
+        left = leftover_processes(st, s)
+        if not left:
+            print(f"megaserve status: not up ({topo_path}): the driver (pid {st.get('pid')}) is gone and left "
+                  f"nothing running; `megaserve down {topo_path}` clears its state in {state_dir}")
+        else:
+            print(f"megaserve status: not up ({topo_path}): the driver (pid {st.get('pid')}) is gone, but {len(left)} "
+                  f"of its processes (Ray, ranks) are still running: pids {' '.join(map(str, left))}; "
+                  f"`megaserve down {topo_path}` stops them")
+        return 1
     if as_json:
         print(json.dumps({"up": st, "status": s}, indent=1, default=str))
         return 0

@@ -3,6 +3,7 @@
 Public API:
     run_ranks(fn, world_size, *args, device="cpu", timeout_s=120.0) -> list   (result of rank r at index r)
     RankError                                                             (a rank raised; .rank, .remote_traceback)
+    MissingMainGuardError                     (the calling script lacks `if __name__ == "__main__":`)
     free_port(host="127.0.0.1") -> int
 
 ``fn(rank, world_size, *args)`` runs in a fresh ``spawn`` process per rank after the default process group
@@ -13,14 +14,17 @@ back on the CPU.
 
 Failure handling: the first rank that raises makes run_ranks terminate every rank and raise ``RankError``
 naming that rank and carrying its traceback; a rank that dies without reporting (killed, segfault) raises
-RankError too; passing ``timeout_s`` terminates every rank and raises ``TimeoutError``. Ranks also die with
-the parent (PR_SET_PDEATHSIG on Linux), and their collectives time out after ``timeout_s``, so no process is
-left behind.
+RankError too; a script that calls run_ranks at its top level, outside ``if __name__ == "__main__":``, gets
+``MissingMainGuardError`` (each spawned rank re-imports the script and would call run_ranks again; the ranks
+notice it and exit with ``NO_MAIN_GUARD_EXIT``). Passing ``timeout_s`` terminates every rank and raises
+``TimeoutError``. Ranks also die with the parent (PR_SET_PDEATHSIG on Linux), and their collectives time out
+after ``timeout_s``, so no process is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import pickle
 import queue as queue_mod
@@ -38,6 +42,7 @@ import torch.multiprocessing as mp
 from comm.group import backend_for, destroy_process_group, init_process_group
 
 _JOIN_GRACE_S = 10.0
+NO_MAIN_GUARD_EXIT = 86  # a spawned rank's exit status when it found itself re-running the parent's script
 
 
 class RankError(RuntimeError):
@@ -51,6 +56,20 @@ class RankError(RuntimeError):
 
     def __reduce__(self):
         return (RankError, (self.rank, self.world_size, self.remote_traceback))
+
+
+class MissingMainGuardError(RuntimeError):
+    """The script that called run_ranks has no `if __name__ == "__main__":` guard around the call."""
+
+    def __init__(self, script: str | None):
+        where = f"{script} calls" if script else "the calling script calls"
+        super().__init__(f"{where} run_ranks/run_engine_group at import time: its ranks are spawned processes that "
+                         f"re-import the script, so put the call under `if __name__ == \"__main__\":`")
+
+
+def _main_script() -> str | None:
+    main = sys.modules.get("__main__")
+    return getattr(main, "__file__", None)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -117,6 +136,11 @@ def _stop(procs: list) -> None:
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device: str = "cpu",
               timeout_s: float = 120.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return the per-rank results."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # NOTE: we are a spawned child still importing the parent's main script (spawn re-imports it), and that
+        # script called us at its top level. Starting ranks from here would fail deep in multiprocessing; exit
+        # with a status the parent turns into MissingMainGuardError.
+        os._exit(NO_MAIN_GUARD_EXIT)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if not isinstance(world_size, int) or world_size < 1:
@@ -157,6 +181,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device: str =
                         try:
                             rank, ok, payload = results.get(timeout=1.0)
                         except queue_mod.Empty:
+                            if p.exitcode == NO_MAIN_GUARD_EXIT:
+                                raise MissingMainGuardError(_main_script()) from None
                             raise RankError(r, world_size, f"process exited with code {p.exitcode} "
                                             "without reporting a result") from None
                         break

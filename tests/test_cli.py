@@ -59,3 +59,21 @@ def test_errors(tmp_path, capsys):
     bad.write_text("{")
     assert main(["manifest", "--config", str(bad)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_is_no_error(tmp_path):
+    """`megaserve status | head`: the command's output goes to a closed pipe; no BrokenPipeError, exit 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "cluster.cli", "manifest", "--preset", "tiny"], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (0, "")

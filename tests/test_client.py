@@ -161,6 +161,48 @@ def test_client_batch_generate_stream(server):
     assert e.value.status == 401
 
 
+def test_submit_batch_takes_the_endpoint_from_the_lines(server, tmp_path):
+    """Completion lines (a JSONL file or bare prompt bodies) run as /v1/completions without endpoint=...; mixed
+    lines are refused before anything is uploaded; a job whose every request failed says so on the bar."""
+    client = Client(server, api_key=API_KEY)
+    path = tmp_path / "completions.jsonl"
+    path.write_text("".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+                                        "body": {"model": client.default_model, "prompt": f"Once {i}",
+                                                 "max_tokens": 2}}) + "\n"
+                            for i in range(3)))
+    bar = io.StringIO()
+    job = client.submit_batch(path)
+    assert job.endpoint == "/v1/completions"
+    st = job.wait(poll_s=0.1, timeout=60, out=bar)
+    assert (st.status, st.completed, st.failed, st.endpoint) == ("completed", 3, 0, "/v1/completions")
+    assert "/v1/completions" in bar.getvalue() and "FAILED" not in bar.getvalue()
+    assert [r.ok and isinstance(r.text, str) for r in job.results()] == [True] * 3
+
+    job = client.submit_batch([{"prompt": "Hello", "max_tokens": 2}, {"prompt": [0, 17, 42], "max_tokens": 2}])
+    assert job.endpoint == "/v1/completions"
+    assert [r.ok for r in (job.wait(progress=False, timeout=60) and job.results())] == [True, True]
+
+    files_before = len(client._json("GET", "/v1/files")["data"])
+    with pytest.raises(ValueError, match=r"mixes endpoints: 1 for /v1/completions \(first: record 0 \(prompt\)\); "
+                                         r"1 for /v1/chat/completions \(first: record 1 \(messages\)\)"):
+        client.submit_batch([{"prompt": "a"}, {"messages": [{"role": "user", "content": "b"}]}])
+    with pytest.raises(ValueError, match=r"completions.jsonl mixes endpoints: 3 for /v1/completions \(first: line 1\)"
+                                         r"; endpoint='/v1/chat/completions' given"):
+        client.submit_batch(path, endpoint="/v1/chat/completions")
+    with pytest.raises(ValueError, match="no line says its endpoint"):
+        client.submit_batch([{"max_tokens": 2}])
+    with pytest.raises(ValueError, match="asks for '/v1/embeddings'"):
+        client.submit_batch([{"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {}}])
+    assert len(client._json("GET", "/v1/files")["data"]) == files_before  # nothing was uploaded
+
+    bar = io.StringIO()
+    st = client.submit_batch([{"prompt": "x", "max_tokens": 0}] * 2).wait(poll_s=0.1, timeout=60, out=bar)
+    assert (st.status, st.completed, st.failed) == ("completed", 0, 2) and st.all_failed
+    lines = bar.getvalue().strip().splitlines()
+    assert lines[-2].endswith("completed: EVERY REQUEST FAILED")
+    assert lines[-1].startswith("every request failed; first error (request-0): ") and "max_tokens" in lines[-1]
+
+
 def test_batch_demo(server, capsys):
     from cluster.batch.demo import run_batch_demo
 

@@ -124,3 +124,37 @@ def test_rank_dying_without_result_is_reported():
 def test_cuda_without_gpus_is_refused_before_spawning():
     with pytest.raises(ValueError, match="need one GPU each"):
         run_ranks(_sum_ranks, 2, 1, device="cuda")
+
+
+_UNGUARDED_SCRIPT = """
+from comm.launch import run_ranks
+
+
+def rank_id(rank, world_size):
+    return rank
+
+
+print(run_ranks(rank_id, 2, timeout_s=60))
+"""
+
+
+def test_script_without_main_guard_gets_one_clear_line(tmp_path):
+    """Pasted into a script without `if __name__ == "__main__":`, run_ranks says so instead of 'exited with code 1'."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("comm.launch.MissingMainGuardError: ") and str(script) in last, r.stderr
+    assert 'if __name__ == "__main__":' in last
+    assert "without reporting a result" not in r.stderr
+
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text(_UNGUARDED_SCRIPT.replace("print(run_ranks", 'if __name__ == "__main__":\n    print(run_ranks'))
+    r = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[0, 1]"

@@ -115,10 +115,18 @@ def test_down_after_the_driver_was_killed(tiny_ckpt: Path, tmp_path: Path) -> No
     os.kill(up["pid"], 9)
     time.sleep(0.5)
     assert any(pid_alive(p) for p in tree), "nothing outlived the driver: this test would prove nothing"
+    # status does not just say "not up": it names what is still running and how to stop it
+    s = subprocess.run(cli + ["status", str(topo_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert s.returncode == 1
+    assert f"the driver (pid {up['pid']}) is gone, but " in s.stdout, s.stdout
+    assert "of its processes (Ray, ranks) are still running" in s.stdout
+    assert f"`megaserve down {topo_path}` stops them" in s.stdout
     d = subprocess.run(cli + ["down", str(topo_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert d.returncode == 0, d.stdout + d.stderr
     alive = sorted(p for p in tree if pid_alive(p))
     assert alive == [], f"left running after down: {alive}"
+    s = subprocess.run(cli + ["status", str(topo_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert s.returncode == 1 and s.stdout.startswith("megaserve status: not up (") and "gone" not in s.stdout
 
 
 # ---- the shared cluster ---------------------------------------------------------------------------------
@@ -347,6 +355,39 @@ def test_up_refuses_a_missing_checkpoint_or_api_key(tmp_path: Path, tiny_ckpt: P
     assert "field 'server.api_key_env'" in capsys.readouterr().err
     assert service.up(_topology(tmp_path, tiny_ckpt, kv_cache={"dtype": "fp8"})) == 2
     assert "field 'kv_cache.dtype': 'fp8'" in capsys.readouterr().err
+
+
+def test_a_busy_port_fails_before_ray_and_a_detached_log_starts_afresh(tmp_path: Path, tiny_ckpt: Path,
+                                                                       capsys) -> None:
+    """The HTTP port is checked before Ray or any rank starts; `up --detach` shows only this attempt's log."""
+    import socket
+
+    from cluster import service
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        topo_path = _topology(tmp_path, tiny_ckpt, server={"port": port, "state_dir": str(tmp_path / "state")})
+        t0 = time.monotonic()
+        assert service.up(topo_path) == 2
+        err = capsys.readouterr().err
+        assert f"field 'server.port': 127.0.0.1:{port} is in use (another server?)" in err
+        assert "--port 0 for any free one" in err and time.monotonic() - t0 < 10
+        assert service.up(topo_path, port=port) == 2
+        assert f"--port: 127.0.0.1:{port} is in use" in capsys.readouterr().err
+
+        log = tmp_path / "state" / "up.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("a stale line from an earlier run\n")
+        cli = [sys.executable, "-m", "cluster.cli"]
+        r = subprocess.run(cli + ["up", str(topo_path), "--detach"], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    assert r.returncode == 2
+    assert "stale" not in r.stderr and f"127.0.0.1:{port} is in use" in r.stderr
+    assert r.stderr.strip().splitlines() == ["megaserve up: failed to start:",
+                                             r.stderr.strip().splitlines()[1]]  # the reason, and nothing else
+    assert "stale" in (tmp_path / "state" / "up.log.1").read_text() and "stale" not in log.read_text()
 
 
 def test_embedded_ray_refuses_several_cuda_nodes(tmp_path: Path, tiny_ckpt: Path) -> None:

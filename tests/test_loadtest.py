@@ -34,6 +34,7 @@ class Plan:
     usage: bool = True
     prompt_tokens: int | None = None  # usage.prompt_tokens; None: the prompt's words (random prompts: its length)
     chunk_words: int = 1  # words of text per streamed chunk
+    error_body: dict | None = None  # the JSON body of a non-200 answer (default {"error": "boom"})
 
 
 def _prompt_tokens(body: dict) -> int:
@@ -97,7 +98,7 @@ class FakeServer:
             plan = self.script(n, body, self.inflight)
             chat = request_line.split()[1] == b"/v1/chat/completions"
             if plan.status != 200:
-                msg = b'{"error": "boom"}'
+                msg = json.dumps(plan.error_body or {"error": "boom"}).encode()
                 writer.write(b"HTTP/1.1 %d Internal Server Error\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (plan.status, len(msg), msg))
                 await writer.drain()
@@ -341,6 +342,77 @@ def test_cli_ramp_up_and_bad_args(fake_server, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--dataset sharegpt needs --dataset-path" in err and "--max-concurrency must be >= 1" in err
     assert "--random-input-len must be >= 1" in err
+    # a ramp-up run says what it ramped, not "RPS: inf"
+    capsys.readouterr()
+    run_benchmark(_args(srv.url, num_prompts=3, ramp_up="linear", ramp_up_start_rps=50, ramp_up_end_rps=200))
+    rate_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Request rate"))
+    assert rate_row.split(":", 1)[1].strip() == "ramp linear 50 -> 200"
+
+
+def test_failed_requests_say_why(fake_server, capsys):
+    """Wrong model (the server's 404 message), a server that is down: the summary lists the distinct reasons."""
+
+    def wrong_model(n, body, inflight):
+        return Plan(status=404, error_body={"error": {"message": f"The model {body['model']!r} does not exist",
+                                                       "type": "invalid_request_error"}}) if n % 2 else Plan(
+            first_s=0.002, inter_s=0.001, tokens=2)
+
+    srv = fake_server(wrong_model)
+    m = run_benchmark(_args(srv.url, model="nope", num_prompts=6))
+    out = capsys.readouterr().out
+    assert (m["completed"], m["failed"]) == (3, 3)
+    assert m["failure_reasons"] == [{"reason": "HTTP 404: The model 'nope' does not exist", "requests": 3}]
+    assert "Why requests failed:\n  3 x HTTP 404: The model 'nope' does not exist" in out
+
+    srv.close()  # nothing listens there any more
+    assert main(["bench", "serve", "--base-url", srv.url, "--model", "m", "--num-prompts", "2", "--random-input-len",
+                 "4", "--random-output-len", "2", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    why = captured.out.split("Why requests failed:\n", 1)[1].splitlines()
+    assert len(why) == 1 and why[0].startswith("  2 x ConnectionRefusedError")
+    assert "WARNING: no --tokenizer, and could not fetch the tokenizer" in captured.err
+
+    from cluster.loadtest.client import RequestRecord
+    from cluster.loadtest.runner import failure_reasons
+
+    many = [RequestRecord(i, 4, 4, error=f"HTTP 500: failure {i % 5}") for i in range(10)]
+    assert failure_reasons(many) == [(f"HTTP 500: failure {i}", 2) for i in range(5)]
+
+
+def test_prompt_lengths_far_from_the_servers_count_are_flagged(fake_server, capsys):
+    """Without a tokenizer (a server that is not megaserve), prompts of random words are taken as one token per word;
+    when the server counts 3x that, the run says so loudly and keeps the server's counts."""
+    srv = fake_server(lambda n, body, inflight: Plan(first_s=0.002, inter_s=0.001, tokens=2,
+                                                     prompt_tokens=3 * _prompt_tokens(body)))
+    m = run_benchmark(_args(srv.url, num_prompts=3, random_input_len=40))
+    err = capsys.readouterr().err
+    assert "WARNING: no --tokenizer, and could not fetch the tokenizer from" in err
+    assert "WARNING: the server counted 120 prompt tokens per request on average, for 40 asked (3.00x)" in err
+    assert len(m["warnings"]) == 2 and m["input_lens"] == [120] * 3 and m["tokenizer_id"] is None
+    assert m["dataset"]["prompt"].startswith("random words, counted as one token each without a tokenizer")
+    srv2 = fake_server(lambda n, body, inflight: Plan(first_s=0.002, inter_s=0.001, tokens=2))
+    assert len(run_benchmark(_args(srv2.url, num_prompts=2, random_input_len=40))["warnings"]) == 1
+
+
+def test_sharegpt_says_what_it_dropped(fake_server, tmp_path, capsys):
+    data = [{"conversations": [{"from": "human", "value": "tell me a long story please"},
+                               {"from": "gpt", "value": "once upon a time there was a test"}]},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there my friend"}]},
+            {"conversations": [{"from": "human", "value": "only one turn in this one"}]}]
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(data))
+    specs, drops = datasets.sharegpt_dataset_with_drops(path, 10)
+    assert len(specs) == 1 and drops == {"no human+gpt turns": 1, "prompt < 4 tokens": 1, "output < 4 tokens": 0,
+                                         "prompt > 1024 tokens": 0, "prompt + output > 2048 tokens": 0}
+    srv = fake_server(lambda n, body, inflight: Plan(first_s=0.002, inter_s=0.001, tokens=2))
+    m = run_benchmark(_args(srv.url, dataset="sharegpt", dataset_path=str(path), num_prompts=5))
+    assert m["completed"] == 1
+    note = f"WARNING: only 1 of the 5 prompts asked for: ShareGPT {path}: 1 prompts; dropped by vLLM's filters: " \
+           "1 no human+gpt turns, 1 prompt < 4 tokens"
+    assert note in m["warnings"] and note in capsys.readouterr().err
+    path.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(ValueError, match="a ShareGPT file is a JSON list of conversations, got a dict"):
+        datasets.sharegpt_dataset(path, 1)
 
 
 def test_sharegpt_counts_with_a_tokenizer_file(tmp_path):

@@ -488,9 +488,41 @@ def test_cli_plan_json(capsys):
     assert d["ranks"][0]["expert_slots"] == 33
 
 
+def test_cli_plan_cpu_topology(capsys):
+    """examples/local.yaml (CPU ranks) is planned for memory, and says why there is no performance model."""
+    assert main(["plan", str(ROOT / "examples" / "local.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model tiny: 7.4 MB of weights; EP size 4") and "Memory per rank (MB)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0-1 ", "2-3 "))]
+    assert [r[:3] for r in rows] == [["0-1", "a", "cpu"], ["2-3", "b", "cpu"]]
+    assert all(r[6] == "2" and r[8] == "4.4" and r[10] == "67.1" for r in rows)  # slots, weights, KV budget (MB)
+    assert "Performance: not modelled (the performance model covers the GPU profiles" in out
+    assert "shared by the topology's 4 CPU ranks" in out and "dequantized to float32" in out
+    assert "Everything fits." in out
+
+
+def test_cpu_rank_memory_is_what_a_cpu_rank_holds(tiny_ckpt):
+    """A CPU rank's planned weight bytes equal its loaded model's: parameters dequantized to float32, its two
+    expert slots per MoE layer, and the int64 hash-routing tables."""
+    import torch
+
+    from engine.model.config import TINY
+    from engine.weights.loader import load_model
+
+    model = load_model(tiny_ckpt, dtype=torch.float32, experts=[0, 4])
+    held = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for name, b in model.named_buffers() if name.endswith("tid2eid"))
+    plan = make_plan(PlanInput(TINY, "tiny", (NodePlan("a", 4, "cpu", 10**9),), weight_dtype="float32",
+                               kv_budget_bytes=2**26, kv_dtype="float32"))
+    assert plan.ranks[0][2].weight_bytes == held and plan.perf is None
+    small = make_plan(PlanInput(TINY, "tiny", (NodePlan("a", 4, "cpu", 2**20),), weight_dtype="float32",
+                                kv_budget_bytes=2**26, kv_dtype="float32"))
+    assert [p for p in small.problems if "exceed the 0 GB of RAM per CPU rank" in p], small.problems
+    with pytest.raises(ValueError, match="memory_bytes_per_rank is for"):
+        NodePlan("a", 4, "cpu")
+
+
 def test_cli_plan_bad_input(capsys, tmp_path):
-    assert main(["plan", str(ROOT / "examples" / "local.yaml")]) == 2
-    assert "accelerator" in capsys.readouterr().err
     assert main(["plan", str(tmp_path / "missing.yaml")]) == 2
     assert main(["plan", str(ROOT / "examples" / "v4-flash-blackwell.yaml"), "--isl", "0"]) == 2
     assert "--isl" in capsys.readouterr().err

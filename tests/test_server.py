@@ -248,6 +248,26 @@ def test_models_and_health(server, client):
     assert status == 200 and json.loads(body)["status"] == "ok"
 
 
+def test_tokenizer_route_and_bench_uses_it(server, capsys):
+    """GET /v1/models/{id}/tokenizer serves the model's tokenizer.json; `bench serve` without --tokenizer takes it,
+    so random prompts are the asked length in this model's tokens (the server adds bos), with no warning."""
+    from tokenizers import Tokenizer
+
+    from cluster.loadtest.runner import run_benchmark
+
+    status, body = _raw(server, "GET", "/v1/models/tiny/tokenizer")
+    assert status == 200 and Tokenizer.from_str(body.decode()).to_str() == server.tokenizer.to_str()
+    status, body = _raw(server, "GET", "/v1/models/other/tokenizer")
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+    assert _raw(server, "GET", "/v1/models/tiny/tokenizer", headers={"Authorization": ""})[0] == 401
+    m = run_benchmark({"base_url": server.url, "model": "tiny", "num_prompts": 3, "random_input_len": 60,
+                       "random_output_len": 2, "api_key_env": KEY_ENV, "progress": False, "seed": 3})
+    assert m["completed"] == 3 and m["warnings"] == [] and "WARNING" not in capsys.readouterr().err
+    # 60 prompt tokens + bos; decode -> re-encode may leave a prompt a token or two long, as in vLLM
+    assert all(61 <= n <= 63 for n in m["input_lens"]), m["input_lens"]
+    assert m["tokenizer_id"] == f"{server.url}/v1/models/tiny/tokenizer (the served model's)"
+
+
 _LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"'
 _SAMPLE = re.compile(rf"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{{{_LABEL}(,{_LABEL})*\}})? (-?[0-9.e+-]+|\+Inf|-Inf|NaN)$")
 
@@ -447,6 +467,47 @@ def test_entry_point_refuses_an_unset_key_variable(tiny_ckpt, tmp_path):
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "MEGASERVE_UNSET_KEY" in proc.stderr
+
+
+def test_entry_point_one_line_errors_before_any_rank(tiny_ckpt, tmp_path):
+    """A missing checkpoint or a busy port is one line on stderr and exit 2, found before ranks start."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cluster.server", "--state-dir", str(tmp_path), *args],
+                              cwd=repo, capture_output=True, text=True, timeout=60)
+
+    proc = serve("--model", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and proc.stderr == f"error: --model {tmp_path / 'nope'}: no such directory\n"
+    proc = serve("--model", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: --model {tmp_path}: not a checkpoint (no config.json or tokenizer.json)\n"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = serve("--model", str(tiny_ckpt), "--port", str(port))
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: --port: 127.0.0.1:{port} is in use (another server?); choose another, or "
+                           f"--port 0 for any free one\n")
+
+
+def test_entry_point_keeps_its_state_out_of_the_working_directory(tiny_ckpt, tmp_path):
+    """Without --state-dir the batch state goes to ~/.megaserve/server/<model name>, not ./.megaserve."""
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.server", "--model", str(tiny_ckpt), "--port", "0"],
+                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"megaserve: serving {tiny_ckpt.name!r} on http://127.0.0.1:"), line
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert list(work.iterdir()) == []
+    assert (home / ".megaserve" / "server" / tiny_ckpt.name).is_dir()
 
 
 def test_settings_from_topology():

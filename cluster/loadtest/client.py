@@ -148,7 +148,7 @@ async def send_request(cfg: ClientConfig, spec: RequestSpec, index: int, t0: flo
             status, _, stream, writer = await _post_stream(url, body, headers)
             if not 200 <= status < 300:
                 text = b"".join([p async for p in stream]).decode("utf-8", "replace")
-                rec.error = f"HTTP {status}: {text[:500]}"
+                rec.error = f"HTTP {status}: {error_message(text)[:500]}"
                 return rec
             last = st
             chunks = 0
@@ -191,6 +191,17 @@ async def send_request(cfg: ClientConfig, spec: RequestSpec, index: int, t0: flo
         if writer is not None:
             writer.close()
     return rec
+
+
+def error_message(text: str) -> str:
+    """The `error.message` of an OpenAI error body, else the body itself."""
+    try:
+        err = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return text
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return err["message"]
+    return text
 
 
 class _nullctx:

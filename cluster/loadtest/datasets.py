@@ -109,15 +109,38 @@ def sharegpt_dataset(path: str | Path, num_prompts: int, seed: int = 0, fixed_ou
 
     Dropped: fewer than 2 turns, prompt < 4 tokens, output < 4 tokens (unless `fixed_output_len`),
     prompt > 1024 tokens, prompt + output > 2048 tokens. Conversations are shuffled with `seed`.
+    `sharegpt_dataset_with_drops` also says how many were dropped by which rule.
     """
-    data = json.loads(Path(path).read_text())
+    return sharegpt_dataset_with_drops(path, num_prompts, seed, fixed_output_len, count_tokens)[0]
+
+
+SHAREGPT_DROPS = ("no human+gpt turns", "prompt < 4 tokens", "output < 4 tokens", "prompt > 1024 tokens",
+                  "prompt + output > 2048 tokens")
+
+
+def sharegpt_dataset_with_drops(path: str | Path, num_prompts: int, seed: int = 0,
+                                fixed_output_len: int | None = None,
+                                count_tokens: Callable[[str], int] = approx_token_count
+                                ) -> tuple[list[RequestSpec], dict[str, int]]:
+    """`sharegpt_dataset`, plus {rule: conversations dropped by it} over the conversations looked at (the
+    filters stop once `num_prompts` prompts are found; rules are those of SHAREGPT_DROPS)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--dataset-path {path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"--dataset-path {path}: a ShareGPT file is a JSON list of conversations, "
+                         f"got a {type(data).__name__}")
+    drops = dict.fromkeys(SHAREGPT_DROPS, 0)
     convs = []
     for entry in data:
-        turns = entry.get("conversations") or entry.get("conversation") or []
+        turns = (entry.get("conversations") or entry.get("conversation") or []) if isinstance(entry, dict) else []
         human = next((t.get("value", "") for t in turns if t.get("from") == "human"), None)
         gpt = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), None)
         if len(turns) >= 2 and human is not None and gpt is not None:
             convs.append((human, gpt))
+        else:
+            drops["no human+gpt turns"] += 1
     random.Random(seed).shuffle(convs)
     specs = []
     for prompt, completion in convs:
@@ -125,12 +148,17 @@ def sharegpt_dataset(path: str | Path, num_prompts: int, seed: int = 0, fixed_ou
             break
         p_len = count_tokens(prompt)
         o_len = fixed_output_len if fixed_output_len is not None else count_tokens(completion)
-        if p_len < 4 or (fixed_output_len is None and o_len < 4):
-            continue
-        if p_len > 1024 or p_len + o_len > 2048:
-            continue
-        specs.append(RequestSpec(prompt, p_len, o_len))
-    return specs
+        if p_len < 4:
+            drops["prompt < 4 tokens"] += 1
+        elif fixed_output_len is None and o_len < 4:
+            drops["output < 4 tokens"] += 1
+        elif p_len > 1024:
+            drops["prompt > 1024 tokens"] += 1
+        elif p_len + o_len > 2048:
+            drops["prompt + output > 2048 tokens"] += 1
+        else:
+            specs.append(RequestSpec(prompt, p_len, o_len))
+    return specs, drops
 
 
 def trace_dataset(path: str | Path, num_prompts: int | None = None, seed: int = 0, timestamp_unit: str = "s",

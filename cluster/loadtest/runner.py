@@ -32,8 +32,11 @@ DEFAULTS = dict(endpoint="completions", dataset="random", dataset_path=None, num
                 tokenizer=None, out=None, no_plots=False, progress=True, timeout_s=6 * 3600.0)
 
 
-def load_specs(a: Namespace) -> list[datasets.RequestSpec]:
-    tok = load_tokenizer(a.tokenizer) if a.tokenizer else None
+def load_specs(a: Namespace, tok=None, notes: list[str] | None = None) -> list[datasets.RequestSpec]:
+    """The dataset's requests. `tok`: the server's tokenizer (`resolve_tokenizer`); default: --tokenizer if given.
+    What the user should know about the dataset (dropped ShareGPT prompts) is appended to `notes`."""
+    if tok is None and a.tokenizer:
+        tok = load_tokenizer(a.tokenizer)
     if a.dataset == "random":
         return datasets.random_dataset(a.num_prompts, a.random_input_len, a.random_output_len, a.random_range_ratio,
                                        seed=a.seed, token_ids=a.random_token_ids, vocab_size=a.vocab_size,
@@ -41,8 +44,17 @@ def load_specs(a: Namespace) -> list[datasets.RequestSpec]:
     if not a.dataset_path:
         raise ValueError(f"--dataset {a.dataset} needs --dataset-path")
     if a.dataset == "sharegpt":
-        return datasets.sharegpt_dataset(a.dataset_path, a.num_prompts, seed=a.seed,
-                                         fixed_output_len=a.sharegpt_output_len, count_tokens=token_counter(a))
+        specs, drops = datasets.sharegpt_dataset_with_drops(a.dataset_path, a.num_prompts, seed=a.seed,
+                                                            fixed_output_len=a.sharegpt_output_len,
+                                                            count_tokens=token_counter(tok))
+        dropped = ", ".join(f"{n} {rule}" for rule, n in drops.items() if n)
+        note = (f"ShareGPT {a.dataset_path}: {len(specs)} prompts" + (f"; dropped by vLLM's filters: {dropped}"
+                                                                      if dropped else ""))
+        if len(specs) < a.num_prompts:
+            note = f"WARNING: only {len(specs)} of the {a.num_prompts} prompts asked for: " + note
+        if notes is not None:
+            notes.append(note)
+        return specs
     if a.dataset == "trace":
         return datasets.trace_dataset(a.dataset_path, a.num_prompts, seed=a.seed,
                                       timestamp_unit=a.trace_timestamp_unit, token_ids=a.random_token_ids,
@@ -62,34 +74,76 @@ def load_tokenizer(path: str | Path):
     return Tokenizer.from_file(str(p))
 
 
-def token_counter(a: Namespace):
-    """Token counting for text: the --tokenizer (tokenizer.json or a directory with one), else ceil(chars/4)."""
-    if not a.tokenizer:
+def server_tokenizer(base_url: str, model: str, api_key: str | None, timeout_s: float = 10.0):
+    """(tokenizer, None) from a megaserve server (GET /v1/models/{model}/tokenizer), else (None, why not)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from tokenizers import Tokenizer
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def get(path: str) -> bytes:
+        req = urllib.request.Request(root + path, headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.read()
+
+    try:
+        listed = json.loads(get("/v1/models")).get("data") or []
+        entry = next((m for m in listed if isinstance(m, dict) and m.get("id") == model), None)
+        if entry is None:
+            return None, f"{root}/v1/models does not list {model!r}"
+        if entry.get("owned_by") != "megaserve":
+            return None, f"the server at {root} is not megaserve (its tokenizer cannot be fetched)"
+        return Tokenizer.from_str(get(f"/v1/models/{urllib.parse.quote(model, safe='')}/tokenizer").decode()), None
+    except (OSError, ValueError, AttributeError) as e:
+        return None, f"could not fetch the tokenizer from {root} ({type(e).__name__}: {e})"
+
+
+def resolve_tokenizer(a: Namespace, api_key: str | None) -> tuple[object | None, str | None, str | None]:
+    """(tokenizer, where it came from, a warning): --tokenizer, else the served model's own when the server is
+    megaserve and answers, else none and a warning that text prompt lengths are only estimates."""
+    if a.tokenizer:
+        return load_tokenizer(a.tokenizer), str(a.tokenizer), None
+    if a.dataset != "sharegpt" and a.random_token_ids:
+        return None, None, None  # token-id prompts: exact lengths without one
+    tok, why = server_tokenizer(a.base_url, a.model, api_key)
+    if tok is not None:
+        return tok, f"{a.base_url.rstrip('/')}/v1/models/{a.model}/tokenizer (the served model's)", None
+    counted = "approximate tokens (4 characters each)" if a.dataset == "sharegpt" else "one token per random word"
+    return None, None, (f"WARNING: no --tokenizer, and {why}: prompt lengths are counted as {counted}, which can be "
+                        f"several times off; pass --tokenizer (the server's tokenizer.json or checkpoint directory)")
+
+
+def token_counter(tok):
+    """Token counting for text: `tok` (a tokenizers.Tokenizer), else ceil(chars/4)."""
+    if tok is None:
         return datasets.approx_token_count
-    tok = load_tokenizer(a.tokenizer)
     return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
 
 
-def _prompt_kind(a: Namespace) -> str:
+def _prompt_kind(a: Namespace, tokenizer_id: str | None) -> str:
     if a.random_token_ids:
         return f"token ids in [100, {a.vocab_size})"
-    if a.tokenizer:
+    if tokenizer_id:
         return "random non-special token ids decoded to text, re-encoding to the input length (vLLM)"
-    return "random words (~1 token each)"
+    return "random words, counted as one token each without a tokenizer (not exact: see warnings)"
 
 
-def _dataset_semantics(a: Namespace) -> dict:
+def _dataset_semantics(a: Namespace, tokenizer_id: str | None) -> dict:
     if a.dataset == "random":
         return {"name": "random", "input_len": a.random_input_len, "output_len": a.random_output_len,
                 "range_ratio": a.random_range_ratio,
                 "range_ratio_semantics": "vLLM: uniform integers in [floor(L*(1-r)), ceil(L*(1+r))]",
-                "prompt": _prompt_kind(a)}
+                "prompt": _prompt_kind(a, tokenizer_id)}
     if a.dataset == "sharegpt":
         return {"name": "sharegpt", "path": str(a.dataset_path), "fixed_output_len": a.sharegpt_output_len,
                 "filters": "vLLM: drop prompt<4, output<4 (unless fixed), prompt>1024, prompt+output>2048",
-                "token_counting": f"tokenizer {a.tokenizer}" if a.tokenizer else "approx: ceil(chars/4)"}
+                "token_counting": f"tokenizer {tokenizer_id}" if tokenizer_id else "approx: ceil(chars/4)"}
     return {"name": "trace", "path": str(a.dataset_path), "timestamp_unit": a.trace_timestamp_unit,
-            "prompt": _prompt_kind(a)}
+            "prompt": _prompt_kind(a, tokenizer_id)}
 
 
 async def _run(specs: list[datasets.RequestSpec], times: list[float], cfg: ClientConfig,
@@ -133,7 +187,12 @@ def run_benchmark(args: Namespace | dict) -> dict:
         raise ValueError(f"--max-concurrency must be >= 1, got {a.max_concurrency}")
     if a.endpoint not in ENDPOINT_PATHS:
         raise ValueError(f"unknown endpoint {a.endpoint!r} (completions or chat)")
-    specs = load_specs(a)
+    api_key = api_key_from_env(a.api_key_env)
+    tok, tokenizer_id, tokenizer_warning = resolve_tokenizer(a, api_key)
+    warnings = [tokenizer_warning] if tokenizer_warning else []
+    specs = load_specs(a, tok, warnings)
+    for w in warnings:
+        print(w, file=sys.stderr)
     if not specs:
         raise ValueError("the dataset produced no requests")
     if a.dataset == "trace":
@@ -141,15 +200,18 @@ def run_benchmark(args: Namespace | dict) -> dict:
     else:
         times = arrival.send_times(len(specs), float(a.request_rate), a.burstiness, seed=a.seed, ramp_up=a.ramp_up,
                                    ramp_start_rps=a.ramp_up_start_rps, ramp_end_rps=a.ramp_up_end_rps)
-    cfg = ClientConfig(base_url=a.base_url, model=a.model, endpoint=a.endpoint, api_key=api_key_from_env(a.api_key_env),
+    cfg = ClientConfig(base_url=a.base_url, model=a.model, endpoint=a.endpoint, api_key=api_key,
                        ignore_eos=a.ignore_eos, temperature=a.temperature, timeout_s=a.timeout_s)
     started = datetime.now(timezone.utc).isoformat()
     records, duration = asyncio.run(_run(specs, times, cfg, a.max_concurrency, a.progress))
-    if a.tokenizer:  # vLLM: without usage, count the generated text's tokens (else: one token per chunk)
-        count = token_counter(a)
+    if tok is not None:  # vLLM: without usage, count the generated text's tokens (else: one token per chunk)
+        count = token_counter(tok)
         for r in records:
             if r.success and not r.output_tokens_from_usage:
                 r.output_tokens = count(r.generated_text)
+    if tokenizer_id is None and (off := prompt_length_warning(records)) is not None:
+        warnings.append(off)
+        print(off, file=sys.stderr)
     result = compute_metrics(records, duration, percentiles, slos or None)
     rate = float(a.request_rate)
     result.update({
@@ -169,13 +231,13 @@ def run_benchmark(args: Namespace | dict) -> dict:
                    "gamma(shape=burstiness, scale=1/(rate*burstiness)), rescaled to span N/rate",
         "seed": a.seed,
         "ignore_eos": a.ignore_eos,
-        "tokenizer_id": a.tokenizer,
+        "tokenizer_id": tokenizer_id,
         "token_counting": {"input": "usage.prompt_tokens, else the dataset's prompt length",
                            "output": "usage.completion_tokens, else "
-                                     + ("the tokenizer's count of the generated text" if a.tokenizer
+                                     + ("the tokenizer's count of the generated text" if tok is not None
                                         else "one token per streamed chunk")},
         "temperature": a.temperature,
-        "dataset": _dataset_semantics(a),
+        "dataset": _dataset_semantics(a, tokenizer_id),
         "percentiles": percentiles,
         "goodput_slos_ms": slos or None,
         "api_key_env": a.api_key_env,
@@ -188,6 +250,8 @@ def run_benchmark(args: Namespace | dict) -> dict:
         "latencies": [r.e2el if r.success else 0.0 for r in records],
         "itls": [r.itl for r in records],
         "errors": [r.error for r in records],
+        "failure_reasons": [{"reason": reason, "requests": n} for reason, n in failure_reasons(records)],
+        "warnings": warnings,
     })
     print_summary(result, percentiles)
     if a.out:
@@ -196,6 +260,37 @@ def run_benchmark(args: Namespace | dict) -> dict:
 
 
 ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+FAILURE_REASONS_SHOWN = 3
+# server-counted vs asked prompt tokens: a warning beyond this ratio (either way) and this many tokens (templates add
+# a few: bos, role markers)
+PROMPT_LENGTH_TOLERANCE = 1.25
+PROMPT_LENGTH_SLACK_TOKENS = 16
+
+
+def failure_reasons(records: list[RequestRecord]) -> list[tuple[str, int]]:
+    """Distinct errors of the failed requests with how many requests had each, in order of first occurrence."""
+    counts: dict[str, int] = {}
+    for r in records:
+        if not r.success:
+            counts[r.error or "unknown error"] = counts.get(r.error or "unknown error", 0) + 1
+    return list(counts.items())
+
+
+def prompt_length_warning(records: list[RequestRecord]) -> str | None:
+    """A warning when the server's usage.prompt_tokens are far from the lengths the dataset meant (prompts made
+    without the server's tokenizer), else None."""
+    pairs = [(r.prompt_tokens_server, r.prompt_len) for r in records
+             if r.success and r.prompt_tokens_server is not None and r.prompt_len > 0]
+    if not pairs:
+        return None
+    served, asked = sum(p for p, _ in pairs) / len(pairs), sum(q for _, q in pairs) / len(pairs)
+    ratio = served / asked
+    if 1 / PROMPT_LENGTH_TOLERANCE <= ratio <= PROMPT_LENGTH_TOLERANCE or abs(served - asked) <= \
+            PROMPT_LENGTH_SLACK_TOKENS:
+        return None
+    return (f"WARNING: the server counted {served:.0f} prompt tokens per request on average, for {asked:.0f} asked "
+            f"({ratio:.2f}x): the lengths in this result are the server's; pass --tokenizer for prompts of the "
+            f"asked length")
 
 
 def _versions() -> dict:
@@ -214,8 +309,12 @@ def print_summary(m: dict, percentiles: list[float], file=None) -> None:
     file = file or sys.stdout
     w = 50
     rate = m.get("request_rate", "inf")
+    if m.get("ramp_up_strategy"):
+        configured = (f"ramp {m['ramp_up_strategy']} {m['ramp_up_start_rps']:g} -> {m['ramp_up_end_rps']:g}")
+    else:
+        configured = rate if rate == "inf" else f"{float(rate):.2f}"
     rows = [("Successful requests:", m["completed"]), ("Failed requests:", m["failed"]),
-            ("Request rate configured (RPS):", rate if rate == "inf" else f"{float(rate):.2f}"),
+            ("Request rate configured (RPS):", configured),
             ("Maximum request concurrency:", m.get("max_concurrency") or "none"),
             ("Benchmark duration (s):", f"{m['duration']:.2f}"),
             ("Total input tokens:", m["total_input_tokens"]), ("Total generated tokens:", m["total_output_tokens"]),
@@ -240,6 +339,12 @@ def print_summary(m: dict, percentiles: list[float], file=None) -> None:
             k = percentile_key(p)
             lines.append(f"{f'P{k} {name.upper()} (ms):':<40}{m[f'p{k}_{name}_ms']:<10.2f}")
     lines.append("=" * w)
+    reasons = m.get("failure_reasons") or []
+    if reasons:
+        more = f" (first {FAILURE_REASONS_SHOWN} of {len(reasons)} distinct)" if len(reasons) > FAILURE_REASONS_SHOWN \
+            else ""
+        lines.append(f"Why requests failed{more}:")
+        lines += [f"  {r['requests']} x {r['reason']}" for r in reasons[:FAILURE_REASONS_SHOWN]]
     print("\n".join(lines), file=file)
 
 

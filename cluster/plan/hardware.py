@@ -1,7 +1,9 @@
-"""GPU hardware profiles for the planner, read from hardware.yaml (every figure carries its source)."""
+"""GPU hardware profiles for the planner, read from hardware.yaml (every figure carries its source), and the
+memory-only profile of a CPU host (`cpu_host`): CPU ranks are planned for memory, not for speed."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,10 +32,16 @@ class Hardware:
     nvl_domain: int  # GPUs in one NVLink domain
     scaleout_bw: float  # bytes/s per GPU, per direction
     sources: tuple[tuple[str, str], ...]  # (field, source) for every figure
+    device: str = "cuda"  # "cpu": a host's RAM share (cpu_host); its rates are 0 and the perf model skips it
 
     @property
     def has_fp4(self) -> bool:
         return self.fp4_flops is not None
+
+    @property
+    def memory_name(self) -> str:
+        """How a message names this rank's memory."""
+        return f"HBM of a {self.key}" if self.device == "cuda" else "RAM per CPU rank"
 
     def flops(self, dtype: str) -> float:
         """Dense tensor-core rate for a GEMM whose operands are `dtype` ("bf16", "fp8", "fp4")."""
@@ -87,3 +95,18 @@ def get_hardware(key: str) -> Hardware:
         return profiles[key.lower()]
     except KeyError:
         raise HardwareError(f"unknown accelerator {key!r}; profiles: {sorted(profiles)}") from None
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cpu_host(memory_bytes_per_rank: int) -> Hardware:
+    """A CPU rank for the memory plan: `memory_bytes_per_rank` of RAM; no rates (nothing is modelled for speed)."""
+    if memory_bytes_per_rank <= 0:
+        raise HardwareError(f"a CPU rank needs memory, got {memory_bytes_per_rank} bytes")
+    return Hardware(key="cpu", name="CPU host", hbm_bytes=float(memory_bytes_per_rank), hbm_bw=0.0, bf16_flops=0.0,
+                    fp8_flops=0.0, fp4_flops=None, nvlink_bw=0.0, nvl_domain=1, scaleout_bw=0.0,
+                    sources=(("hbm_bytes", "this machine's physical memory (os.sysconf) shared by its ranks"),),
+                    device="cpu")

@@ -107,13 +107,13 @@ def rank_memory(model: PlanModel, hw: Hardware, ep_size: int, redundant: int, kv
         budget = kv.budget_bytes
         if weights + act + budget > hbm:
             problems.append(f"weights {weights / 1e9:.1f} GB + activations {act / 1e9:.1f} GB + KV budget "
-                            f"{budget / 1e9:.1f} GB exceed the {hbm / 1e9:.0f} GB of HBM of a {hw.key}")
+                            f"{budget / 1e9:.1f} GB exceed the {hbm / 1e9:.0f} GB of {hw.memory_name}")
     else:
         frac = kv.memory_fraction if kv.memory_fraction is not None else DEFAULT_MEMORY_FRACTION
         budget = int(frac * hbm) - weights - act
         if budget <= 0:
             problems.append(f"weights {weights / 1e9:.1f} GB + activations {act / 1e9:.1f} GB exceed "
-                            f"{frac:g} x {hbm / 1e9:.0f} GB of HBM on a {hw.key}: no room for a KV cache; "
+                            f"{frac:g} x {hbm / 1e9:.0f} GB of {hw.memory_name}: no room for a KV cache; "
                             f"add ranks (fewer expert slots each) or use a larger GPU")
             budget = 0
     slot = model.kv.slot_bytes()

@@ -142,9 +142,16 @@ class PlanModel:
         return tuple(layer for layer in self.layers if layer.moe)
 
 
-def group_tensors(tensors: Iterable[TensorSpec], n_main: int) -> tuple[dict[int, dict[str, Group]], dict, dict]:
+# a dtype a checkpoint is dequantized to at load (the CPU path) -> (safetensors name, bytes per element)
+DEQUANTIZED = {"float32": ("F32", 4), "bfloat16": ("BF16", 2)}
+
+
+def group_tensors(tensors: Iterable[TensorSpec], n_main: int, dequantized_to: str | None = None
+                  ) -> tuple[dict[int, dict[str, Group]], dict, dict]:
     """Sum tensors into {layer_id: {kind: Group}} (MTP layer i -> n_main + i), top-level {kind: Group} and
-    {kind: {safetensors dtype: bytes}}. Keeps no tensor (V4-Pro has 145,116 of them)."""
+    {kind: {safetensors dtype: bytes}}. Keeps no tensor (V4-Pro has 145,116 of them).
+    `dequantized_to` ("float32", "bfloat16"): bytes as a rank holds the weights after dequantizing them to that
+    dtype at load (CPU ranks): every weight's logical elements in that dtype, no scales, the hash table as is."""
     acc: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for t in tensors:
@@ -156,12 +163,19 @@ def group_tensors(tensors: Iterable[TensorSpec], n_main: int) -> tuple[dict[int,
         else:
             lid = -1
         a = acc[(lid, kind)]
-        a[0] += t.nbytes
-        by_dtype[kind][t.dtype] += t.nbytes
-        if t.kind == "scale" or t.dtype == "I64":
-            continue  # scales and the hash table: bytes, no parameters, no FLOPs
         shape = t.logical_shape or t.shape
         n = math.prod(shape)
+        if dequantized_to is None or t.dtype == "I64":
+            dtype, nbytes = t.dtype, t.nbytes
+        elif t.kind == "scale":
+            dtype, nbytes = t.dtype, 0  # folded into the weight at load
+        else:
+            dtype, nbytes = DEQUANTIZED[dequantized_to][0], n * DEQUANTIZED[dequantized_to][1]
+        a[0] += nbytes
+        if nbytes:
+            by_dtype[kind][dtype] += nbytes
+        if t.kind == "scale" or t.dtype == "I64":
+            continue  # scales and the hash table: bytes, no parameters, no FLOPs
         a[1] += n
         if len(shape) == 2:
             a[2 if COMPUTE_DTYPE[t.dtype] == "fp8" else 3] += 2 * n
@@ -175,9 +189,11 @@ def group_tensors(tensors: Iterable[TensorSpec], n_main: int) -> tuple[dict[int,
 _ATTN_KIND = {0: "swa", 4: "csa", 128: "hca"}
 
 
-def from_v4(cfg: ModelConfig, name: str = "deepseek-v4", cache_dtype: str = "bfloat16") -> PlanModel:
-    """A V4 config through engine/weights/manifest.py (weights) and engine/cache/accounting.py (KV)."""
-    per_layer, top, by_dtype = group_tensors(iter_tensors(cfg), cfg.num_hidden_layers)
+def from_v4(cfg: ModelConfig, name: str = "deepseek-v4", cache_dtype: str = "bfloat16",
+            dequantized_to: str | None = None) -> PlanModel:
+    """A V4 config through engine/weights/manifest.py (weights) and engine/cache/accounting.py (KV);
+    `dequantized_to`: see `group_tensors` (CPU ranks)."""
+    per_layer, top, by_dtype = group_tensors(iter_tensors(cfg), cfg.num_hidden_layers, dequantized_to)
     layers = tuple(
         LayerSpec(lid, _ATTN_KIND[cfg.compress_ratio(lid)], True, lid >= cfg.num_hidden_layers, per_layer[lid])
         for lid in range(cfg.n_layers_total))

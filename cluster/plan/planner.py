@@ -8,7 +8,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from cluster.plan.hardware import Hardware, get_hardware
+from cluster.plan.hardware import Hardware, cpu_host, get_hardware, host_memory_bytes
 from cluster.plan.memory import KVSettings, RankMemory, rank_memory
 from cluster.plan.model_spec import PlanModel, from_v4
 from cluster.plan.perf import Efficiency, Layout, decode, prefill
@@ -23,7 +23,17 @@ from engine.model.config import ModelConfig
 class NodePlan:
     name: str
     ranks: int
-    accelerator: str
+    accelerator: str  # a hardware.yaml profile, or "cpu"
+    memory_bytes_per_rank: int | None = None  # "cpu": the RAM each rank may use
+
+    def __post_init__(self) -> None:
+        if (self.accelerator == "cpu") != (self.memory_bytes_per_rank is not None):
+            raise ValueError(f"node {self.name!r}: memory_bytes_per_rank is for (and needed by) cpu nodes only")
+
+    def hardware(self) -> Hardware:
+        if self.accelerator == "cpu":
+            return cpu_host(self.memory_bytes_per_rank or 0)
+        return get_hardware(self.accelerator)
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,8 @@ class PlanInput:
     kv_budget_bytes: int | None = None
     memory_fraction: float | None = None
     kv_dtype: str = "bfloat16"  # topology names: bfloat16, float32, fp8
+    weight_dtype: str = "bfloat16"  # model.dtype: what CPU ranks dequantize the checkpoint to at load
+    notes: tuple[str, ...] = ()  # what building the input assumed; the plan repeats them
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -53,14 +65,30 @@ class PlanInput:
         return sum(n.ranks for n in self.nodes)
 
 
-def from_topology(topo) -> PlanInput:
-    """A PlanInput from cluster.topology.Topology (every cuda node needs its `accelerator`)."""
+def from_topology(topo, host_memory: int | None = None) -> PlanInput:
+    """A PlanInput from cluster.topology.Topology (its `notes` say what it assumed). A cuda node plans on its
+    `accelerator` profile; a cpu node on this machine's RAM (`host_memory`, default: measured), shared by every
+    CPU rank of the topology under an embedded Ray (all nodes run here), else by the node's ranks (a node of a
+    joined Ray is taken to have as much RAM as this machine)."""
     nodes = []
+    notes = []
+    cpu_ranks = [n.ranks for n in topo.nodes if n.device == "cpu"]
+    if cpu_ranks:
+        ram = host_memory if host_memory is not None else host_memory_bytes()
+        embedded = topo.ray.address == ""
+        share = sum(cpu_ranks) if embedded else None
+        notes.append(f"CPU ranks: memory per rank is this machine's {ram / 1e9:.1f} GB of RAM shared by "
+                     + (f"the topology's {share} CPU ranks (an embedded Ray runs every node here)" if embedded else
+                        "each node's ranks (a node is taken to have as much RAM as this machine)")
+                     + f"; weights as CPU ranks hold them, dequantized to {topo.model.dtype}")
     for n in topo.nodes:
-        if n.accelerator is None:
+        if n.device == "cpu":
+            nodes.append(NodePlan(n.name, n.ranks, "cpu", ram // (share or n.ranks)))
+        elif n.accelerator is None:
             raise ValueError(f"{topo.source}: node {n.name!r} has no accelerator (device {n.device}); the planner "
-                             f"needs a GPU hardware profile for every node")
-        nodes.append(NodePlan(n.name, n.ranks, n.accelerator))
+                             f"needs a GPU hardware profile for every cuda node")
+        else:
+            nodes.append(NodePlan(n.name, n.ranks, n.accelerator))
     p = topo.parallel
     s = topo.scheduler
     kv = topo.kv_cache
@@ -70,16 +98,21 @@ def from_topology(topo) -> PlanInput:
         policy=p.placement.policy, redundant_experts=p.placement.redundant_experts, max_num_seqs=s.max_num_seqs,
         max_num_batched_tokens=s.max_num_batched_tokens, page_tokens=s.page_tokens, max_model_len=s.max_model_len,
         kv_budget_bytes=kv.budget_bytes, memory_fraction=kv.memory_fraction,
-        kv_dtype=kv.dtype or topo.model.dtype)
+        kv_dtype=kv.dtype or topo.model.dtype, weight_dtype=topo.model.dtype, notes=tuple(notes))
 
 
 def build_model(inp: PlanInput, hw: Hardware) -> tuple[PlanModel, list[str]]:
-    """The planner's model for `inp` on `hw`; FP4 experts become FP8 on a GPU without FP4 (Hopper)."""
+    """The planner's model for `inp` on `hw`; FP4 experts become FP8 on a GPU without FP4 (Hopper); a CPU rank
+    holds every weight dequantized to `inp.weight_dtype`."""
     notes: list[str] = []
     cache_dtype = KV_CACHE_DTYPES[inp.kv_dtype]
     if isinstance(inp.model, V3Config):
+        if hw.device == "cpu":
+            raise ValueError("DeepSeek-V3 is planned on GPUs only (CPU ranks serve V4 checkpoints)")
         return from_v3(inp.model, inp.model_name, cache_dtype), notes
     cfg = inp.model
+    if hw.device == "cpu":
+        return from_v4(cfg, inp.model_name, cache_dtype, dequantized_to=inp.weight_dtype), notes
     if cfg.expert_dtype == "fp4" and not hw.has_fp4:
         cfg = dataclasses.replace(cfg, expert_dtype="fp8")
         notes.append(f"{hw.key} has no FP4 tensor cores: routed experts planned as FP8 (the lossless FP4->FP8 "
@@ -120,12 +153,13 @@ class Plan:
     notes: tuple[str, ...]
     weight_bytes_model: int = 0
     replicated_by_kind: dict = field(default_factory=dict)
+    no_perf_reason: str | None = None  # why `perf` is None
 
     def to_dict(self) -> dict:
         return {
             "model": self.model_name, "world_size": self.world_size, "weight_bytes_model": self.weight_bytes_model,
             "ranks": [{"ranks": list(r), "node": node, **m.to_dict()} for r, node, m in self.ranks],
-            "perf": dataclasses.asdict(self.perf) if self.perf else None,
+            "perf": dataclasses.asdict(self.perf) if self.perf else None, "no_perf_reason": self.no_perf_reason,
             "problems": list(self.problems), "notes": list(self.notes),
         }
 
@@ -166,7 +200,7 @@ def make_plan(inp: PlanInput, isl: int = 1024, osl: int = 1024, concurrency: int
     if concurrency < 1:
         raise ValueError(f"--concurrency must be a positive integer, got {concurrency!r}")
     problems: list[str] = []
-    notes: list[str] = []
+    notes: list[str] = list(inp.notes)
     context = isl + osl
     if inp.max_model_len is not None and context > inp.max_model_len:
         problems.append(f"isl + osl = {context} tokens exceeds scheduler.max_model_len {inp.max_model_len}")
@@ -176,7 +210,7 @@ def make_plan(inp: PlanInput, isl: int = 1024, osl: int = 1024, concurrency: int
     models: dict[str, PlanModel] = {}
     start = 0
     for node in inp.nodes:
-        hw = get_hardware(node.accelerator)
+        hw = node.hardware()
         if hw.key not in models:
             models[hw.key], n = build_model(inp, hw)
             notes += n
@@ -184,6 +218,11 @@ def make_plan(inp: PlanInput, isl: int = 1024, osl: int = 1024, concurrency: int
         problems += [f"node {node.name} (ranks {start}-{start + node.ranks - 1}): {p}" for p in mem.problems]
         rows.append((tuple(range(start, start + node.ranks)), node.name, mem))
         start += node.ranks
+    if any(n.accelerator == "cpu" for n in inp.nodes):
+        return Plan(inp.model_name, world, tuple(rows), None, tuple(problems), tuple(notes),
+                    next(iter(models.values())).weight_bytes,
+                    no_perf_reason="the performance model covers the GPU profiles of cluster/plan/hardware.yaml, not "
+                                   "CPU ranks; measure a CPU cluster with `megaserve bench serve`")
     # the performance model runs on the slowest GPU of the group (every MoE layer waits for every rank)
     hws = {n.accelerator: get_hardware(n.accelerator) for n in inp.nodes}
     hw = min(hws.values(), key=lambda h: (h.hbm_bw, h.fp8_flops))
@@ -232,4 +271,5 @@ def make_plan(inp: PlanInput, isl: int = 1024, osl: int = 1024, concurrency: int
                                               "accelerator": hw.key, "ep_backend": backend, "policy": inp.policy,
                                               "redundant_experts": inp.redundant_experts, "expert_slots": slots},
                     cycle, step, stall)
-    return Plan(inp.model_name, world, tuple(rows), perf, tuple(problems), tuple(notes), model.weight_bytes)
+    return Plan(inp.model_name, world, tuple(rows), perf, tuple(problems), tuple(notes), model.weight_bytes,
+                no_perf_reason=None if perf is not None else "no sequence fits; see below")

@@ -6,10 +6,6 @@ from cluster.plan.model_spec import KINDS
 from cluster.plan.planner import Plan
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:,.2f}"
-
-
 def _ranks(r: tuple[int, ...]) -> str:
     return f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}"
 
@@ -17,10 +13,16 @@ def _ranks(r: tuple[int, ...]) -> str:
 def format_plan(plan: Plan) -> str:
     out: list[str] = []
     add = out.append
-    add(f"model {plan.model_name}: {_gb(plan.weight_bytes_model)} GB of weights; EP size {plan.world_size}")
+    unit = "GB" if plan.weight_bytes_model >= 1e10 else "MB"  # a tiny CPU model reads 0.00 in GB
+
+    def _gb(n: float) -> str:
+        return f"{n / 1e9:,.2f}" if unit == "GB" else f"{n / 1e6:,.1f}"
+
+    add(f"model {plan.model_name}: {_gb(plan.weight_bytes_model)} {unit} of weights; EP size {plan.world_size}")
     add("")
-    add("Memory per rank (GB)")
-    header = f"{'ranks':>7} {'node':<12} {'gpu':<6} {'HBM':>7} {'replic.':>8} {'experts':>8} {'slots':>6} " \
+    add(f"Memory per rank ({unit})")
+    memory = "HBM" if all(m.accelerator != "cpu" for _, _, m in plan.ranks) else "memory"
+    header = f"{'ranks':>7} {'node':<12} {'device':<6} {memory:>7} {'replic.':>8} {'experts':>8} {'slots':>6} " \
              f"{'redund.':>8} {'weights':>8} {'activ.':>7} {'KV':>8} {'KV tokens':>11} {'seqs@ctx':>9}"
     add(header)
     add("-" * len(header))
@@ -31,7 +33,7 @@ def format_plan(plan: Plan) -> str:
             f"{m.seqs_at_context:>9,}")
     first = plan.ranks[0][2]
     add("")
-    add(f"Replicated weights per rank, by kind and dtype (GB) — ranks {_ranks(plan.ranks[0][0])}")
+    add(f"Replicated weights per rank, by kind and dtype ({unit}) — ranks {_ranks(plan.ranks[0][0])}")
     kinds = [k for k in KINDS if k in first.replicated]
     for k in kinds:
         parts = ", ".join(f"{dt} {_gb(b)}" for dt, b in sorted(first.replicated[k].items(), key=lambda x: -x[1]))
@@ -43,7 +45,7 @@ def format_plan(plan: Plan) -> str:
     p = plan.perf
     add("")
     if p is None:
-        add("Performance: not modelled (no sequence fits; see below)")
+        add(f"Performance: not modelled ({plan.no_perf_reason})")
     else:
         lay = p.layout
         add(f"Performance model ({lay['accelerator']}, EP {lay['world']}, NVLink domain {lay['nvl_domain']}, "

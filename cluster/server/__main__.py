@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed on start)")
-    p.add_argument("--state-dir", type=Path, default=Path(".megaserve"), help="batch job state (SQLite, files)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="batch job state (SQLite, files); default ~/.megaserve/server/<served model name>")
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--api-key-env", default=None, help="environment variable holding the API key (Bearer)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
@@ -126,26 +127,52 @@ async def run(args: argparse.Namespace, settings: ServerSettings) -> int:
     return code
 
 
+def checkpoint_problem(model: Path) -> str | None:
+    """Why `model` cannot be served (no such directory, no config.json or tokenizer.json), or None."""
+    if not model.is_dir():
+        return f"--model {model}: no such directory"
+    missing = [name for name in ("config.json", "tokenizer.json") if not (model / name).is_file()]
+    if missing:
+        return f"--model {model}: not a checkpoint (no {' or '.join(missing)})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from cluster.service import port_in_use
+    from engine.model.config import ConfigError
+    from engine.weights.checkpoint import CheckpointError
+
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.topology is not None:
             settings = apply_topology(args, argv)
         else:
+            name = args.served_model_name or args.model.resolve().name
+            state_dir = args.state_dir or Path.home() / ".megaserve" / "server" / name
             settings = ServerSettings(host=args.host, port=args.port, api_key_env=args.api_key_env,
-                                      state_dir=args.state_dir, max_body_bytes=args.max_body_bytes,
+                                      state_dir=state_dir, max_body_bytes=args.max_body_bytes,
                                       model_name=args.served_model_name)
         settings.api_key()  # a named but unset key variable is an error now, not an open server
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    problem = checkpoint_problem(Path(args.model))
+    if problem is None and (busy := port_in_use(settings.host, settings.port)):  # before any rank starts
+        problem = f"--port: {busy} (another server?); choose another, or --port 0 for any free one"
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(run(args, settings))
-    return uvloop.run(run(args, settings))
+        uvloop = None
+    try:
+        return (uvloop.run if uvloop is not None else asyncio.run)(run(args, settings))
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 - POST /v1/completions, POST /v1/chat/completions (JSON, or SSE with `stream: true`: one `data: {chunk}`
   per event, a `data: {"error": ...}` event if a request fails mid-stream, then `data: [DONE]`).
-- GET /v1/models, GET /v1/models/{id}; GET /health (200 when every rank answers a ping, else 503);
-  GET /metrics (Prometheus text format, cluster/server/metrics.py).
+- GET /v1/models, GET /v1/models/{id}, GET /v1/models/{id}/tokenizer (the model's tokenizer.json, so a client
+  such as `megaserve bench serve` can make prompts of exact token lengths); GET /health (200 when every rank
+  answers a ping, else 503); GET /metrics (Prometheus text format, cluster/server/metrics.py).
 - Auth: when `settings.api_key_env` is set, every /v1/* request needs `Authorization: Bearer <key>`
   (401 otherwise); /health and /metrics stay open for probes and scrapers.
 - JSON bodies above `settings.max_body_bytes` get 413 before they are read whole.
@@ -148,12 +149,18 @@ def build_app(service: OpenAIService, settings: ServerSettings) -> web.Applicati
     async def models(request: web.Request) -> web.Response:
         return web.json_response(service.models())
 
-    async def model(request: web.Request) -> web.Response:
+    def model_entry(name: str) -> dict:
         for m in service.models()["data"]:
-            if m["id"] == request.match_info["model"]:
-                return web.json_response(m)
-        raise APIError(404, f"The model {request.match_info['model']!r} does not exist", "invalid_request_error",
-                       "model", "model_not_found")
+            if m["id"] == name:
+                return m
+        raise APIError(404, f"The model {name!r} does not exist", "invalid_request_error", "model", "model_not_found")
+
+    async def model(request: web.Request) -> web.Response:
+        return web.json_response(model_entry(request.match_info["model"]))
+
+    async def tokenizer(request: web.Request) -> web.Response:
+        model_entry(request.match_info["model"])
+        return web.Response(text=service.tokenizer.to_str(), content_type="application/json")
 
     async def health(request: web.Request) -> web.Response:
         router = service.router
@@ -178,6 +185,7 @@ def build_app(service: OpenAIService, settings: ServerSettings) -> web.Applicati
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", model)
+    app.router.add_get("/v1/models/{model}/tokenizer", tokenizer)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", prometheus)
     add_batch_routes(app, service, settings)

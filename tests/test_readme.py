@@ -1,0 +1,83 @@
+"""The README as a new user meets it: its links stay inside the repository, and its commands run as written
+(tests/readme_commands.py, in a copy of this checkout, with the documented set-up)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.readme_commands import bash_commands, readme_commands
+
+REPO = Path(__file__).resolve().parents[1]
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _links(path: Path) -> list[str]:
+    return _LINK.findall(path.read_text())
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md", "docs/model.md"])
+def test_links_stay_inside_the_repository(doc):
+    """Every markdown link is a relative path to a file of this repository (an #anchor allowed)."""
+    path = REPO / doc
+    targets = _links(path)
+    if doc == "README.md":
+        assert "docs/architecture.md" in targets and "docs/model.md" in targets
+    for target in targets:
+        assert "://" not in target and not target.startswith(("/", "mailto:")), f"{doc}: link to {target!r}"
+        file = (path.parent / target.split("#", 1)[0]).resolve()
+        assert file.is_relative_to(REPO) and file.exists(), f"{doc}: {target!r} is not a file of the repository"
+    assert "../" not in path.read_text().replace("](../README.md)", ""), f"{doc} points outside the repository"
+
+
+def test_readme_commands_are_found():
+    cmds = readme_commands(REPO / "README.md")
+    texts = [c.text for c in cmds]
+    assert texts[:2] == ["make demo    # the main job: see \"The demo\" below",
+                         "make test    # ruff + the whole test suite (what CI runs: .ci/run)"]
+    assert texts[2].startswith("source .venv/bin/activate")  # the set-up comes before any other command
+    assert any(t.startswith("megaserve up examples/local.yaml --detach") for t in texts)
+    ups = [i for i, t in enumerate(texts) if t.startswith("megaserve up ")]
+    downs = [i for i, t in enumerate(texts) if t.startswith("megaserve down ")]
+    assert len(ups) == len(downs) == 1 and ups[0] < downs[0]  # every cluster started is stopped
+    assert sum(c.kind == "python" for c in cmds) >= 4
+    loop = bash_commands(1, ["for i in 1 2; do", "  echo $i", "done > x  # a comment", "ls \\", "  -l"])
+    assert [c.text for c in loop] == ["for i in 1 2; do\n  echo $i\ndone > x  # a comment", "ls \\\n  -l"]
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written(tmp_path):
+    """Every README command but the set-up and the minutes-long benchmarks, in a copy of this checkout: the
+    environment is this test's (.venv), the demo checkpoint comes from `megaserve make-checkpoint`."""
+    if shutil.which("curl") is None:
+        pytest.skip("the README's HTTP examples use curl")
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 8000)) == 0:
+            pytest.skip("port 8000 is in use (a running server?): the README's cluster serves there")
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                            text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    copy = tmp_path / "clone"
+    for name in listed.stdout.splitlines():
+        if (REPO / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+    (copy / ".venv").symlink_to(Path(sys.prefix))
+    env = {**os.environ, "PYTHONPATH": str(copy), "HOME": str(tmp_path / "home")}
+    env.pop("VIRTUAL_ENV", None)
+    subprocess.run([sys.executable, "-m", "cluster.cli", "make-checkpoint", "--preset", "tiny", "--out",
+                    "out/demo/tiny"], cwd=copy, env=env, check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "tests/readme_commands.py", "--fast"], cwd=copy, env=env,
+                       capture_output=True, text=True, timeout=1200)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and ">>> every README command ran" in out, out[-6000:]
+    assert "WARNING" not in out and "Traceback" not in out, out[-6000:]
+    assert not (copy / ".megaserve").exists()

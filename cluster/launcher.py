@@ -163,8 +163,13 @@ class RecoveryEvent:
 class Launcher:
     def __init__(self, topo: Topology, *, on_restart: Callable[[list[tuple[str, int]]], None] | None = None,
                  on_fatal: Callable[[str], None] | None = None, ready_timeout_s: float = 180.0,
-                 stable_s: float = 60.0, warm_standby: bool = True) -> None:
+                 stable_s: float = 60.0, warm_standby: bool = True, secret: bytes | None = None) -> None:
+        """`secret`: the launch secret handed to every rank through Ray (None: a fresh one, read `.secret`);
+        a restarted generation gets the same one, so the frontend reconnects with what it holds."""
+        from comm.auth import check_secret, new_secret
+
         self.topo = topo
+        self.secret = new_secret() if secret is None else check_secret(secret)
         self.on_restart = on_restart
         self.on_fatal = on_fatal
         self.ready_timeout_s = ready_timeout_s
@@ -291,7 +296,8 @@ class Launcher:
             for h, ep in zip(handles, eps):
                 h.node_id, h.ip, h.pid = ep["node_id"], ep["ip"], int(ep["pid"])
             master = eps[0]
-            started = self._get([h.actor.start.remote(master["ip"], master["port"], self.ready_timeout_s)
+            started = self._get([h.actor.start.remote(master["ip"], master["port"], self.ready_timeout_s,
+                                                      self.secret)
                                  for h in handles], "load its weights and start")
         except BaseException:
             self._kill_actors(handles)

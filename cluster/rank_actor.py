@@ -1,9 +1,10 @@
 """RankActor: the body of one rank's Ray actor (the launcher wraps it with `ray.remote`).
 
 Life of a rank: `__init__` (imports torch; a warm standby waits here) -> `endpoint()` (rank 0: its IP and a
-free port for the process group) -> `start(master_addr, master_port)` (join torch.distributed, load only this
-rank's weights, start the RankWorker: step loop + TCP server) -> `health()` every ping interval -> killed by
-the launcher, together with its whole group.
+free port for the process group) -> `start(master_addr, master_port, timeout_s, secret)` (join torch.distributed,
+load only this rank's weights, start the RankWorker: step loop + TCP server that admits only peers proving the
+launch secret, which arrives here as a Ray call argument and is kept only in memory) -> `health()` every
+ping interval -> killed by the launcher, together with its whole group.
 
 `health()` answers from the actor's own thread while the step thread runs, so a rank whose step hangs
 still answers: its step counter stops advancing, and the launcher calls that a hang after step_timeout_s.
@@ -79,8 +80,13 @@ class RankActor:
                 "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
 
     # ---- start --------------------------------------------------------------------------------------
-    def start(self, master_addr: str, master_port: int, timeout_s: float = 120.0) -> dict[str, Any]:
-        """Join the process group, load this rank's weights, start the step loop and the TCP server."""
+    def start(self, master_addr: str, master_port: int, timeout_s: float = 120.0,
+              secret: bytes | None = None) -> dict[str, Any]:
+        """Join the process group, load this rank's weights, start the step loop and the TCP server (which
+        admits only peers that prove they hold `secret`, the launch secret; required)."""
+        from comm.auth import check_secret
+
+        secret = check_secret(secret)
         import ray
 
         from cluster.rank_server import RankWorker
@@ -92,7 +98,7 @@ class RankActor:
         self.engine, self.local_experts = build_rank_engine(self.topo, self.rank, str(device))
         self._faults = _FaultInjector(self.engine)
         ip = ray.util.get_node_ip_address()
-        self.worker = RankWorker(self._faults, host=ip, port=0, rank=self.rank).start()
+        self.worker = RankWorker(self._faults, host=ip, port=0, rank=self.rank, secret=secret).start()
         self.load_s = time.perf_counter() - t0
         host, port = self.worker.address
         model = getattr(self.engine, "model", None)

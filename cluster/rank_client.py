@@ -2,7 +2,8 @@
 
 Outputs and per-request errors are handed to callbacks as they arrive; Ping and StatsRequest are
 request/response calls answered in order. When the connection ends (the rank died, or sent garbage),
-`on_lost` is called once with the reason.
+`on_lost` is called once with the reason. Every connection starts with the mutual HMAC handshake of
+comm/auth.py over the launch secret; a rank that cannot prove it holds the secret is never sent a frame.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from comm import wire
+from comm import auth, wire
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,9 @@ class RankConnectionError(ConnectionError):
 class RankClient:
     def __init__(self, rank: int, address: tuple[str, int], on_output: Callable[[wire.Output], None],
                  on_error: Callable[[wire.Error], None], on_lost: Callable[[int, str], None],
-                 max_frame_bytes: int = wire.MAX_FRAME_BYTES) -> None:
+                 max_frame_bytes: int = wire.MAX_FRAME_BYTES, *, secret: bytes) -> None:
         self.rank = rank
+        self._secret = auth.check_secret(secret)
         self.address = (str(address[0]), int(address[1]))
         self._on_output = on_output
         self._on_error = on_error
@@ -54,6 +56,12 @@ class RankClient:
                 if loop.time() >= deadline:
                     raise RankConnectionError(f"rank {self.rank} at {self.address[0]}:{self.address[1]}: {e}") from e
                 await asyncio.sleep(retry_interval_s)
+        try:
+            await auth.connect(self._reader, self._writer, self._secret)
+        except (auth.AuthError, OSError) as e:
+            self._writer.close()
+            raise RankConnectionError(f"rank {self.rank} at {self.address[0]}:{self.address[1]}: "
+                                      f"authentication failed: {e}") from e
         self.connected = True
         self.lost_reason = None
         self._task = asyncio.create_task(self._read_loop(), name=f"rank{self.rank}-reader")

@@ -5,8 +5,11 @@ Two threads. The step thread owns the engine (nothing else touches it):
     drain inbox -> admit by priority -> engine.step() -> send outputs -> if engine.idle(): wait for input
                                                                           (<= 5 ms when the step is collective)
 
-The server thread runs an asyncio loop that accepts connections (bound to the given host only), decodes
-frames and puts requests into the inbox; Ping and StatsRequest are answered there from the latest stats
+The server thread runs an asyncio loop that accepts connections (bound to the given host only), authenticates
+each peer (comm/auth.py: a mutual HMAC challenge over the launch secret; a peer that fails it is dropped before
+a single frame is decoded, and at most MAX_PENDING_AUTH connections may be mid-handshake), decodes frames and
+puts requests into the inbox; Shutdown is obeyed only on an authenticated connection, like every message.
+Ping and StatsRequest are answered there from the latest stats
 snapshot, so a long step never delays a health check. A connection that sends a bad frame gets an Error
 and is closed; its requests are aborted, and every other connection carries on.
 
@@ -29,7 +32,7 @@ import time
 from collections import deque
 from typing import Any
 
-from comm import wire
+from comm import auth, wire
 from scheduler.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ IDLE_WAIT_S = 0.005
 SOLO_IDLE_WAIT_S = 0.5
 STATS_INTERVAL_S = 0.05
 BACKGROUND_QUEUE = 4  # admit priority > 0 requests only while fewer than this many wait in the engine
+MAX_PENDING_AUTH = 64  # connections allowed to be mid-handshake at once; more are closed at once
 
 
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.Generator.manual_seed takes on every platform
@@ -86,8 +90,14 @@ class _Conn:
 
 class RankWorker:
     def __init__(self, engine: Any, host: str = "127.0.0.1", port: int = 0, rank: int = 0,
-                 max_frame_bytes: int = wire.MAX_FRAME_BYTES, idle_wait_s: float = IDLE_WAIT_S) -> None:
+                 max_frame_bytes: int = wire.MAX_FRAME_BYTES, idle_wait_s: float = IDLE_WAIT_S,
+                 secret: bytes | None = None, auth_timeout_s: float = auth.HANDSHAKE_TIMEOUT_S) -> None:
+        """`secret`: the launch secret every peer must prove it holds (None: a fresh one, read `.secret`)."""
         self.engine = engine
+        self.secret = auth.new_secret() if secret is None else auth.check_secret(secret)
+        self.auth_timeout_s = auth_timeout_s
+        self.auth_failures = 0  # connections dropped for failing the handshake
+        self._pending_auth = 0
         self.rank = rank
         self.max_frame_bytes = max_frame_bytes
         self.idle_wait_s = idle_wait_s
@@ -165,10 +175,38 @@ class RankWorker:
             await asyncio.gather(*self._handlers, return_exceptions=True)
             await server.wait_closed()
 
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Run the handshake; False (the connection is closed, nothing was decoded) if the peer fails it."""
+        if self._pending_auth >= MAX_PENDING_AUTH:
+            self.auth_failures += 1
+            writer.close()
+            return False
+        self._pending_auth += 1
+        try:
+            await auth.accept(reader, writer, self.secret, self.auth_timeout_s)
+            return True
+        except (auth.AuthError, OSError) as e:
+            self.auth_failures += 1
+            peer = writer.get_extra_info("peername")
+            log.warning("rank %d: dropping unauthenticated connection from %s: %s", self.rank, peer, e)
+            writer.close()
+            return False
+        finally:
+            self._pending_auth -= 1
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        try:
+            if not await self._authenticate(reader, writer):
+                return
+            await self._serve_conn(reader, writer)
+        finally:
+            self._handlers.discard(task)
+
+    async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(next(self._cids), writer)
         self._conns[conn.cid] = conn
-        self._handlers.add(asyncio.current_task())
         try:
             while not self._stop.is_set():
                 try:
@@ -184,7 +222,6 @@ class RankWorker:
         finally:
             conn.closed = True
             self._conns.pop(conn.cid, None)
-            self._handlers.discard(asyncio.current_task())
             self._post(("drop", conn.cid))
             writer.close()  # the transport flushes what is buffered (e.g. the Error above), then closes
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.rank_client import RankClient, RankConnectionError
-from comm import wire
+from comm import auth, wire
 from scheduler.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ class RequestStream:
 class Router:
     def __init__(self, addresses: Sequence[tuple[str, int]], affinity_tokens: int = 256,
                  affinity_slack_tokens: int = 4096, hold_on_loss: bool = False,
-                 connect_timeout_s: float = 30.0) -> None:
+                 connect_timeout_s: float = 30.0, *, secret: bytes) -> None:
+        """`secret`: the launch secret the ranks were given (every connection proves it, comm/auth.py)."""
         if not addresses:
             raise ValueError("Router needs at least one rank address")
         if affinity_tokens < 1:
@@ -106,6 +107,7 @@ class Router:
         self.affinity_slack_tokens = affinity_slack_tokens
         self.hold_on_loss = hold_on_loss
         self.connect_timeout_s = connect_timeout_s
+        self._secret = auth.check_secret(secret)
         self.clients: list[RankClient] = []
         self._inflight: dict[str, _Inflight] = {}
         self._affinity: OrderedDict[int, int] = OrderedDict()
@@ -118,7 +120,8 @@ class Router:
         return self
 
     async def _connect(self, addresses: Sequence[tuple[str, int]]) -> list[RankClient]:
-        clients = [RankClient(r, a, self._on_output, self._on_error, self._on_lost) for r, a in enumerate(addresses)]
+        clients = [RankClient(r, a, self._on_output, self._on_error, self._on_lost, secret=self._secret)
+                   for r, a in enumerate(addresses)]
         try:
             await asyncio.gather(*(c.connect(self.connect_timeout_s) for c in clients))
         except BaseException:

@@ -5,7 +5,8 @@ it joins or starts Ray, launches the ranks (cluster.launcher), connects a Router
 HTTP from this (the driver) process, and restarts the EP group when a rank fails. It stops on SIGTERM or
 SIGINT, or when the launcher gives up (max_restarts), and then stops everything it started.
 
-State files, under the topology's `server.state_dir`:
+State files, under the topology's `server.state_dir`, all mode 0600 (the launch secret that authenticates the
+frontend to the ranks is in none of them, nor in any log: it lives in the driver's and the ranks' memory):
     up.json       {pid, phase: starting|ready, ray_address, embedded, session_dir, http, topology, processes}
                   written at start, updated when ready, removed on a clean stop.
                   processes: [pid, create time] of every descendant of the driver (an embedded Ray's
@@ -46,10 +47,19 @@ LOG_FILE = "up.log"
 
 
 # ---- state files -------------------------------------------------------------------------------------
+def _private_file(path: Path, flags: int) -> int:
+    """Open `path` readable and writable by its owner only (mode 0600, also when it existed already)."""
+    fd = os.open(path, flags | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write a state file atomically, mode 0600 (it names PIDs and addresses; nobody else needs to read it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
+    with os.fdopen(_private_file(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
+        f.write(json.dumps(data, indent=1, default=str))
     os.replace(tmp, path)
 
 
@@ -145,6 +155,7 @@ async def _serve(topo: Topology, topo_path: Path, conn: Any, up_state: dict[str,
                  port: int | None) -> int:
     from cluster.launcher import Launcher
     from cluster.router import Router
+    from comm.auth import new_secret
 
     state_dir = topo.server.state_dir
     loop = asyncio.get_running_loop()
@@ -164,7 +175,10 @@ async def _serve(topo: Topology, topo_path: Path, conn: Any, up_state: dict[str,
             fatal.append(message)
             loop.call_soon_threadsafe(stop.set)
 
-        launcher = Launcher(topo, on_restart=on_restart, on_fatal=on_fatal, ready_timeout_s=ready_timeout_s)
+        # One secret per launch, in memory only: the ranks get it through Ray, the router proves it on every
+        # connection (comm/auth.py); it is in no state file or log.
+        launcher = Launcher(topo, on_restart=on_restart, on_fatal=on_fatal, ready_timeout_s=ready_timeout_s,
+                            secret=new_secret())
         start = asyncio.ensure_future(asyncio.to_thread(launcher.start))
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -174,7 +188,7 @@ async def _serve(topo: Topology, topo_path: Path, conn: Any, up_state: dict[str,
             return 1
         addresses = start.result()
         router = await Router(addresses, affinity_tokens=topo.scheduler.page_tokens, hold_on_loss=True,
-                              connect_timeout_s=ready_timeout_s).start()
+                              connect_timeout_s=ready_timeout_s, secret=launcher.secret).start()
         runner, http = await _start_frontend(topo, router, port)
         launcher.start_monitor()
         up_state.update(phase="ready", http=http, ready_at=time.time())
@@ -296,7 +310,7 @@ def up_detached(topo_path: str | Path, *, ready_timeout_s: float = 300.0, port: 
     log_path = state_dir / LOG_FILE
     if log_path.exists():  # each attempt's log starts afresh; the one before stays beside it
         os.replace(log_path, log_path.with_name(LOG_FILE + ".1"))
-    with open(log_path, "wb") as logf:
+    with os.fdopen(_private_file(log_path, os.O_WRONLY | os.O_TRUNC), "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     deadline = time.monotonic() + ready_timeout_s + 60

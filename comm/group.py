@@ -12,6 +12,7 @@ Callers never name a backend; nothing above ``comm`` knows whether gloo or NCCL 
 from __future__ import annotations
 
 import datetime
+import socket
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,8 @@ def init_process_group(
     """Join the default process group over TCP and return this rank's compute device.
 
     ``timeout_s`` bounds every collective, so a rank whose peer died fails instead of hanging forever.
+    Rank 0 hosts torch.distributed's TCPStore on a socket bound to ``master_addr`` only (torch's own store
+    would listen on every interface of the machine); the other ranks connect to it there.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -69,15 +72,30 @@ def init_process_group(
     dev = rank_device(rank, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = rendezvous_store(rank, world_size, master_addr, int(master_port), timeout)
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{master_addr}:{int(master_port)}",
+        store=store,
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
         **({"device_id": dev} if dev.type == "cuda" else {}),
     )
     return dev
+
+
+def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: int,
+                     timeout: datetime.timedelta) -> dist.TCPStore:
+    """The process group's TCPStore: rank 0 serves it on a socket bound to (master_addr, master_port) only."""
+    if rank != 0:
+        return dist.TCPStore(master_addr, master_port, world_size, False, timeout=timeout)
+    try:
+        sock = socket.create_server((master_addr, master_port))
+    except OSError as e:
+        raise RuntimeError(f"rank 0 cannot listen for the process group on {master_addr}:{master_port}: {e}") from e
+    # The store takes the listening socket over (and closes it with the store).
+    return dist.TCPStore(master_addr, master_port, world_size, True, timeout=timeout, master_listen_fd=sock.detach())
 
 
 def destroy_process_group() -> None:

@@ -176,7 +176,8 @@ async def _generate(launcher, hook: _Hook, fault=None) -> tuple[list[list[int]],
     request has produced a token. Returns the outputs and what happened."""
     from cluster.router import Router
 
-    router = await Router(launcher.addresses, hold_on_loss=True, connect_timeout_s=60).start()
+    router = await Router(launcher.addresses, hold_on_loss=True, connect_timeout_s=60,
+                          secret=launcher.secret).start()
     hook.router, hook.loop = router, asyncio.get_running_loop()
     produced = [0] * len(PROMPTS)
     first = asyncio.Event()

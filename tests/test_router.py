@@ -14,6 +14,7 @@ from scheduler.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 PROMPT = [0, *range(5, 25)]
+SECRET = b"router-test-launch-secret"
 
 
 def _engine(ckpt) -> LLMEngine:
@@ -22,7 +23,7 @@ def _engine(ckpt) -> LLMEngine:
 
 @pytest.fixture(scope="module")
 def workers(tiny_ckpt):
-    ws = [RankWorker(_engine(tiny_ckpt), "127.0.0.1", 0, rank=r).start() for r in range(2)]
+    ws = [RankWorker(_engine(tiny_ckpt), "127.0.0.1", 0, rank=r, secret=SECRET).start() for r in range(2)]
     yield ws
     for w in ws:
         w.stop()
@@ -54,7 +55,7 @@ async def _collect(stream):
 
 def test_streams_greedy_tokens_and_stats(workers, reference):
     async def main():
-        router = await Router([w.address for w in workers]).start()
+        router = await Router([w.address for w in workers], secret=SECRET).start()
         try:
             a = router.submit(PROMPT, GREEDY, "a")
             b = router.submit(PROMPT, GREEDY, "b")
@@ -74,7 +75,8 @@ def test_streams_greedy_tokens_and_stats(workers, reference):
 
 def test_prefix_affinity_and_overload(workers):
     async def main():
-        router = await Router([w.address for w in workers], affinity_tokens=8, affinity_slack_tokens=0).start()
+        router = await Router([w.address for w in workers], secret=SECRET, affinity_tokens=8,
+                              affinity_slack_tokens=0).start()
         try:
             shared = PROMPT[:8]
             first = router.submit(shared + [30, 31], GREEDY, "p1")
@@ -98,7 +100,7 @@ def test_prefix_affinity_and_overload(workers):
 
 def test_closing_a_stream_aborts_on_the_rank(workers):
     async def main():
-        router = await Router([w.address for w in workers[:1]]).start()
+        router = await Router([w.address for w in workers[:1]], secret=SECRET).start()
         try:
             stream = router.submit(PROMPT, SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True), "long")
             first = await stream.__anext__()
@@ -119,7 +121,7 @@ def test_closing_a_stream_aborts_on_the_rank(workers):
 
 def test_rank_refusal_is_a_rank_error(workers, monkeypatch):
     async def main():
-        router = await Router([w.address for w in workers[:1]]).start()
+        router = await Router([w.address for w in workers[:1]], secret=SECRET).start()
         try:
             with pytest.raises(RankError) as e:
                 await _collect(router.submit([0, 100_000], GREEDY, "oob"))
@@ -138,8 +140,8 @@ def test_rank_refusal_is_a_rank_error(workers, monkeypatch):
 
 def test_lost_rank_fails_its_requests_without_hold(tiny_ckpt):
     async def main():
-        w = RankWorker(_engine(tiny_ckpt), "127.0.0.1", 0).start()
-        router = await Router([w.address]).start()
+        w = RankWorker(_engine(tiny_ckpt), "127.0.0.1", 0, secret=SECRET).start()
+        router = await Router([w.address], secret=SECRET).start()
         try:
             stream = router.submit(PROMPT, SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True))
             await stream.__anext__()
@@ -156,8 +158,8 @@ def test_lost_rank_fails_its_requests_without_hold(tiny_ckpt):
 
 def test_reset_ranks_resumes_greedy_requests_unchanged(tiny_ckpt, reference):
     async def main():
-        w0 = RankWorker(_engine(tiny_ckpt), "127.0.0.1", 0).start()
-        router = await Router([w0.address], hold_on_loss=True).start()
+        w0 = RankWorker(_engine(tiny_ckpt), "127.0.0.1", 0, secret=SECRET).start()
+        router = await Router([w0.address], secret=SECRET, hold_on_loss=True).start()
         w1 = None
         try:
             stream = router.submit(PROMPT, GREEDY, "resume")
@@ -169,7 +171,7 @@ def test_reset_ranks_resumes_greedy_requests_unchanged(tiny_ckpt, reference):
                     break
                 await asyncio.sleep(0.02)
             late = router.submit(PROMPT, GREEDY, "late")  # arrives while no rank is up: waits for the reset
-            w1 = RankWorker(_engine(tiny_ckpt), "127.0.0.1", 0).start()
+            w1 = RankWorker(_engine(tiny_ckpt), "127.0.0.1", 0, secret=SECRET).start()
             await router.reset_ranks([w1.address])
             rest, reason = await _collect(stream)
             assert await _collect(late) == (reference, "length")

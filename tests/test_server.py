@@ -67,7 +67,7 @@ def server(tiny_ckpt, tmp_path_factory):
     stop = asyncio.Event()
 
     async def main():
-        router = await Router([worker.address]).start()
+        router = await Router([worker.address], secret=worker.secret).start()
         service = OpenAIService(router, tokenizer, ModelInfo.from_checkpoint(tiny_ckpt, "tiny", MAX_MODEL_LEN))
         runner, port = await serve(build_app(service, settings), "127.0.0.1", 0)
         # a second app on the same service under a plain runner (no handler cancellation, as an embedder

@@ -11,6 +11,7 @@ import pytest
 from cluster.rank_server import RankWorker
 from comm import wire
 from scheduler.request import RequestOutput
+from tests.stand_in import EchoEngine, connect
 
 EXAMPLES = [
     wire.AddRequest("r1", [0, 5, 6], max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, seed=3, ignore_eos=True,
@@ -108,44 +109,6 @@ def test_encode_refuses_non_messages():
         wire.encode({"req_id": "x"})
 
 
-class EchoEngine:
-    """The engine surface the worker needs: each request yields its prompt back, one token per step."""
-
-    def __init__(self) -> None:
-        self.live: dict[str, list[int]] = {}
-        self.aborted: list[str] = []
-        self.pending_aborts: list[str] = []
-
-    def add_request(self, prompt_token_ids, params, req_id):
-        if any(t < 0 for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids out of range: {[t for t in prompt_token_ids if t < 0]}")
-        self.live[req_id] = list(prompt_token_ids)[: params.max_tokens]
-        return req_id
-
-    def abort_request(self, req_id):
-        if self.live.pop(req_id, None) is None:
-            return False
-        self.aborted.append(req_id)
-        self.pending_aborts.append(req_id)
-        return True
-
-    def step(self):
-        outs = [RequestOutput(r, [], True, "abort") for r in self.pending_aborts]
-        self.pending_aborts = []
-        for rid, rest in list(self.live.items()):
-            tok = rest.pop(0)
-            outs.append(RequestOutput(rid, [tok], not rest, "length" if not rest else None))
-            if not rest:
-                del self.live[rid]
-        return outs
-
-    def idle(self):
-        return not self.live and not self.pending_aborts
-
-    def stats(self):
-        return {"running": len(self.live), "waiting": 0}
-
-
 def _collect(sock: socket.socket, req_id: str) -> tuple[list[int], str | None]:
     tokens: list[int] = []
     while True:
@@ -170,7 +133,7 @@ def echo_worker():
 def test_worker_serves_requests_stats_and_ping(echo_worker):
     worker, _ = echo_worker
     assert worker.address[0] == "127.0.0.1"
-    with socket.create_connection(worker.address, timeout=10) as s:
+    with connect(worker) as s:
         s.sendall(wire.encode(wire.AddRequest("a", [0, 5, 6, 7], max_tokens=3)))
         assert _collect(s, "a") == ([0, 5, 6], "length")
         s.sendall(wire.encode(wire.Ping(5)))
@@ -201,8 +164,8 @@ def test_worker_serves_requests_stats_and_ping(echo_worker):
 ], ids=["garbage", "oversized", "unknown-tag", "short", "truncated"])
 def test_bad_frame_drops_only_that_connection(echo_worker, bad, told):
     worker, engine = echo_worker
-    good = socket.create_connection(worker.address, timeout=10)
-    evil = socket.create_connection(worker.address, timeout=10)
+    good = connect(worker)
+    evil = connect(worker)
     with good, evil:
         engine_live_before = dict(engine.live)
         good.sendall(wire.encode(wire.AddRequest("g1", [1, 2, 3, 4, 5, 6], max_tokens=6)))
@@ -218,7 +181,7 @@ def test_bad_frame_drops_only_that_connection(echo_worker, bad, told):
         # the worker still serves: old and new connections
         good.sendall(wire.encode(wire.AddRequest("g2", [7, 8], max_tokens=2)))
         assert _collect(good, "g2") == ([7, 8], "length")
-        with socket.create_connection(worker.address, timeout=10) as fresh:
+        with connect(worker) as fresh:
             fresh.sendall(wire.encode(wire.AddRequest("f", [3], max_tokens=1)))
             assert _collect(fresh, "f") == ([3], "length")
     assert worker.running and worker.failure is None
@@ -227,7 +190,7 @@ def test_bad_frame_drops_only_that_connection(echo_worker, bad, told):
 
 def test_closed_connection_aborts_its_requests(echo_worker):
     worker, engine = echo_worker
-    with socket.create_connection(worker.address, timeout=10) as s:
+    with connect(worker) as s:
         s.sendall(wire.encode(wire.AddRequest("long", list(range(100000)), max_tokens=100000)))
         wire.recv_frame(s)  # it is running
     for _ in range(200):
@@ -242,7 +205,7 @@ def test_priority_requests_wait_behind_interactive_ones():
     engine.stats = lambda: {"waiting": 10}  # the engine's queue looks full: background work is held
     worker = RankWorker(engine, "127.0.0.1", 0).start()
     try:
-        with socket.create_connection(worker.address, timeout=10) as s:
+        with connect(worker) as s:
             s.sendall(wire.encode(wire.AddRequest("batch", [1, 2], max_tokens=2, priority=1)))
             s.sendall(wire.encode(wire.AddRequest("chat", [3, 4], max_tokens=2)))
             assert _collect(s, "chat") == ([3, 4], "length")
@@ -255,7 +218,7 @@ def test_priority_requests_wait_behind_interactive_ones():
 
 def test_shutdown_frame_stops_the_worker(echo_worker):
     worker, _ = echo_worker
-    with socket.create_connection(worker.address, timeout=10) as s:
+    with connect(worker) as s:
         s.sendall(wire.encode(wire.Shutdown()))
     assert worker.wait(5)
 
@@ -275,7 +238,7 @@ class BurstEngine(EchoEngine):
 def test_an_output_over_the_frame_limit_fails_only_its_request(monkeypatch):
     worker = RankWorker(BurstEngine(), "127.0.0.1", 0).start()
     try:
-        with socket.create_connection(worker.address, timeout=10) as s:
+        with connect(worker) as s:
             monkeypatch.setattr(wire, "MAX_FRAME_BYTES", 250)  # the request fits, its 300-token output does not
             s.sendall(wire.encode(wire.AddRequest("wide", [1, 2, 3], max_tokens=3)))
             err = wire.recv_frame(s)

@@ -104,7 +104,7 @@ async def run(args: argparse.Namespace, settings: ServerSettings) -> int:
     runner = None
     code = 0
     try:
-        router = await Router(ranks.addresses, affinity_tokens=args.page_tokens).start()
+        router = await Router(ranks.addresses, affinity_tokens=args.page_tokens, secret=ranks.secret).start()
         service = OpenAIService(router, tokenizer, info, default_max_tokens=args.default_max_tokens)
         app = build_app(service, settings)
         runner, port = await serve(app, settings.host, settings.port)

@@ -4,6 +4,8 @@ N = 1: an LLMEngine in this process behind a RankWorker (its step loop runs in a
 N > 1: N spawned processes form a torch.distributed group (gloo on CPU, NCCL on CUDA), each runs an
 EPEngine (engine/core/ep/engine.py) behind its own RankWorker and reports the worker's address back. Every
 rank binds to `host` only. A rank process dies with this process (PR_SET_PDEATHSIG on Linux).
+Every launch draws one secret (comm/auth.py), passed to the rank processes through the spawn pipe (never a
+command line, file or log); the router proves it on every connection (`RankSet.secret`).
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ class EngineArgs:
 class RankSet:
     """Running ranks: their worker addresses, a way to wait for a death, and stop()."""
 
-    def __init__(self, addresses: list[tuple[str, int]], workers: list[Any] | None = None,
+    def __init__(self, addresses: list[tuple[str, int]], secret: bytes, workers: list[Any] | None = None,
                  procs: list[Any] | None = None) -> None:
         self.addresses = addresses
+        self.secret = secret
         self.workers = workers or []
         self.procs = procs or []
         self._stopped = threading.Event()
@@ -83,12 +86,15 @@ class RankSet:
 
 def start_ranks(model_dir: str | Path, num_ranks: int, args: EngineArgs, host: str = "127.0.0.1",
                 timeout_s: float = 600.0) -> RankSet:
+    from comm.auth import new_secret
+
+    secret = new_secret()
     if num_ranks == 1:
         from cluster.rank_server import RankWorker
         from engine.core.engine import LLMEngine
 
-        worker = RankWorker(LLMEngine(model_dir, args.engine_config()), host, 0).start()
-        return RankSet([worker.address], workers=[worker])
+        worker = RankWorker(LLMEngine(model_dir, args.engine_config()), host, 0, secret=secret).start()
+        return RankSet([worker.address], secret, workers=[worker])
     try:
         import engine.core.ep.engine  # noqa: F401
     except ImportError as e:
@@ -99,11 +105,11 @@ def start_ranks(model_dir: str | Path, num_ranks: int, args: EngineArgs, host: s
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank_main, name=f"rank{r}", daemon=True,
-                         args=(r, num_ranks, port, str(model_dir), args, host, queue, os.getpid()))
+                         args=(r, num_ranks, port, str(model_dir), args, host, queue, os.getpid(), secret))
              for r in range(num_ranks)]
     for p in procs:
         p.start()
-    ranks = RankSet([], procs=procs)
+    ranks = RankSet([], secret, procs=procs)
     addresses: dict[int, tuple[str, int]] = {}
     try:
         while len(addresses) < num_ranks:
@@ -132,7 +138,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _rank_main(rank: int, world_size: int, port: int, model_dir: str, args: EngineArgs, host: str, queue: Any,
-               parent_pid: int) -> None:
+               parent_pid: int, secret: bytes) -> None:
     import traceback
 
     import torch
@@ -146,7 +152,7 @@ def _rank_main(rank: int, world_size: int, port: int, model_dir: str, args: Engi
 
         init_process_group(rank, world_size, "127.0.0.1", port, args.device)
         engine = EPEngine(model_dir, args.engine_config(), rank, world_size, backend=args.ep_backend)
-        worker = RankWorker(engine, host, 0, rank=rank).start()
+        worker = RankWorker(engine, host, 0, rank=rank, secret=secret).start()
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
         raise

@@ -120,6 +120,9 @@ class ServerSpec:
     max_body_bytes: int = 8 * 2**20
     max_batch_file_bytes: int = 100 * 2**20
     batch_concurrency: int = 8
+    max_choices_per_request: int = 256  # prompts x n of one request (more: 413)
+    max_requests_in_flight: int = 1024  # POST /v1/* requests served at once (more: 429 + Retry-After)
+    max_file_storage_bytes: int = 10 * 2**30  # all stored batch files together (uploads beyond: 413)
 
 
 @dataclass(frozen=True)
@@ -438,7 +441,7 @@ def _kv_cache(r: _Reader) -> KVCacheSpec:
 
 def _server(r: _Reader, base: Path, file: Path) -> ServerSpec:
     r.check_keys(("host", "port", "api_key_env", "state_dir", "max_body_bytes", "max_batch_file_bytes",
-                  "batch_concurrency"))
+                  "batch_concurrency", "max_choices_per_request", "max_requests_in_flight", "max_file_storage_bytes"))
     host = r.str_("host", "127.0.0.1")
     if not host:
         raise r.error(r.path("host"), "must be a non-empty host name or IP address")
@@ -457,6 +460,9 @@ def _server(r: _Reader, base: Path, file: Path) -> ServerSpec:
         max_body_bytes=r.int_("max_body_bytes", 8 * 2**20, minimum=1),
         max_batch_file_bytes=r.int_("max_batch_file_bytes", 100 * 2**20, minimum=1),
         batch_concurrency=r.int_("batch_concurrency", 8, minimum=1),
+        max_choices_per_request=r.int_("max_choices_per_request", 256, minimum=1),
+        max_requests_in_flight=r.int_("max_requests_in_flight", 1024, minimum=1),
+        max_file_storage_bytes=r.int_("max_file_storage_bytes", 10 * 2**30, minimum=1),
     )
 
 

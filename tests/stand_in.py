@@ -58,3 +58,76 @@ def connect(worker: Any, timeout_s: float = 10.0) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class StandInServer:
+    """The real frontend (Router, OpenAIService, aiohttp app with every middleware and the batch routes) over
+    one RankWorker driving `engine` (EchoEngine by default), served from a background thread's event loop."""
+
+    def __init__(self, ckpt: Any, settings: Any, engine: Any | None = None, max_model_len: int = 256) -> None:
+        self.ckpt = ckpt
+        self.settings = settings
+        self.engine = engine if engine is not None else EchoEngine()
+        self.max_model_len = max_model_len
+        self.url = ""
+        self.port = 0
+        self.service: Any = None
+        self.loop: Any = None
+
+    def __enter__(self) -> StandInServer:
+        import asyncio
+        import threading
+
+        from cluster.rank_server import RankWorker
+        from cluster.router import Router
+        from cluster.server.app import build_app, serve
+        from cluster.server.openai_api import ModelInfo, OpenAIService
+        from engine.weights.tokenizer import load_tokenizer
+
+        self.worker = RankWorker(self.engine, "127.0.0.1", 0).start()
+        tokenizer = load_tokenizer(self.ckpt)
+        info = ModelInfo.from_checkpoint(self.ckpt, "tiny", self.max_model_len)
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._stop = asyncio.Event()
+        failed: list[BaseException] = []
+
+        async def main() -> None:
+            try:
+                router = await Router([self.worker.address], secret=self.worker.secret).start()
+                self.service = OpenAIService(router, tokenizer, info)
+                runner, self.port = await serve(build_app(self.service, self.settings), "127.0.0.1", 0)
+            except BaseException as e:
+                failed.append(e)
+                ready.set()
+                raise
+            self.url = f"http://127.0.0.1:{self.port}"
+            ready.set()
+            await self._stop.wait()
+            await runner.cleanup()
+            await router.close()
+
+        self._thread = threading.Thread(target=lambda: self.loop.run_until_complete(main()), daemon=True)
+        self._thread.start()
+        if not ready.wait(60) or failed:
+            self.worker.stop()
+            raise RuntimeError(f"the stand-in server did not start: {failed}")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        self.worker.stop()
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                timeout_s: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) of one raw HTTP request (bytes as given: they need not be valid JSON)."""
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()

@@ -231,10 +231,10 @@ def test_runner_cancel_gives_every_line_one_record(tmp_path):
         runner.start(b.id)
         while store.get_batch(b.id).completed < 3:
             await asyncio.sleep(0.01)
-        assert runner.cancel(b.id).status == "cancelling"
+        assert (await runner.cancel(b.id)).status == "cancelling"
         await runner.wait(b.id)
         with pytest.raises(InvalidTransition):
-            runner.cancel(b.id)
+            await runner.cancel(b.id)
 
     _run(main())
     assert store.get_batch(b.id).status == "cancelled"
@@ -307,7 +307,7 @@ def test_runner_resumes_after_crash_exactly_once(tmp_path):
 
     async def restart():
         runner = BatchRunner(store, second, AdmissionGate(3))
-        assert runner.resume() == [bid]
+        assert await runner.resume() == [bid]
         await runner.wait(bid)
 
     _run(restart())

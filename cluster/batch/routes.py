@@ -3,6 +3,8 @@
 `add_batch_routes(app, service, settings)` mounts them on the frontend's aiohttp app, opens the store under
 `settings.state_dir`, resumes unfinished jobs when the app starts, and counts interactive requests
 (/v1/completions, /v1/chat/completions) for the admission gate so they keep priority over batch requests.
+Every store call runs in a worker thread (SQLite commits wait for fsync; the event loop must not). Uploads count
+against the server's file storage quota (cluster/server/limits.py: 413 `storage_quota_exceeded` beyond it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from cluster.batch.gate import AdmissionGate
 from cluster.batch.runner import ENDPOINTS, BatchRunner, Service
 from cluster.batch.store import BatchStore, FileRecord, InvalidTransition, StoreError, new_id
 from cluster.server.errors import APIError
+from cluster.server.limits import StorageQuota, Upload
+from cluster.server.settings import DEFAULT_MAX_FILE_STORAGE_BYTES
 
 RUNNER_KEY = web.AppKey("batch_runner", BatchRunner)
 INTERACTIVE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -29,7 +33,7 @@ _CHUNK = 1 << 16
 
 
 def _error(e: APIError) -> web.Response:
-    return web.json_response(e.body(), status=e.status)
+    return web.json_response(e.body(), status=e.status, headers=e.headers)
 
 
 def _store_error(e: StoreError) -> APIError:
@@ -52,6 +56,11 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
     max_file = int(settings.max_batch_file_bytes)
     store = BatchStore(state_dir)
     gate = AdmissionGate(int(settings.batch_concurrency))
+    quota = StorageQuota(int(getattr(settings, "max_file_storage_bytes", DEFAULT_MAX_FILE_STORAGE_BYTES)))
+
+    async def db(fn, *args: Any, **kwargs: Any) -> Any:
+        """A store call, in a worker thread."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
 
     @web.middleware
     async def interactive_first(request: web.Request, handler):
@@ -65,7 +74,7 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
     async def start(app: web.Application) -> None:
         runner = BatchRunner(store, service, gate)
         app[RUNNER_KEY] = runner
-        runner.resume()
+        await runner.resume()
 
     async def stop_jobs(app: web.Application) -> None:
         # NOTE: on_shutdown runs before every on_cleanup, so jobs stop while the service still answers: a request
@@ -73,7 +82,7 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
         await app[RUNNER_KEY].close()
 
     async def close_store(app: web.Application) -> None:
-        store.close()
+        await db(store.close)
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop_jobs)
@@ -101,12 +110,13 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
                             f"got Content-Type {request.content_type!r}")
         reader = await request.multipart()
         purpose, saved = None, None
+        upload = quota.upload(await db(store.file_bytes))
         try:
             while (part := await reader.next()) is not None:
                 if part.name == "purpose":
                     purpose = (await part.text()).strip()
-                elif part.name == "file":
-                    saved = await _save_part(part, store.files_dir, max_file)
+                elif part.name == "file" and saved is None:
+                    saved = await _save_part(part, store.files_dir, max_file, upload)
                 else:
                     await part.release()
             if purpose is None:
@@ -117,8 +127,10 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
             if saved is None:
                 raise APIError(400, "missing form field 'file'", param="file")
             fid, path, size, filename = saved
-            rec = store.add_file(FileRecord(fid, purpose, filename, size, int(time.time()), str(path)))
+            rec = await db(store.add_file, FileRecord(fid, purpose, filename, size, int(time.time()), str(path)))
+            upload.commit()
         except BaseException:
+            upload.release()
             if saved is not None:
                 saved[1].unlink(missing_ok=True)
             raise
@@ -131,23 +143,23 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
         order = q.get("order", "desc")
         if order not in ("asc", "desc"):
             raise APIError(400, f"order must be 'asc' or 'desc', got {order!r}", param="order")
-        files, more = store.list_files(q.get("purpose"), q.get("after"), limit, order)
+        files, more = await db(store.list_files, q.get("purpose"), q.get("after"), limit, order)
         return web.json_response(_page([f.to_openai() for f in files], more))
 
     @route
     async def get_file(request: web.Request) -> web.Response:
-        return web.json_response(store.get_file(request.match_info["file_id"]).to_openai())
+        return web.json_response((await db(store.get_file, request.match_info["file_id"])).to_openai())
 
     @route
     async def file_content(request: web.Request) -> web.StreamResponse:
-        rec = store.get_file(request.match_info["file_id"])
+        rec = await db(store.get_file, request.match_info["file_id"])
         if not Path(rec.path).exists():
             raise APIError(404, f"the content of file {rec.id} is gone from disk", code="not_found")
         return web.FileResponse(rec.path, headers={"Content-Type": "application/octet-stream"})
 
     @route
     async def delete_file(request: web.Request) -> web.Response:
-        rec = store.delete_file(request.match_info["file_id"])
+        rec = await db(store.delete_file, request.match_info["file_id"])
         return web.json_response({"id": rec.id, "object": "file", "deleted": True})
 
     # ---- batches ----
@@ -177,31 +189,31 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
         if not isinstance(fid, str):
             raise APIError(400, "input_file_id must be the id of an uploaded file", param="input_file_id")
         try:
-            rec = store.get_file(fid)
+            rec = await db(store.get_file, fid)
         except StoreError as e:
             raise APIError(404, str(e), param="input_file_id", code="not_found") from e
         if rec.purpose != "batch":
             raise APIError(400, f"file {fid} has purpose {rec.purpose!r}; a batch input needs purpose 'batch'",
                        param="input_file_id")
-        batch = store.create_batch(endpoint, fid, window, window_s, metadata)
+        batch = await db(store.create_batch, endpoint, fid, window, window_s, metadata)
         request.app[RUNNER_KEY].start(batch.id)
         return web.json_response(batch.to_openai())
 
     @route
     async def get_batch(request: web.Request) -> web.Response:
-        return web.json_response(store.get_batch(request.match_info["batch_id"]).to_openai())
+        return web.json_response((await db(store.get_batch, request.match_info["batch_id"])).to_openai())
 
     @route
     async def list_batches(request: web.Request) -> web.Response:
         limit = _int_param(request.query, "limit", 20, 1, 100)
-        batches, more = store.list_batches(request.query.get("after"), limit)
+        batches, more = await db(store.list_batches, request.query.get("after"), limit)
         return web.json_response(_page([b.to_openai() for b in batches], more))
 
     @route
     async def cancel_batch(request: web.Request) -> web.Response:
         bid = request.match_info["batch_id"]
         try:
-            batch = request.app[RUNNER_KEY].cancel(bid)
+            batch = await request.app[RUNNER_KEY].cancel(bid)
         except InvalidTransition as e:
             raise APIError(409, f"batch {bid} is {e.current} and cannot be cancelled", code="conflict") from e
         return web.json_response(batch.to_openai())
@@ -217,8 +229,8 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
     app.router.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
 
 
-async def _save_part(part: Any, folder: Path, max_bytes: int) -> tuple[str, Path, int, str]:
-    """Stream an uploaded file to disk (fsynced), refusing it once it passes max_bytes."""
+async def _save_part(part: Any, folder: Path, max_bytes: int, upload: Upload) -> tuple[str, Path, int, str]:
+    """Stream an uploaded file to disk (fsynced), refusing it once it passes max_bytes or the storage quota."""
     fid = new_id("file-")
     path = folder / fid
     size = 0
@@ -229,6 +241,7 @@ async def _save_part(part: Any, folder: Path, max_bytes: int) -> tuple[str, Path
             if size > max_bytes:
                 raise APIError(413, f"the file is over the limit of {max_bytes} bytes for batch files",
                            param="file", code="file_too_large")
+            upload.take(len(chunk))
             await asyncio.to_thread(fh.write, chunk)
         await asyncio.to_thread(lambda: (fh.flush(), os.fsync(fh.fileno())))
     except BaseException:

@@ -5,6 +5,9 @@ interactive traffic keeps priority), results are appended and fsynced as they fi
 found unfinished at start-up resumes from the lines its result files do not yet hold. Cancel and expiry stop
 new requests, abort the ones in flight and give every unfinished line a `batch_cancelled` / `batch_expired`
 error record, so every input line (every custom_id) ends up in exactly one record.
+
+Every SQLite call runs in a worker thread (`asyncio.to_thread`): a commit waits for an fsync, and the event loop
+that serves HTTP must never wait for one.
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ class BatchRunner:
         self._writes: dict[str, set[asyncio.Task[None]]] = {}  # batch id -> record writes in flight
 
     # ---- public ----
-    def resume(self) -> list[str]:
-        """Start a task for every job the store holds unfinished (call once the event loop runs)."""
-        ids = [b.id for b in self.store.unfinished()]
+    async def resume(self) -> list[str]:
+        """Start a task for every job the store holds unfinished."""
+        ids = [b.id for b in await asyncio.to_thread(self.store.unfinished)]
         if ids:
             log.info("resuming %d unfinished batch job(s): %s", len(ids), ", ".join(ids))
         for bid in ids:
@@ -61,9 +64,9 @@ class BatchRunner:
         self._jobs[batch_id] = task
         task.add_done_callback(lambda t, bid=batch_id: self._job_done(bid, t))
 
-    def cancel(self, batch_id: str) -> Batch:
+    async def cancel(self, batch_id: str) -> Batch:
         """Move the job to cancelling (raises InvalidTransition when finished) and stop it."""
-        batch = self.store.transition(batch_id, "cancelling")
+        batch = await asyncio.to_thread(self.store.transition, batch_id, "cancelling")
         self._cancel.setdefault(batch_id, asyncio.Event()).set()
         self.start(batch_id)  # no-op when its task runs; otherwise a task finishes the cancellation
         return batch
@@ -88,10 +91,17 @@ class BatchRunner:
             self._writes.pop(batch_id, None)
         if not task.cancelled() and task.exception() is None:  # the job reached a terminal status
             self._cancel.pop(batch_id, None)
-        if task.cancelled() or task.exception() is None:
-            return
-        err = task.exception()
-        log.error("batch %s stopped with an error", batch_id, exc_info=err)
+
+    async def _job(self, batch_id: str) -> None:
+        try:
+            await self._run_job(batch_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            log.error("batch %s stopped with an error", batch_id, exc_info=err)
+            await asyncio.to_thread(self._record_failure, batch_id, err)
+
+    def _record_failure(self, batch_id: str, err: BaseException) -> None:  # in a worker thread
         try:
             batch = self.store.get_batch(batch_id)
             status = "cancelled" if batch.status == "cancelling" else "failed"
@@ -101,38 +111,39 @@ class BatchRunner:
         except Exception:  # already terminal, or the store itself is broken: the log line above says why
             log.exception("batch %s: could not record the failure", batch_id)
 
-    async def _job(self, batch_id: str) -> None:
-        batch = self.store.get_batch(batch_id)
+    async def _run_job(self, batch_id: str) -> None:
+        db = self.store
+        batch = await asyncio.to_thread(db.get_batch, batch_id)
         if batch.terminal:
             return
         try:
-            path = self.store.get_file(batch.input_file_id).path
+            path = (await asyncio.to_thread(db.get_file, batch.input_file_id)).path
             lines = await asyncio.to_thread(parse_input, path, batch.endpoint)
         except StoreError:
-            self._fail_or_cancel(batch, f"input file {batch.input_file_id} no longer exists")
+            await self._fail_or_cancel(batch, f"input file {batch.input_file_id} no longer exists")
             return
         except InputError as e:
-            self._fail_or_cancel(batch, str(e))
+            await self._fail_or_cancel(batch, str(e))
             return
         if batch.status == "validating":
             try:
-                batch = self.store.transition(batch_id, "in_progress", total=len(lines))
+                batch = await asyncio.to_thread(db.transition, batch_id, "in_progress", total=len(lines))
             except InvalidTransition:  # cancelled while validating
-                batch = self.store.get_batch(batch_id)
-        files = await asyncio.to_thread(ResultFiles, batch_id, self.store.batches_dir / batch_id, len(lines))
-        self.store.set_counts(batch_id, len(lines), files.completed, files.failed)
+                batch = await asyncio.to_thread(db.get_batch, batch_id)
+        files = await asyncio.to_thread(ResultFiles, batch_id, db.batches_dir / batch_id, len(lines))
+        await asyncio.to_thread(db.set_counts, batch_id, len(lines), files.completed, files.failed)
 
         outcome = None
         if batch.status == "in_progress":
             outcome = await self._execute(batch, lines, files)
             try:
                 if outcome == "done":
-                    batch = self.store.transition(batch_id, "finalizing")
+                    batch = await asyncio.to_thread(db.transition, batch_id, "finalizing")
             except InvalidTransition:  # a cancel landed after the last request finished
                 pass
-            batch = self.store.get_batch(batch_id)
+            batch = await asyncio.to_thread(db.get_batch, batch_id)
         if batch.status == "finalizing":
-            self._finish(batch, files, "completed")
+            await self._finish(batch, files, "completed")
         elif batch.status == "cancelling" or outcome == "expired":
             code, status = ("batch_cancelled", "cancelled") if batch.status == "cancelling" else \
                 ("batch_expired", "expired")
@@ -141,14 +152,15 @@ class BatchRunner:
             await self._drain(batch_id)  # records of requests that finished while being cancelled are written first
             left = [ln for ln in lines if ln.lineno not in files.done]
             await self._submit([(ln.lineno, _error_record(batch_id, ln, code, msg), False) for ln in left], files)
-            self._finish(batch, files, status)
+            await self._finish(batch, files, status)
 
-    def _fail_or_cancel(self, batch: Batch, msg: str) -> None:
+    async def _fail_or_cancel(self, batch: Batch, msg: str) -> None:
         if batch.status == "cancelling":
-            self.store.transition(batch.id, "cancelled")
+            await asyncio.to_thread(self.store.transition, batch.id, "cancelled")
         else:
-            self.store.transition(batch.id, "failed", errors=[{"code": "invalid_input_file", "message": msg,
-                                                                "param": "input_file_id", "line": None}])
+            await asyncio.to_thread(self.store.transition, batch.id, "failed",
+                                    errors=[{"code": "invalid_input_file", "message": msg,
+                                             "param": "input_file_id", "line": None}])
 
     async def _execute(self, batch: Batch, lines: list[InputLine], files: ResultFiles) -> str:
         """Run every line without a record; returns 'done', 'cancelled' or 'expired'."""
@@ -245,7 +257,7 @@ class BatchRunner:
         async with self._write_lock:
             await asyncio.to_thread(append)
 
-    def _finish(self, batch: Batch, files: ResultFiles, status: str) -> None:
+    async def _finish(self, batch: Batch, files: ResultFiles, status: str) -> None:
         now = int(time.time())
         recs, fields = [], {}
         for path, n, key in ((files.output_path, files.completed, "output_file_id"),
@@ -255,8 +267,8 @@ class BatchRunner:
                                  Path(path).stat().st_size, now, str(path))
                 recs.append(rec)
                 fields[key] = rec.id
-        self.store.transition(batch.id, status, now=now, new_files=tuple(recs), completed=files.completed,
-                              failed=files.failed, **fields)
+        await asyncio.to_thread(self.store.transition, batch.id, status, now=now, new_files=tuple(recs),
+                                completed=files.completed, failed=files.failed, **fields)
         log.info("batch %s %s: %d of %d requests ok, %d failed", batch.id, status, files.completed, files.total,
                  files.failed)
 

@@ -185,6 +185,12 @@ class BatchStore:
         rows = self._page("files", after, limit, order, ("purpose", purpose) if purpose else None)
         return [self._file(r) for r in rows[:limit]], len(rows) > limit
 
+    def file_bytes(self) -> int:
+        """Bytes of every stored file (uploads and batch results)."""
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(SUM(bytes), 0) AS n FROM files").fetchone()
+        return int(row["n"])
+
     def delete_file(self, file_id: str) -> FileRecord:
         rec = self.get_file(file_id)
         with self._lock:

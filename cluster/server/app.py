@@ -4,7 +4,11 @@
   per event, a `data: {"error": ...}` event if a request fails mid-stream, then `data: [DONE]`).
 - GET /v1/models, GET /v1/models/{id}, GET /v1/models/{id}/tokenizer (the model's tokenizer.json, so a client
   such as `megaserve bench serve` can make prompts of exact token lengths); GET /health (200 when every rank
-  answers a ping, else 503); GET /metrics (Prometheus text format, cluster/server/metrics.py).
+  answered the latest status refresh, else 503); GET /metrics (Prometheus text format,
+  cluster/server/metrics.py). Both answer from a snapshot refreshed once per ping interval
+  (cluster/server/status_cache.py), never with an RPC per rank per call.
+- Caps (cluster/server/limits.py): prompts x n per request (413), requests in flight (429 + Retry-After),
+  stored file bytes (413).
 - Auth: when `settings.api_key_env` is set, every /v1/* request needs `Authorization: Bearer <key>`
   (401 otherwise); /health and /metrics stay open for probes and scrapers.
 - JSON bodies above `settings.max_body_bytes` get 413 before they are read whole.
@@ -23,10 +27,11 @@ from typing import Any
 from aiohttp import web
 
 from cluster.batch.routes import add_batch_routes
-from cluster.rank_client import RankConnectionError
 from cluster.server.errors import APIError
+from cluster.server.limits import InflightLimit
 from cluster.server.openai_api import OpenAIService
 from cluster.server.settings import ServerSettings
+from cluster.server.status_cache import StatusCache
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +39,8 @@ _READ_CHUNK = 1 << 16
 
 
 def _error_response(e: APIError) -> web.Response:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return web.json_response(e.body(), status=e.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+    return web.json_response(e.body(), status=e.status, headers={**headers, **e.headers})
 
 
 async def read_json(request: web.Request, limit: int) -> Any:
@@ -81,6 +86,9 @@ async def _unless_client_leaves(request: web.Request, coro: Any, poll_s: float =
 def build_app(service: OpenAIService, settings: ServerSettings) -> web.Application:
     api_key = settings.api_key()
     metrics = service.metrics
+    service.max_choices_per_request = settings.max_choices_per_request
+    in_flight = InflightLimit(settings.max_requests_in_flight, settings.retry_after_s)
+    status = StatusCache(lambda: service.router, settings.status_interval_s)
 
     @web.middleware
     async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -117,7 +125,7 @@ def build_app(service: OpenAIService, settings: ServerSettings) -> web.Applicati
                 raise APIError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
         return await handler(request)
 
-    app = web.Application(middlewares=[errors, auth],
+    app = web.Application(middlewares=[errors, auth, in_flight.middleware],
                           client_max_size=max(settings.max_body_bytes, settings.max_batch_file_bytes) + (1 << 20))
 
     async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -163,23 +171,18 @@ def build_app(service: OpenAIService, settings: ServerSettings) -> web.Applicati
         return web.Response(text=service.tokenizer.to_str(), content_type="application/json")
 
     async def health(request: web.Request) -> web.Response:
-        router = service.router
-
-        async def ping(c: Any) -> dict:
-            try:
-                pong = await c.ping(2.0)
-                return {"rank": c.rank, "ok": True, "steps": pong.steps}
-            except (RankConnectionError, asyncio.TimeoutError) as e:
-                return {"rank": c.rank, "ok": False, "error": str(e) or type(e).__name__}
-
-        ranks = list(await asyncio.gather(*(ping(c) for c in router.clients)))
-        ok = bool(ranks) and all(r["ok"] for r in ranks)
-        return web.json_response({"status": "ok" if ok else "unavailable", "ranks": ranks}, status=200 if ok else 503)
+        ok, body = status.health()
+        return web.json_response(body, status=200 if ok else 503)
 
     async def prometheus(request: web.Request) -> web.Response:
-        stats = await service.router.stats(timeout_s=2.0)
-        return web.Response(text=metrics.render(stats), content_type="text/plain",
+        return web.Response(text=metrics.render(status.rank_stats), content_type="text/plain",
                             headers={"X-Prometheus-Format": "0.0.4"})
+
+    async def start_status(app: web.Application) -> None:
+        await status.start()
+
+    async def stop_status(app: web.Application) -> None:
+        await status.stop()
 
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -188,6 +191,8 @@ def build_app(service: OpenAIService, settings: ServerSettings) -> web.Applicati
     app.router.add_get("/v1/models/{model}/tokenizer", tokenizer)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", prometheus)
+    app.on_startup.append(start_status)
+    app.on_cleanup.append(stop_status)
     add_batch_routes(app, service, settings)
     return app
 

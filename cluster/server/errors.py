@@ -7,8 +7,9 @@ from typing import Any
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        self.headers = dict(headers or {})  # extra response headers (e.g. Retry-After on 429)
         self.status = status
         self.message = message
         self.type = type

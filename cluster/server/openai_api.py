@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from cluster.router import RankError, Router
 from cluster.server.chat_template import apply_chat_template
 from cluster.server.errors import APIError, bad_request
+from cluster.server.limits import check_fanout
 from cluster.server.metrics import Metrics
 from cluster.server.text import TextStream
 from comm import wire
@@ -38,6 +39,7 @@ from scheduler.sampling import SamplingParams
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP = 16
+MAX_CHOICES_PER_REQUEST = 256  # prompts x n of one request (cluster/server/limits.py)
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class OpenAIService:
         self.model = model
         self.metrics = metrics or Metrics()
         self.default_max_tokens = default_max_tokens  # chat without max_tokens: min(this, context left)
+        self.max_choices_per_request = MAX_CHOICES_PER_REQUEST  # prompts x n (the app sets its settings' cap)
         self._token_text: dict[int, str] = {}
 
     @classmethod
@@ -197,6 +200,7 @@ class OpenAIService:
             prompts = self._completion_prompts(body.get("prompt"))
             max_key = "max_tokens"
             logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+        check_fanout(len(prompts), n, self.max_choices_per_request, "n" if n > 1 else "prompt")
         max_tokens = _int(body, max_key, None)
         if max_tokens is not None and max_tokens <= 0:
             raise bad_request(f"{max_key} must be a positive integer, got {max_tokens}", max_key)

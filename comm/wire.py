@@ -132,7 +132,10 @@ def encode(msg: Any) -> bytes:
     cls = type(msg)
     if _BY_TAG.get(cls.__name__) is not cls:
         raise WireError(f"not a wire message: {cls.__name__}")
-    payload = msgpack.packb([cls.__name__, asdict(msg)], use_bin_type=True)  # tuples pack as arrays
+    try:
+        payload = msgpack.packb([cls.__name__, asdict(msg)], use_bin_type=True)  # tuples pack as arrays
+    except (OverflowError, ValueError, TypeError) as e:  # e.g. an int outside msgpack's 64-bit range
+        raise WireError(f"{cls.__name__} cannot be encoded: {e}") from None
     if len(payload) > MAX_FRAME_BYTES:
         raise WireError(f"{cls.__name__} frame of {len(payload)} bytes exceeds the limit of {MAX_FRAME_BYTES}")
     return HEADER.pack(len(payload)) + payload

@@ -57,6 +57,8 @@ def _parse_line(lineno: int, line: str, endpoint: str, first_seen: dict[str, int
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         return broken(f"not valid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return broken("not valid JSON (nested too deeply)")
     if not isinstance(obj, dict):
         return broken(f"expected a JSON object, got {type(obj).__name__}")
     cid = obj.get("custom_id")

@@ -169,6 +169,8 @@ def add_batch_routes(app: web.Application, service: Service, settings: Any) -> N
             body = await request.json()
         except ValueError as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from e
+        except RecursionError:
+            raise APIError(400, "the request body is not valid JSON: it is nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         unknown = sorted(set(body) - {"input_file_id", "endpoint", "completion_window", "metadata"})

@@ -60,6 +60,9 @@ async def read_json(request: web.Request, limit: int) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"We could not parse the JSON body of your request: {e}", "invalid_request_error",
                        None, "invalid_json") from None
+    except RecursionError:  # a body like [[[[...]]]] nested deeper than the parser's stack
+        raise APIError(400, "We could not parse the JSON body of your request: it is nested too deeply",
+                       "invalid_request_error", None, "invalid_json") from None
 
 
 async def _unless_client_leaves(request: web.Request, coro: Any, poll_s: float = 0.2) -> Any:

@@ -14,6 +14,7 @@ Result lines themselves live in JSONL files on disk (see runner.py); the rows he
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -151,10 +152,12 @@ class BatchStore:
         self.root = Path(state_dir).absolute()
         self.files_dir = self.root / "files"
         self.batches_dir = self.root / "batches"
-        self.files_dir.mkdir(parents=True, exist_ok=True)
-        self.batches_dir.mkdir(parents=True, exist_ok=True)
+        self.files_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # uploads are the clients' data
+        self.batches_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "batch.sqlite3", check_same_thread=False, isolation_level=None)
+        db_path = self.root / "batch.sqlite3"
+        os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite's -wal/-shm files copy its mode
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

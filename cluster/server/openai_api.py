@@ -103,8 +103,8 @@ class _Choice:
 # ======================= field validation =======================
 def _int(body: dict, key: str, default: Any, lo: int | None = None, hi: int | None = None) -> Any:
     v = body.get(key, default)
-    if v is None or v is default:
-        return v
+    if v is None or v is default:  # an explicit null means the default, as in OpenAI's API
+        return default
     if not isinstance(v, int) or isinstance(v, bool):
         raise bad_request(f"{key} must be an integer, got {v!r}", key)
     if lo is not None and v < lo:

@@ -158,12 +158,15 @@ def run(topology: Path, out: Path | None = None, n_prompts: int = 8, rounds: int
                 for _ in range(rounds - 1):
                     futures += checked.round(pool)
                     time.sleep(0.5)
-                st = _wait_generation(topology, gen0 + 1, ready_timeout_s)
+                _wait_generation(topology, gen0 + 1, ready_timeout_s)
+                restart_s = time.monotonic() - killed_at  # kill -> a new generation serves (status.json)
                 for f in futures:
                     f.result()
+            time.sleep(2 * topo.health.ping_interval_s)  # status.json lists the recovery by now
+            st = live.status(topology)
             rec = st["recoveries"][-1] if st.get("recoveries") else {}
             figures["kills"].append({"what": f"rank {victim['rank']} actor process", "pid": victim["pid"],
-                                     "signal": "SIGKILL", "restart_s": round(time.monotonic() - killed_at, 2),
+                                     "signal": "SIGKILL", "restart_s": round(restart_s, 2),
                                      "recovery_s": rec.get("recovery_s"), "reason": rec.get("reason")})
             figures["bench_serve_during_rank_kill"] = _bench_figures(bench, bench_out, ready_timeout_s + 300)
 

@@ -187,13 +187,18 @@ def summarize(samples: list[dict[str, Any]], minutes: float) -> dict[str, Any]:
     drift = {k: round(last["rss_mib"][k] - first["rss_mib"][k], 1) for k in sorted(same_pids)}
     fd_drift = {k: (last["open_fds"][k] or 0) - (first["open_fds"][k] or 0) for k in sorted(same_pids)}
     leaked = sum(v or 0 for v in last["pages_in_use_idle"].values())
+    # The first sample precedes any load; the second follows the first requests (allocators and caches warm up).
+    warm = samples[1] if len(samples) > 2 else first
+    warm_drift = {k: round(last["rss_mib"][k] - warm["rss_mib"][k], 1) for k in sorted(same_pids)
+                  if warm["pids"].get(k) == last["pids"].get(k)}
     return {"minutes": minutes, "samples": len(samples), "requests": sum(last["requests"].values()),
             "requests_by_kind": last["requests"], "errors": sum(last["errors"].values()),
             "errors_by_kind": last["errors"], "batch_jobs": last["batch_jobs"],
             "rss_first_mib": first["rss_mib"], "rss_last_mib": last["rss_mib"],
             "rss_drift_mib": drift, "max_rank_rss_drift_mib": max((v for k, v in drift.items() if k != "driver"),
                                                                   default=0.0),
-            "driver_rss_drift_mib": drift.get("driver"), "open_fds_drift": fd_drift,
+            "driver_rss_drift_mib": drift.get("driver"), "rss_drift_after_warmup_mib": warm_drift,
+            "warmup_sample_t_s": warm["t_s"], "open_fds_drift": fd_drift,
             "leaked_pages": leaked, "restarts": (last["generation"] or 0) - (first["generation"] or 0)}
 
 

@@ -81,6 +81,7 @@ def test_periodic_restores_the_checkpoint_before(tiny_ckpt, tiny_model, tmp_path
     engine = _engine(tiny_ckpt, cfg)
     assert _generate(engine, PROMPT_B) == greedy_generate(tiny_model, [PROMPT_B], GREEDY.max_tokens)[0]
     assert engine.disk.last_hit["restored_at"] == 4 * P  # pages 5 and 6 are recomputed by ordinary prefill
+    assert engine.disk.last_hit["recomputed_tokens"] == 2 * P
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cache.disk_config import SWA_MODES, DiskCacheConfig
 from engine.cache.kv_cache import PagedKVCache
 from engine.cache.seq_state import EntryStore, LayerSnapshot, PagedEntries
 from engine.model.model import SequenceState, Transformer
@@ -44,35 +45,12 @@ from scheduler.output import SchedulerOutput
 from scheduler.prefix_store import PrefixLoad
 
 log = logging.getLogger(__name__)
+__all__ = ["SWA_MODES", "DiskCacheConfig", "DiskTier", "decode_page", "encode_page", "prefix_hashes"]
 
-SWA_MODES = ("full", "periodic", "none")
 _MAGIC = b"MSKVPAG1"
 _HEADER = struct.Struct("<8sHHI32s")  # magic, version, flags (bit 0: has state), meta length, checksum
 _VERSION = 1
 _SUFFIX = ".kvp"
-
-
-@dataclass(frozen=True)
-class DiskCacheConfig:
-    path: str
-    capacity_gb: float = 16.0
-    swa: str = "full"  # full | periodic | none: how much window/compressor state is stored (module doc)
-    period_tokens: int = 4096  # periodic: a state every period_tokens tokens (a multiple of page_tokens)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.path, str) or not self.path:
-            raise ValueError(f"disk cache path must be a non-empty string, got {self.path!r}")
-        if not isinstance(self.capacity_gb, (int, float)) or isinstance(self.capacity_gb, bool) \
-                or not self.capacity_gb > 0:
-            raise ValueError(f"disk cache capacity_gb must be > 0, got {self.capacity_gb!r}")
-        if self.swa not in SWA_MODES:
-            raise ValueError(f"disk cache swa must be one of {', '.join(SWA_MODES)}, got {self.swa!r}")
-        if not isinstance(self.period_tokens, int) or isinstance(self.period_tokens, bool) or self.period_tokens < 1:
-            raise ValueError(f"disk cache period_tokens must be a positive integer, got {self.period_tokens!r}")
-
-    @property
-    def capacity_bytes(self) -> int:
-        return int(self.capacity_gb * 2**30)
 
 
 def prefix_hashes(tokens: list[int], page_tokens: int, num_pages: int, salt: bytes = b"") -> list[str]:
@@ -122,6 +100,7 @@ class _DiskLoad:
     pages: list[PageFile]
     restart_at: int | None  # none mode: the token the recompute starts from (the window there is empty)
     exact_from: int  # tokens from here on have exact state
+    found_end: int  # the end of the pages found on disk: tokens from the restored point up to here are recomputed
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:
@@ -399,12 +378,14 @@ class DiskTier:
             restart = (m * p - self.recompute_tokens) // p * p
             if restart <= h * p:
                 return None
-            return PrefixLoad(restart // p - h, m - h, _DiskLoad(h, pages, restart, m * p))
+            return PrefixLoad(restart // p - h, m - h, _DiskLoad(h, pages, restart, m * p, m * p))
+        found_end = (h + len(pages)) * p if len(pages) < last - h else m * p
         while pages and pages[-1].state is None:
             pages.pop()
         if not pages:
             return None
-        return PrefixLoad(len(pages), len(pages), _DiskLoad(h, pages, None, (h + len(pages)) * p))
+        restored = (h + len(pages)) * p
+        return PrefixLoad(len(pages), len(pages), _DiskLoad(h, pages, None, restored, found_end))
 
     def admit(self, req_id: str, load: PrefixLoad, page_ids: list[int]) -> None:
         dl: _DiskLoad = load.payload
@@ -423,14 +404,15 @@ class DiskTier:
         self.stats["hits"] += 1
         self.stats["pages_loaded"] += load.num_loaded_pages
         self.stats["hit_tokens"] += load.num_cached_pages * p
+        restored = (dl.first_page + load.num_cached_pages) * p
         if dl.restart_at is not None:
             self._restarts[req_id] = dl
-            recomputed = dl.exact_from - dl.restart_at
-        else:
-            recomputed = 0  # the tokens after the restored state are not in the load: ordinary prefill
+        # tokens computed again although their pages were on disk: none mode's window rebuild, or (periodic, or a
+        # corrupt file) the pages after the restored state, which ordinary prefill recomputes
+        recomputed = dl.found_end - restored
         self.stats["recomputed_tokens"] += recomputed
         self.last_hit = {"cached_tokens": load.num_cached_pages * p, "loaded_tokens": load.num_loaded_pages * p,
-                         "recomputed_tokens": recomputed, "restored_at": (dl.first_page + load.num_cached_pages) * p}
+                         "recomputed_tokens": recomputed, "restored_at": restored}
 
     # ---- the runner's hooks ----
     def new_sequence(self, model: Transformer, req_id: str, page_ids: list[int], num_computed: int) -> SequenceState:

@@ -79,8 +79,8 @@ def model_fingerprint(model: Transformer, cache_dtype: torch.dtype, page_tokens:
             if ".experts." in name or t.numel() == 0:
                 continue
             flat = t.reshape(-1)
-            sample = torch.cat([flat[:8], flat[-8:]]).to("cpu", torch.float64)
-            h.update(name.encode() + str(tuple(t.shape)).encode() + sample.numpy().tobytes())
+            sample = torch.cat([flat[:8], flat[-8:]]).to("cpu").contiguous().view(torch.uint8)  # any dtype
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode() + sample.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -149,7 +149,8 @@ def decode_page(data: bytes, name: str, boundary: int, device: torch.device | st
     payload = memoryview(body)[meta_len:]
     tensors = {}
     for key, dtype, shape, offset, nbytes in meta["tensors"]:
-        raw = torch.frombuffer(bytearray(payload[offset:offset + nbytes]), dtype=torch.uint8)
+        raw = torch.frombuffer(bytearray(payload[offset:offset + nbytes]), dtype=torch.uint8) if nbytes \
+            else torch.empty(0, dtype=torch.uint8)
         tensors[key] = raw.view(getattr(torch, dtype)).reshape(shape).to(device)
     entries = {k: v for k, v in tensors.items() if not k.startswith("state.")}
     state = None

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import struct
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ _MAGIC = b"MSKVPAG1"
 _HEADER = struct.Struct("<8sHHI32s")  # magic, version, flags (bit 0: has state), meta length, checksum
 _VERSION = 1
 _SUFFIX = ".kvp"
+_STALE_TMP_S = 600.0  # a temporary file older than this is a dead writer's (another rank may be writing now)
 
 
 def prefix_hashes(tokens: list[int], page_tokens: int, num_pages: int, salt: bytes = b"") -> list[str]:
@@ -214,7 +216,7 @@ class DiskTier:
         self.last_hit: dict[str, int] = {}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".probe"
+            probe = self.dir / f".probe.{os.getpid()}"  # ranks of a group may share the folder
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:
@@ -228,12 +230,14 @@ class DiskTier:
 
     def _scan(self) -> None:
         found = []
+        now = time.time()
         for f in self.dir.glob(f"*/*{_SUFFIX}*"):
-            if not f.name.endswith(_SUFFIX):  # a temporary file of a write that never finished
-                f.unlink(missing_ok=True)
-                continue
             try:
                 st = f.stat()
+                if not f.name.endswith(_SUFFIX):  # a temporary file: of a write that never finished when old
+                    if now - st.st_mtime > _STALE_TMP_S:
+                        f.unlink(missing_ok=True)
+                    continue
                 with open(f, "rb") as fh:
                     head = fh.read(_HEADER.size)
                 flags = _HEADER.unpack(head)[2] if len(head) == _HEADER.size else 0
@@ -252,7 +256,10 @@ class DiskTier:
     def _drop(self, name: str) -> None:
         size, _ = self.index.pop(name, (0, False))
         self.total_bytes -= size
-        self._file(name).unlink(missing_ok=True)
+        try:
+            self._file(name).unlink(missing_ok=True)
+        except OSError as e:  # a read-only folder: the write that needed room fails next and turns the tier off
+            log.debug("disk KV cache: could not delete %s: %s", name, e)
 
     def _read(self, name: str, boundary: int) -> PageFile | None:
         """The page, or None (a miss) when it is gone or fails its checks (then it is deleted)."""

@@ -36,6 +36,10 @@ from scheduler.sampling import SamplingParams  # noqa: E402
 PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
 
+def _note(what: str, seconds: float) -> None:
+    print(f"  {what}: {seconds:.2f}s", flush=True)  # a long run shows where it is
+
+
 def _run(engine: LLMEngine, prompt: list[int]) -> tuple[float, list[int]]:
     """(seconds to the first token, the greedy tokens) of one request run alone."""
     t0 = time.perf_counter()
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         while eng.has_unfinished():
             eng.step()
         ttft["memory"], outputs["memory"] = _run(eng, prompt_b)
+        _note("ttft cold", ttft["cold"])
+        _note("ttft memory", ttft["memory"])
         del eng
         for mode in modes:
             cfg = DiskCacheConfig(str(work / f"kv-{mode}"), capacity_gb=64.0, swa=mode,
@@ -108,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
             reader = engine(cfg)  # the restart
             ttft[f"disk_{mode}"], outputs[f"disk_{mode}"] = _run(reader, prompt_b)
             disk_info[mode] = {"written": written, "hit": reader.disk.last_hit, "read": reader.disk.summary()}
+            _note(f"ttft cold + writing ({mode})", ttft[f"write_{mode}"])
+            _note(f"ttft from disk ({mode})", ttft[f"disk_{mode}"])
             del reader
         identical = all(out == want for out in outputs.values())
         summary = {

@@ -2,7 +2,8 @@
 
 1. Writes a random `tiny` DeepSeek-V4 checkpoint in the official layout (FP8/FP4 + scales) and a tokenizer.
 2. Loads it into the offline API (`engine.LLM`: continuous batching over the paged hybrid cache) and
-   generates text for a batch of prompts sharing a system prompt (prefix-cache hits), greedy and sampled.
+   generates text for a batch of prompts sharing a system prompt (prefix-cache hits), greedy and sampled;
+   then the prefix cache's disk tier: a new engine on the same folder (a restart) loads the prompt's pages.
 3. Runs the MTP block (the speculative-decoding head) on a result.
 4. Expert parallelism without Ray: the same prompts on 4 ranks (gloo), experts sharded, EPLB rebalancing
    at run time; the greedy tokens equal the single-rank run's.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.cache.accounting import sequence_cache_bytes
+from engine.cache.disk_config import DiskCacheConfig
 from engine.kernels.cpu import moe_mlp_available
 from engine.model.config import get_preset
 from engine.model.moe import RoutedExperts
@@ -40,6 +43,21 @@ PROMPTS = [
     "In expert parallelism, every rank holds a slice of the experts and",
     "Once upon a time",
 ]
+
+
+def _disk_restart(ckpt: Path, llm: LLM, prompt: list[int], want: list[int]) -> None:
+    """[2b] The disk tier under the prefix cache: `llm` wrote its requests' pages; a new engine on the same folder
+    (a restart: its memory cache is empty) loads them instead of recomputing, and gives the same greedy tokens."""
+    written = llm.engine.disk.summary()
+    t0 = time.perf_counter()
+    again = LLM(ckpt, page_tokens=128, max_num_seqs=4, disk_cache=llm.engine.config.disk_cache)
+    got = again.generate([prompt], SamplingParams(temperature=0, max_tokens=len(want), ignore_eos=True))[0].token_ids
+    hit = again.engine.disk.last_hit
+    print(f"[2b] disk tier (kv_cache.disk, swa full): {written['pages_written']} pages written to "
+          f"{llm.engine.config.disk_cache.path} ({written['bytes_on_disk'] / 1e3:.0f} kB, "
+          f"{written['bytes_written'] / max(written['tokens_written'], 1):.0f} B/token); after a restart "
+          f"{hit.get('cached_tokens', 0)} of {len(prompt)} prompt tokens came from disk, greedy tokens "
+          f"{'equal' if got == want else 'DIFFER from'} the first engine's ({time.perf_counter() - t0:.2f}s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(build_manifest(cfg).tensors)} tensors)")
 
     t0 = time.perf_counter()
-    llm = LLM(ckpt, page_tokens=128, max_num_seqs=16)
+    shutil.rmtree(Path(args.dir) / "kv", ignore_errors=True)
+    llm = LLM(ckpt, page_tokens=128, max_num_seqs=16, disk_cache=DiskCacheConfig(str(Path(args.dir) / "kv"),
+                                                                               capacity_gb=1.0, swa="full"))
     model = llm.engine.model
     print(f"[2] validated and loaded it in {time.perf_counter() - t0:.2f}s; layers "
           f"{list(cfg.compress_ratios[:cfg.num_hidden_layers])} (0 = SWA, 4 = CSA, 128 = HCA), "
@@ -88,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "MEGASERVE_CPU_KERNELS=0)"))
     outs = [g.token_ids for g in greedy]
     prompts = [g.prompt_token_ids for g in greedy]
+    _disk_restart(ckpt, llm, prompts[0], outs[0][:8])
 
     # MTP: from h_t and token t+1, guess token t+2; count how often it equals what greedy decoding produced.
     with torch.inference_mode():

@@ -147,7 +147,7 @@ def engine_config(topo: Topology, device: str, n_local_experts: int | None = Non
     s = topo.scheduler
     return EngineConfig(dtype=topo.model.dtype, device=device, max_num_seqs=s.max_num_seqs,
                         max_num_batched_tokens=s.max_num_batched_tokens, page_tokens=s.page_tokens,
-                        max_model_len=s.max_model_len, **kw)
+                        max_model_len=s.max_model_len, disk_cache=topo.kv_cache.disk, **kw)
 
 
 def cache_budget_bytes(topo: Topology, device: str, n_local_experts: int | None) -> int | None:

@@ -7,7 +7,7 @@ errors. What can be checked before anything starts is checked here: the EP size 
 model's experts, node names, labels and addresses. What needs the Ray cluster (does a node exist, does it
 have room for its ranks) is checked by `match_nodes` against Ray's node table, before any actor starts.
 
-Paths in the file (`model.path`, `server.state_dir`) are relative to the YAML's folder.
+Paths in the file (`model.path`, `server.state_dir`, `kv_cache.disk.path`) are relative to the YAML's folder.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import yaml
 from comm.backends.registry import backend_capabilities, backend_names
 from comm.placement_policy import PLACEMENT_POLICIES
 from engine.cache.accounting import KV_CACHE_DTYPES
+from engine.cache.disk_config import SWA_MODES, DiskCacheConfig
 from engine.model.config import MODEL_DTYPES, PRESETS, ConfigError, ModelConfig, get_preset
 
 DEVICES = ("cpu", "cuda")
@@ -109,6 +110,7 @@ class KVCacheSpec:
     budget_bytes: int | None = None
     memory_fraction: float | None = None
     dtype: str | None = None  # None = the model dtype
+    disk: DiskCacheConfig | None = None  # a disk tier under the prefix cache (path absolute after loading)
 
 
 @dataclass(frozen=True)
@@ -306,9 +308,13 @@ def parse_topology(raw: Any, file: str | Path) -> Topology:
     parallel = _parallel(top.sub("parallel"), nodes[0].device)
     topo = Topology(
         source=file, model=model, nodes=nodes, parallel=parallel,
-        scheduler=_scheduler(top.sub("scheduler")), kv_cache=_kv_cache(top.sub("kv_cache")),
+        scheduler=_scheduler(top.sub("scheduler")), kv_cache=_kv_cache(top.sub("kv_cache"), base),
         server=_server(top.sub("server"), base, file), ray=_ray(top.sub("ray")), health=_health(top.sub("health")),
     )
+    disk = topo.kv_cache.disk
+    if disk is not None and disk.swa == "periodic" and disk.period_tokens % topo.scheduler.page_tokens:
+        raise TopologyError(f"{file}: field 'kv_cache.disk.period_tokens': must be a multiple of "
+                            f"scheduler.page_tokens={topo.scheduler.page_tokens}, got {disk.period_tokens}")
     _check_model_fit(topo)
     return topo
 
@@ -427,16 +433,28 @@ def _scheduler(r: _Reader) -> SchedulerSpec:
     return s
 
 
-def _kv_cache(r: _Reader) -> KVCacheSpec:
-    r.check_keys(("budget_bytes", "memory_fraction", "dtype"))
+def _kv_cache(r: _Reader, base: Path) -> KVCacheSpec:
+    r.check_keys(("budget_bytes", "memory_fraction", "dtype", "disk"))
     kv = KVCacheSpec(
         budget_bytes=r.int_("budget_bytes", None, minimum=1, optional=True),
         memory_fraction=r.float_("memory_fraction", None, optional=True, maximum=1.0),
         dtype=r.str_("dtype", None, choices=tuple(KV_CACHE_DTYPES)),
+        disk=_kv_disk(r.sub("disk"), base) if r.has("disk") else None,
     )
     if kv.budget_bytes is not None and kv.memory_fraction is not None:
         raise r.error(r.where, "give budget_bytes or memory_fraction, not both")
     return kv
+
+
+def _kv_disk(r: _Reader, base: Path) -> DiskCacheConfig:
+    r.check_keys(("path", "capacity_gb", "swa", "period_tokens"))
+    path = r.str_("path", "")
+    if not path:
+        raise r.error(r.path("path"), "missing; give the folder the disk tier writes its page files to")
+    disk = DiskCacheConfig(path=str((base / path).resolve()), capacity_gb=r.float_("capacity_gb", 16.0),
+                           swa=r.str_("swa", "full", choices=SWA_MODES), period_tokens=r.int_("period_tokens", 4096,
+                                                                                              minimum=1))
+    return disk
 
 
 def _server(r: _Reader, base: Path, file: Path) -> ServerSpec:

@@ -21,6 +21,7 @@ from itertools import repeat
 from scheduler.config import SchedulerConfig
 from scheduler.output import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from scheduler.pages import PageAllocator
+from scheduler.prefix_store import PrefixStore
 from scheduler.request import Request, RequestOutput, RequestStatus
 
 RUNNING = RequestStatus.RUNNING
@@ -41,6 +42,7 @@ class Scheduler:
         # (otherwise a lone request that outgrows the cache would preempt itself forever).
         self.max_len = min(config.max_model_len, config.num_pages * config.page_tokens)
         self.num_preemptions = 0
+        self.prefix_store: PrefixStore | None = None  # a cache level below memory (the engine's disk tier)
 
     # ---- requests in and out ----
     def add_request(self, req: Request) -> None:
@@ -143,12 +145,17 @@ class Scheduler:
             req = self.waiting[0]
             tokens = req.all_token_ids if req.output_token_ids else req.prompt_token_ids
             hits: list[int] = []
+            load = None
             if caching:  # a hit never covers the last token: at least one is computed
                 hits = self.pages.find_prefix(tokens, (len(tokens) - 1) // p)
+                if self.prefix_store is not None:
+                    hits = self.prefix_store.trim(hits)
+                    load = self.prefix_store.lookup(req.req_id, tokens, len(hits), (len(tokens) - 1) // p)
                 self.pages.acquire(hits)
-            computed = len(hits) * p
+            computed = (len(hits) + (load.num_cached_pages if load else 0)) * p
             n = min(len(tokens) - computed, budget)
-            got = self.pages.allocate(-(-(computed + n) // p) - len(hits))
+            got = self.pages.allocate(max(-(-(computed + n) // p), len(hits) + (load.num_loaded_pages if load else 0))
+                                      - len(hits))
             if got is None:
                 self.pages.free(reversed(hits))
                 break
@@ -158,6 +165,9 @@ class Scheduler:
             req.status = RUNNING
             req.page_ids = hits + got
             req.page_keys = [self.pages.key_of(page) for page in hits]
+            if load is not None:
+                self.prefix_store.admit(req.req_id, load, got)
+                self._register_pages(req, len(hits), len(hits) + load.num_cached_pages)
             req.num_computed_tokens = req.num_cached_tokens = computed
             running.append(req)
             new_reqs.append(

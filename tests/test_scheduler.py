@@ -472,3 +472,37 @@ def test_random_stress_invariants():
     st = s.stats()
     assert st["preemptions"] > 0 and st["prefix_hit_tokens"] > 0  # the run exercised both
     assert set(done.values()) == {"stop", "length", "abort"}
+
+
+class _FakeDisk:
+    """A PrefixStore holding `cached` pages and `loaded` (>= cached) after the memory hits of any request."""
+
+    def __init__(self, cached: int, loaded: int) -> None:
+        self.cached, self.loaded, self.admitted = cached, loaded, []
+
+    def trim(self, hits):
+        return hits
+
+    def lookup(self, req_id, tokens, num_hit_pages, max_pages):
+        from scheduler.prefix_store import PrefixLoad
+
+        return PrefixLoad(self.cached, self.loaded, None) if max_pages - num_hit_pages >= self.loaded else None
+
+    def admit(self, req_id, load, page_ids):
+        self.admitted.append((req_id, list(page_ids)))
+
+
+def test_prefix_store_hit_is_computed_and_registered():
+    s = make(page_tokens=16, max_num_batched_tokens=8)
+    s.prefix_store = disk = _FakeDisk(cached=2, loaded=4)
+    s.add_request(req("a", 100))
+    out = s.schedule()
+    (nr,) = out.new_reqs
+    assert nr.num_computed_tokens == 32  # two pages from the store; the budget covers 8 tokens of page 3
+    assert len(nr.page_ids) == 4  # the loaded pages 3-4 are allocated now, though the budget reaches only page 3
+    assert disk.admitted == [("a", nr.page_ids)]
+    r = s.requests["a"]
+    assert len(r.page_keys) == 2 and s.pages.find_prefix(r.prompt_token_ids, 6) == nr.page_ids[:2]
+    s.update_from_output(out, runner_output(s, out))
+    assert r.num_computed_tokens == 40
+    s.pages.check_integrity()

@@ -303,6 +303,26 @@ def test_kv_dtype(tmp_path: Path) -> None:
     _bad(tmp_path, _with("kv_cache.dtype", "int8"), "'kv_cache.dtype'", "bfloat16, float32, fp8")
 
 
+def test_kv_disk(tmp_path: Path) -> None:
+    from cluster.rank_actor import engine_config
+
+    doc = _with("kv_cache.disk", {"path": "kv", "capacity_gb": 2, "swa": "periodic", "period_tokens": 1024})
+    topo = load_topology(_write(tmp_path, doc))
+    disk = topo.kv_cache.disk
+    assert (disk.path, disk.capacity_gb, disk.swa, disk.period_tokens) == (str(tmp_path / "kv"), 2.0, "periodic", 1024)
+    assert engine_config(topo, "cpu").disk_cache == disk  # what each rank's engine gets
+    assert load_topology(_write(tmp_path, GOOD)).kv_cache.disk is None
+
+
+def test_kv_disk_errors(tmp_path: Path) -> None:
+    _bad(tmp_path, _with("kv_cache.disk", {"capacity_gb": 1}), "'kv_cache.disk.path'", "missing")
+    _bad(tmp_path, _with("kv_cache.disk", {"path": "kv", "swa": "some"}), "'kv_cache.disk.swa'",
+         "full, periodic, none")
+    _bad(tmp_path, _with("kv_cache.disk", {"path": "kv", "size": 1}), "'kv_cache.disk.size'", "unknown field")
+    _bad(tmp_path, _with("kv_cache.disk", {"path": "kv", "swa": "periodic", "period_tokens": 300}),
+         "'kv_cache.disk.period_tokens'", "multiple of scheduler.page_tokens=256")
+
+
 def test_port_out_of_range(tmp_path: Path) -> None:
     _bad(tmp_path, _with("server.port", 70000), "'server.port'", "<= 65535")
 

@@ -76,6 +76,7 @@ def apply_topology(args: argparse.Namespace, argv: list[str] | None) -> ServerSe
     if topo.kv_cache.budget_bytes is not None:
         args.kv_cache_bytes = topo.kv_cache.budget_bytes
     args.ep_backend = topo.parallel.ep_backend
+    args.kv_disk = topo.kv_cache.disk
     flags = (("host", "--host"), ("port", "--port"), ("state_dir", "--state-dir"), ("api_key_env", "--api-key-env"),
              ("max_body_bytes", "--max-body-bytes"))
     overrides = {k: getattr(args, k) for k, flag in flags if _explicit(argv, flag)}
@@ -95,7 +96,7 @@ async def run(args: argparse.Namespace, settings: ServerSettings) -> int:
     engine_args = EngineArgs(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                              max_num_batched_tokens=args.max_num_batched_tokens, page_tokens=args.page_tokens,
                              cache_budget_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
-                             ep_backend=args.ep_backend)
+                             ep_backend=args.ep_backend, disk_cache=getattr(args, "kv_disk", None))
     info = ModelInfo.from_checkpoint(args.model, settings.model_name or args.model.resolve().name, args.max_model_len)
     tokenizer = load_tokenizer(args.model)
     # Local ranks listen on loopback only, whatever interface the HTTP server is exposed on.

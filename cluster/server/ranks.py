@@ -16,10 +16,13 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from multiprocessing.connection import wait as wait_sentinels
 from pathlib import Path
 from typing import Any
+
+from engine.cache.disk_config import DiskCacheConfig
 
 
 @dataclass(frozen=True)
@@ -34,12 +37,12 @@ class EngineArgs:
     cache_budget_bytes: int = 512 * 2**20
     max_model_len: int | None = None
     ep_backend: str = "sync"
+    disk_cache: DiskCacheConfig | None = None  # kv_cache.disk of the topology
 
     def engine_config(self) -> Any:
         from engine.core.engine import EngineConfig
 
-        fields = asdict(self)
-        fields.pop("ep_backend")
+        fields = {f.name: getattr(self, f.name) for f in dataclass_fields(self) if f.name != "ep_backend"}
         return EngineConfig(**fields)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.cache.accounting import plan_cache
+from engine.cache.disk import DiskCacheConfig, DiskTier
 from engine.cache.kv_cache import PagedKVCache
 from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler
@@ -37,6 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0  # for requests without their own seed
+    disk_cache: DiskCacheConfig | None = None  # a disk tier under the prefix cache (engine.cache.disk)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -46,6 +48,10 @@ class EngineConfig:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)!r}")
         if self.num_pages is not None and self.num_pages <= 0:
             raise ValueError(f"num_pages must be positive, got {self.num_pages!r}")
+        if self.disk_cache is not None and not isinstance(self.disk_cache, DiskCacheConfig):
+            raise ValueError(f"disk_cache must be a DiskCacheConfig or None, got {self.disk_cache!r}")
+        if self.disk_cache is not None and not self.enable_prefix_caching:
+            raise ValueError("disk_cache needs enable_prefix_caching: the disk tier sits under the prefix cache")
 
 
 class LLMEngine:
@@ -74,6 +80,8 @@ class LLMEngine:
             max_model_len=c.max_model_len or cfg.max_position_embeddings,
         ))
         self.runner = ModelRunner(self.model, self.cache, Sampler(seed=c.seed))
+        self.disk = DiskTier(c.disk_cache, self.cache, self.model) if c.disk_cache is not None else None
+        self.scheduler.prefix_store = self.runner.disk = self.disk
         self._ids = itertools.count()
         # Everything built so far lives as long as the engine: keep it out of the cyclic GC's full
         # collections, which otherwise walk it every few hundred steps (a p99 step-time spike).
@@ -135,5 +143,8 @@ class LLMEngine:
 
     def stats(self) -> dict:
         """Scheduler figures (running, waiting, pages, prefix hits, preemptions) and the cache's size."""
-        return {**self.scheduler.stats(), "cache_pool_bytes": self.cache.pool_bytes(),
-                "cache_snapshots": len(self.cache.snapshots)}
+        out = {**self.scheduler.stats(), "cache_pool_bytes": self.cache.pool_bytes(),
+               "cache_snapshots": len(self.cache.snapshots)}
+        if self.disk is not None:
+            out["disk"] = self.disk.summary()
+        return out

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.cache.disk import DiskTier
 from engine.cache.kv_cache import PagedKVCache
 from engine.core.sampler import Sampler
 from engine.model.model import SequenceState, Transformer
@@ -33,6 +34,7 @@ class ModelRunner:
         self.model, self.cache, self.sampler = model, cache, sampler
         self.device = model.embed.weight.device
         self.reqs: dict[str, RunnerRequest] = {}
+        self.disk: DiskTier | None = None  # the prefix cache's disk tier (engine.cache.disk), when configured
 
     def _generator(self, r: RunnerRequest) -> torch.Generator | None:
         """Seeded requests draw token i from a generator seeded by (seed, i): reproducible across
@@ -46,9 +48,12 @@ class ModelRunner:
     def _apply_diffs(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids | so.preempted_req_ids:
             self.reqs.pop(rid, None)
+        if self.disk is not None:
+            self.disk.forget(so)
         for nr in so.new_reqs:
             page_ids = list(nr.page_ids)
-            state = self.cache.new_sequence(self.model, page_ids, nr.num_computed_tokens)
+            state = (self.disk.new_sequence(self.model, nr.req_id, page_ids, nr.num_computed_tokens) if self.disk
+                     else self.cache.new_sequence(self.model, page_ids, nr.num_computed_tokens))
             self.reqs[nr.req_id] = RunnerRequest(nr.req_id, list(nr.prompt_token_ids) + list(nr.output_token_ids),
                                                  nr.sampling_params, page_ids, state, nr.num_sampled_before)
         cr = so.cached_reqs
@@ -88,6 +93,8 @@ class ModelRunner:
                 sampled[r.req_id], logprobs[r.req_id] = tok, lp
         for page_id, (r, b) in snaps.items():
             self.cache.store_snapshot(page_id, r.state, b)
+        if self.disk is not None:
+            self.disk.after_step(snaps)
         any_lp = any(r.params.logprobs is not None for r in reqs)
         return ModelRunnerOutput(
             req_ids=req_ids,

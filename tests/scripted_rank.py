@@ -32,6 +32,7 @@ class ScriptedRankEngine:
     def __init__(self, tokenizer: Tokenizer, eos_token_id: int, tokens_per_step: int = 3) -> None:
         self.tokenizer, self.eos_token_id, self.tokens_per_step = tokenizer, eos_token_id, tokens_per_step
         self.replies: deque[str] = deque()  # the tests push the next replies here
+        self.replies_by_prompt: dict[str, str] = {}  # or: the reply to a prompt containing the key
         self.received: list[ScriptedRequest] = []
         self._live: dict[str, ScriptedRequest] = {}
 
@@ -41,9 +42,15 @@ class ScriptedRankEngine:
 
     # ---- the engine interface RankWorker drives ----
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str) -> str:
-        if not self.replies:
+        prompt = self.tokenizer.decode(list(prompt_token_ids), skip_special_tokens=False)
+        keyed = [k for k in self.replies_by_prompt if k in prompt]
+        if keyed:
+            reply = self.replies_by_prompt.pop(keyed[0])
+        elif self.replies:
+            reply = self.replies.popleft()
+        else:
             raise ValueError("the scripted rank has no reply queued for this request")
-        ids = self.tokenizer.encode(self.replies.popleft(), add_special_tokens=False).ids + [self.eos_token_id]
+        ids = self.tokenizer.encode(reply, add_special_tokens=False).ids + [self.eos_token_id]
         req = ScriptedRequest(req_id, list(prompt_token_ids), params, ids)
         self.received.append(req)
         self._live[req_id] = req

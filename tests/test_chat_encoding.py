@@ -82,9 +82,11 @@ def test_parallel_tool_results_follow_call_order():
     calls = [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
              {"id": "b", "type": "function", "function": {"name": "g", "arguments": '{"n": 2}'}}]
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": calls},
-            {"role": "tool", "tool_call_id": "b", "content": "B"}, {"role": "tool", "tool_call_id": "a", "content": "A"}]
+            {"role": "tool", "tool_call_id": "b", "content": "B"},
+            {"role": "tool", "tool_call_id": "a", "content": "A"}]
     text = encode_messages(msgs, thinking=False).text
-    assert text.endswith("<｜User｜><tool_result>A</tool_result>\n\n<tool_result>B</tool_result><｜Assistant｜></think>")
+    assert text.endswith("<｜User｜><tool_result>A</tool_result>\n\n<tool_result>B</tool_result>"
+                         "<｜Assistant｜></think>")
     assert '<｜DSML｜invoke name="f">\n\n</｜DSML｜invoke>' in text  # no parameters: an empty line
     assert '<｜DSML｜parameter name="n" string="false">2</｜DSML｜parameter>' in text
 

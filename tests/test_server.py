@@ -492,3 +492,39 @@ def test_two_ep_ranks_serve_the_same_greedy_text(tiny_ckpt, tmp_path, client):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# ---------------- chat on the real engine, and the logits controls over the wire ----------------
+def test_chat_thinking_shape_on_the_real_engine(server, client):
+    """Random weights: the shape of a thinking-mode answer (reasoning_content and content strings whose
+    tokens add up), full and streamed."""
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **GREEDY)
+    m = out.choices[0].message
+    assert isinstance(m.reasoning_content, str) and isinstance(m.content, str) and m.tool_calls is None
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 8
+    produced = server.tokenizer.decode(server.tokenizer.encode(m.reasoning_content).ids)
+    assert m.reasoning_content == produced
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, stream=True,
+                                                 **GREEDY))
+    assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == \
+        m.reasoning_content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == m.content
+    assert all(not (getattr(c.choices[0].delta, "reasoning_content", None) and c.choices[0].delta.content)
+               for c in chunks)
+
+
+def test_min_tokens_and_logit_bias_over_the_wire(server, client):
+    eos = 1
+    forced = {"temperature": 0, "extra_body": {"min_tokens": 3, "logit_bias": {str(eos): 100}}}
+    out = client.completions.create(model="tiny", prompt="Stop early", max_tokens=10, **forced)
+    assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "stop"  # 3 tokens, then eos
+    plain = client.completions.create(model="tiny", prompt="Stop early", max_tokens=10, temperature=0,
+                                      extra_body={"logit_bias": {str(eos): 100}})
+    assert plain.usage.completion_tokens == 1 and plain.choices[0].finish_reason == "stop"
+    for bad, needle in (({"presence_penalty": 3}, "presence_penalty"), ({"logit_bias": {"99999": 1}}, "logit_bias"),
+                        ({"min_tokens": 20}, "min_tokens")):
+        with pytest.raises(openai.BadRequestError, match=needle):
+            client.completions.create(model="tiny", prompt="x", max_tokens=5,
+                                      **{k: v for k, v in bad.items() if k == "presence_penalty"},
+                                      extra_body={k: v for k, v in bad.items() if k != "presence_penalty"})

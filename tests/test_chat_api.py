@@ -195,6 +195,17 @@ def test_tool_choice_named_and_required(chat):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert "ignored" not in "".join(c.choices[0].delta.content or "" for c in chunks)
 
+    # the reasoning used the whole budget: no second request, finish "length"
+    engine.replies.append("Short.</think>")
+    n_received = len(engine.received)
+    budget = len(tok.encode("Short.</think>").ids)
+    out = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=budget, tools=[WEATHER],
+                                         tool_choice="required")
+    assert len(engine.received) == n_received + 1 and out.choices[0].finish_reason == "length"
+    m = out.choices[0].message
+    assert (m.reasoning_content, m.content, m.tool_calls) == ("Short.", "", None)
+    assert out.usage.completion_tokens == budget
+
     for bad in ({"type": "function", "function": {"name": "nope"}}, "sometimes"):
         with pytest.raises(openai.BadRequestError, match="tool_choice"):
             _create(client, msgs, tools=[WEATHER], tool_choice=bad)

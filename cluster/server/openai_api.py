@@ -408,12 +408,13 @@ class OpenAIService:
                         return  # the stream ended without a finished output
                 finally:
                     await stream.aclose()
-                yield _Event(index, delta + text.finish() + fmt.forced_prefix, toks, lps)
                 left = params.max_tokens - n_tokens
-                if left <= 0:
+                if left <= 0:  # the reasoning used the whole budget
                     reason = "length"
-                    yield _Event(index, "", [], None, reason, cached_tokens)
+                    yield _Event(index, delta + text.finish(), toks, lps, reason, cached_tokens)
                     return
+                reason = None  # the choice goes on
+                yield _Event(index, delta + text.finish() + fmt.forced_prefix, toks, lps)
                 prompt = prompt + produced + prefix
                 leg_params = dataclasses.replace(params, max_tokens=left,
                                                  min_tokens=min(left, max(0, params.min_tokens - n_tokens)))

@@ -31,9 +31,18 @@ def _parse(text: str, thinking: bool, tools: bool = True, step: int | None = Non
 
 
 def _joined(pieces: list[Piece]) -> dict:
+    """Reasoning and content text, and the complete calls (name, parsed arguments) from their deltas."""
+    calls: dict[int, list] = {}
+    for p in pieces:
+        if p.kind == "tool_call":
+            if p.call.id is not None:
+                assert p.call.index == len(calls) and p.call.arguments == ""
+                calls[p.call.index] = [p.call.name, "", False]
+            calls[p.call.index][1] += p.call.arguments
+            calls[p.call.index][2] = p.call.done
     return {"reasoning": "".join(p.text for p in pieces if p.kind == "reasoning"),
             "content": "".join(p.text for p in pieces if p.kind == "content"),
-            "calls": [(p.call.name, json.loads(p.call.arguments)) for p in pieces if p.kind == "tool_call"]}
+            "calls": [(name, json.loads(args)) for name, args, done in calls.values() if done]}
 
 
 def test_tokenizer_has_the_chat_tokens(tok):
@@ -140,3 +149,13 @@ def test_parser_results():
     assert cut["calls"] == [] and cut["content"] == OUTPUTS[4].removeprefix("</think>")
     plain = _joined(_parse(OUTPUTS[1], False, tools=False))  # no tools: nothing is parsed out
     assert plain["calls"] == [] and plain["content"] == OUTPUTS[1]
+    # incremental: the call opens with its header, then one fragment per parameter, then the close
+    deltas = [p.call for p in _parse(OUTPUTS[1], True, step=1) if p.kind == "tool_call"]
+    assert [(d.index, d.name, d.arguments, d.done) for d in deltas] == [
+        (0, "f", "", False), (0, None, '{"x": "a \\"quoted\\" value"', False), (0, None, ', "n": [1, {"k": 2}]', False),
+        (0, None, "}", True), (1, "g", "", False), (1, None, "{}", True)]
+    # a bad second call: the first stands, the second's raw text is content
+    second_bad = OUTPUTS[1].replace('name="g">\n', 'name="g">\nstray')
+    got = _joined(_parse(second_bad, True, step=3))
+    assert [c[0] for c in got["calls"]] == ["f"]
+    assert got["content"] == 'Calling.\n<｜DSML｜invoke name="g">\nstray\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>'

@@ -5,13 +5,16 @@ V4 writes, after a thinking-mode generation prompt, `{reasoning}</think>{answer}
 </｜DSML｜parameter>\\n</｜DSML｜invoke>\\n</｜DSML｜tool_calls>` before eos (cluster/server/chat/encoding.py).
 
 `push(text)` takes the next piece of decoded text and returns what became certain, as `Piece`s of one
-kind each: reasoning text, content text, or one whole tool call. Text that might be the start of a marker
-(`</think>`, the tool-calls block) is held back until it is known. A tool call is emitted as soon as its
-`</｜DSML｜invoke>` closes, with its arguments as a JSON object string (string parameters as JSON strings,
-the others' JSON text as written). Anything in the tool-calls block that does not parse (bad JSON, a
-missing close, stray text) ends tool parsing: that raw text, and everything after it, is content. The
-calls already emitted stand. The same parser shapes full responses (all text, then `finish()`), so a
-streamed and a full response of the same output agree.
+kind each: reasoning text, content text, or a tool-call delta. Text that might be the start of a marker
+(`</think>`, the tool-calls block) is held back until it is known. Tool calls stream as the block is
+written: a call's first delta (index, id, name) as soon as its invoke header is complete, then one
+arguments fragment per parameter as each `</｜DSML｜parameter>` closes, then the closing `}` with the
+invoke's close; the fragments concatenate to a JSON object (string parameters as JSON strings, the
+others' JSON text as written). Anything in the tool-calls block that does not parse (bad JSON, a stray
+text, the output ending inside the block) ends tool parsing: the raw text since the last complete call,
+and everything after it, is content. Complete calls stand; an unfinished one is left out of a full
+response (a stream has already sent its first deltas). The same parser shapes full responses (all text,
+then `finish()`), so a streamed and a full response of the same output agree.
 """
 
 from __future__ import annotations
@@ -39,49 +42,34 @@ _PARAMETER = re.compile(r'\s*' + re.escape(PARAMETER_START) + r' name="([^"\n]+)
 
 
 @dataclass(frozen=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # a JSON object
-
-    def to_openai(self, index: int | None = None) -> dict:
-        out = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-        return out if index is None else {"index": index, **out}
+class ToolCallDelta:
+    index: int  # the call's position among the choice's calls
+    id: str | None  # the first delta of a call: its id and name, arguments ""
+    name: str | None
+    arguments: str  # the next fragment of the JSON arguments
+    done: bool = False  # the invoke closed: the arguments are complete
 
 
 @dataclass(frozen=True)
 class Piece:
     kind: str  # "reasoning" | "content" | "tool_call"
     text: str = ""
-    call: ToolCall | None = None
+    call: ToolCallDelta | None = None
 
 
 class MalformedToolCall(ValueError):
     pass
 
 
-def parse_invoke(block: str) -> tuple[str, str]:
-    """(name, JSON arguments) of one `<｜DSML｜invoke ...>...</｜DSML｜invoke>` block, or MalformedToolCall."""
-    head = _INVOKE_HEAD.match(block)
-    if head is None:
-        raise MalformedToolCall(f"bad invoke header in {block[:80]!r}")
-    body, pos, args = block[:-len(INVOKE_END)], head.end(), {}
-    while (m := _PARAMETER.match(body, pos)) is not None:
-        name, is_string, value = m.groups()
-        if name in args:
-            raise MalformedToolCall(f"parameter {name!r} given twice")
-        if is_string == "true":
-            args[name] = to_json(value)
-        else:
-            try:
-                json.loads(value)
-            except ValueError:
-                raise MalformedToolCall(f"parameter {name!r} is not valid JSON: {value[:80]!r}") from None
-            args[name] = value.strip()
-        pos = m.end()
-    if body[pos:].strip():
-        raise MalformedToolCall(f"unexpected text in invoke: {body[pos:pos + 80]!r}")
-    return head.group(1), "{" + ", ".join(f"{to_json(k)}: {v}" for k, v in args.items()) + "}"
+def parameter_json(name: str, is_string: str, value: str) -> str:
+    """One parameter as a JSON object member, or MalformedToolCall."""
+    if is_string == "true":
+        return f"{to_json(name)}: {to_json(value)}"
+    try:
+        json.loads(value)
+    except ValueError:
+        raise MalformedToolCall(f"parameter {name!r} is not valid JSON: {value[:80]!r}") from None
+    return f"{to_json(name)}: {value.strip()}"
 
 
 def _held(text: str, markers: tuple[str, ...]) -> int:
@@ -101,8 +89,10 @@ class ChatOutputParser:
         self.parse_tools = parse_tools
         self.state = "reasoning" if thinking else "content"
         self.buf = ""
-        self.block_start = ""  # the marker text that opened the tool-calls block (content if nothing parses)
-        self.calls: list[ToolCall] = []
+        self.unsettled = ""  # raw block text since the last complete call: content if the rest does not parse
+        self.num_calls = 0
+        self.num_params = 0  # of the open invoke
+        self.param_names: set[str] = set()
 
     def push(self, text: str) -> list[Piece]:
         self.buf += text
@@ -114,15 +104,17 @@ class ChatOutputParser:
                 return out
 
     def finish(self) -> list[Piece]:
-        """The output ended: whatever is held back is settled (an open tool-calls block becomes content)."""
+        """The output ended: whatever is held back is settled (an unfinished tool-calls block becomes content)."""
         out = self.push("")
         getattr(self, f"_{self.state}")(out, final=True)
+        if self.state == "invoke":  # the output ended inside an invoke
+            self._malformed(out)
         return out
 
     # ---------------- states ----------------
     def _emit(self, out: list[Piece], kind: str, text: str) -> None:
         if text:
-            if out and out[-1].kind == kind and kind != "tool_call":
+            if out and out[-1].kind == kind:
                 out[-1] = Piece(kind, out[-1].text + text)
             else:
                 out.append(Piece(kind, text))
@@ -144,7 +136,7 @@ class ChatOutputParser:
                 text = self.buf[:i]
                 sep = _BEFORE_TOOLS if text.endswith(_BEFORE_TOOLS) else ""
                 self._emit(out, "content", text[:len(text) - len(sep)])
-                self.block_start = sep + TOOL_CALLS_START
+                self.unsettled = sep + TOOL_CALLS_START
                 self.buf, self.state = self.buf[i + len(TOOL_CALLS_START):], "tools"
                 return
         keep = 0 if final or not self.parse_tools else _held(self.buf, (_BEFORE_TOOLS + TOOL_CALLS_START,))
@@ -155,27 +147,63 @@ class ChatOutputParser:
         self._emit(out, "content", self.buf)
         self.buf = ""
 
+    def _consume(self, n: int) -> None:
+        self.unsettled += self.buf[:n]
+        self.buf = self.buf[n:]
+
+    def _malformed(self, out: list[Piece]) -> None:
+        self._emit(out, "content", self.unsettled + self.buf)
+        self.buf, self.unsettled, self.state = "", "", "plain"
+
     def _tools(self, out: list[Piece], final: bool) -> None:
+        """Between invokes: the next invoke's header, or the block's end."""
         s = self.buf.lstrip()
+        ws = len(self.buf) - len(s)
+        if s.startswith(TOOL_CALLS_END):
+            self.buf, self.unsettled, self.state = s[len(TOOL_CALLS_END):], "", "plain"  # text after it: content
+        elif s.startswith(INVOKE_START):
+            head = _INVOKE_HEAD.match(s)
+            if head is None:
+                if final or ">" in s or "\n" in s:
+                    self._malformed(out)
+                return
+            out.append(Piece("tool_call", call=ToolCallDelta(self.num_calls, f"call_{uuid.uuid4().hex[:24]}",
+                                                             head.group(1), "")))
+            self.num_params, self.param_names = 0, set()
+            self._consume(ws + head.end())
+            self.state = "invoke"
+        elif (s and not (INVOKE_START.startswith(s) or TOOL_CALLS_END.startswith(s))) or (final and s):
+            self._malformed(out)
+
+    def _invoke(self, out: list[Piece], final: bool) -> None:
+        """Inside an invoke: the next parameter, or the invoke's end."""
+        s = self.buf.lstrip()
+        ws = len(self.buf) - len(s)
         try:
-            if s.startswith(TOOL_CALLS_END):
-                self.buf, self.state = s[len(TOOL_CALLS_END):], "plain"  # text after the block: content
-            elif s.startswith(INVOKE_START):
-                end = s.find(INVOKE_END)
+            if s.startswith(INVOKE_END):
+                out.append(Piece("tool_call", call=ToolCallDelta(self.num_calls, None, None,
+                                                                 "}" if self.num_params else "{}", done=True)))
+                self.num_calls += 1
+                self.buf, self.unsettled, self.state = s[len(INVOKE_END):], "", "tools"
+            elif s.startswith(PARAMETER_START):
+                end = s.find(PARAMETER_END)
                 if end < 0:
                     if final:
-                        raise MalformedToolCall("the output ended inside an invoke")
+                        raise MalformedToolCall("the output ended inside a parameter")
                     return
-                block = s[:end + len(INVOKE_END)]
-                name, arguments = parse_invoke(block)
-                call = ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, arguments)
-                self.calls.append(call)
-                out.append(Piece("tool_call", call=call))
-                self.buf = s[len(block):]
-            elif s and not (INVOKE_START.startswith(s) or TOOL_CALLS_END.startswith(s)):
-                raise MalformedToolCall(f"unexpected text in the tool-calls block: {s[:80]!r}")
-            elif final and s:
-                raise MalformedToolCall("the output ended inside the tool-calls block")
+                m = _PARAMETER.match(s)
+                if m is None or m.end() != end + len(PARAMETER_END):
+                    raise MalformedToolCall(f"bad parameter {s[:end + len(PARAMETER_END)][:80]!r}")
+                name, is_string, value = m.groups()
+                if name in self.param_names:
+                    raise MalformedToolCall(f"parameter {name!r} given twice")
+                member = parameter_json(name, is_string, value)
+                out.append(Piece("tool_call", call=ToolCallDelta(self.num_calls, None, None,
+                                                                 ("{" if not self.num_params else ", ") + member)))
+                self.num_params += 1
+                self.param_names.add(name)
+                self._consume(ws + m.end())
+            elif (s and not (PARAMETER_START.startswith(s) or INVOKE_END.startswith(s))) or (final and s):
+                raise MalformedToolCall(f"unexpected text in an invoke: {s[:80]!r}")
         except MalformedToolCall:
-            self._emit(out, "content", ("" if self.calls else self.block_start) + self.buf)
-            self.buf, self.state = "", "plain"
+            self._malformed(out)

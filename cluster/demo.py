@@ -201,6 +201,7 @@ def _cluster_demo(topology: Path, load_prompts: int) -> None:
               f"serving {model!r} at {url}")
         status = _megaserve("status", str(topology)).stdout.rstrip()
         print("    " + status.replace("\n", "\n    "))
+        _chat_demo(url, model)
         print("    batch job through the Python client (cluster.Client):")
         run_batch_demo(url, requests=24, max_tokens=8, show=3)
         print(f"[6] load test: megaserve bench serve --base-url {url} --model {model} --num-prompts {load_prompts} "
@@ -212,6 +213,19 @@ def _cluster_demo(topology: Path, load_prompts: int) -> None:
         down = _megaserve("down", str(topology), check=False)
         left = _leftover_processes()
         print(f"    megaserve down: exit {down.returncode}; processes left behind: {left or 'none'}")
+
+
+def _chat_demo(url: str, model: str) -> None:
+    """One chat request with thinking on: the answer comes back as reasoning_content and content (random
+    weights: the reasoning rarely ends, so content is usually empty)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Why is the sky blue?"}], "max_tokens": 12,
+            "temperature": 0, "chat_template_kwargs": {"thinking": True}}
+    req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        msg = json.load(r)["choices"][0]["message"]
+    print(f"    chat, thinking on (DeepSeek-V4 encoding): reasoning_content={msg.get('reasoning_content')!r} "
+          f"content={msg.get('content')!r}")
 
 
 def _leftover_processes() -> list[str]:

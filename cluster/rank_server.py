@@ -53,7 +53,16 @@ def sampling_params(msg: wire.AddRequest) -> SamplingParams:
         raise ValueError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {msg.seed}")
     return SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, max_tokens=msg.max_tokens,
                           stop_token_ids=tuple(msg.stop_token_ids), seed=msg.seed, ignore_eos=msg.ignore_eos,
-                          logprobs=msg.logprobs)
+                          logprobs=msg.logprobs, min_tokens=msg.min_tokens, presence_penalty=msg.presence_penalty,
+                          frequency_penalty=msg.frequency_penalty, repetition_penalty=msg.repetition_penalty,
+                          logit_bias=_logit_bias(msg))
+
+
+def _logit_bias(msg: wire.AddRequest) -> dict[int, float]:
+    if len(msg.logit_bias_ids) != len(msg.logit_bias_values):
+        raise ValueError(f"logit_bias_ids ({len(msg.logit_bias_ids)}) and logit_bias_values "
+                         f"({len(msg.logit_bias_values)}) differ in length")
+    return dict(zip(msg.logit_bias_ids, msg.logit_bias_values))
 
 
 def _plain_stats(value: Any) -> Any:

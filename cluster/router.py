@@ -175,7 +175,10 @@ class Router:
             req.req_id, req.prompt_ids + req.produced, max_tokens=p.max_tokens - len(req.produced),
             temperature=float(p.temperature), top_p=float(p.top_p), top_k=p.top_k, seed=p.seed,
             ignore_eos=p.ignore_eos, logprobs=p.logprobs, stop_token_ids=list(p.stop_token_ids),
-            priority=req.priority)
+            priority=req.priority, min_tokens=max(0, p.min_tokens - len(req.produced)),
+            presence_penalty=float(p.presence_penalty), frequency_penalty=float(p.frequency_penalty),
+            repetition_penalty=float(p.repetition_penalty), logit_bias_ids=[t for t, _ in p.logit_bias],
+            logit_bias_values=[b for _, b in p.logit_bias])
 
     # ---------------- placement ----------------
     def loads(self) -> list[int]:

@@ -57,6 +57,12 @@ class AddRequest:
     logprobs: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     priority: int = 0
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias_ids: list[int] = field(default_factory=list)  # logit_bias as two parallel lists
+    logit_bias_values: list[float] = field(default_factory=list)
 
 
 @dataclass

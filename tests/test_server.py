@@ -28,7 +28,7 @@ from aiohttp import web
 from cluster.rank_server import RankWorker
 from cluster.router import Router
 from cluster.server.app import build_app, serve
-from cluster.server.chat_template import apply_chat_template
+from cluster.server.chat.encoding import encode_messages
 from cluster.server.openai_api import ModelInfo, OpenAIService
 from cluster.server.settings import ServerSettings
 from cluster.server.text import TextStream
@@ -132,25 +132,19 @@ def test_completion_token_id_prompts_and_batches(client):
     assert [c.index for c in many.choices] == [0, 1] and many.usage.completion_tokens == 4
 
 
-def test_chat_uses_the_template(server, client):
+def test_chat_uses_the_v4_encoding(server, client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, **GREEDY)
-    ids = apply_chat_template(messages, lambda t: server.tokenizer.encode(t, add_special_tokens=False).ids, 0, 1)
+    ids = encode_messages(messages, thinking=True).token_ids(server.tokenizer)  # thinking is the default
     assert ids[0] == 0 and 1 not in ids  # bos first; no eos inside a prompt that ends with a user turn
+    assert ids[-1] == server.tokenizer.token_to_id("<think>")
     assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
     assert out.choices[0].message.role == "assistant" and out.choices[0].finish_reason == "length"
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 5
-
-
-def test_chat_template_turns():
-    enc = lambda t: [ord(c) for c in t]  # noqa: E731 (a stand-in encoder: one id per character)
-    u, a = [ord(c) for c in "<｜User｜>"], [ord(c) for c in "<｜Assistant｜>"]
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
-            {"role": "assistant", "content": "r1"}, {"role": "user", "content": [{"type": "text", "text": "q2"}]}]
-    assert apply_chat_template(msgs, enc, 0, 1) == [0, ord("S"), *u, *enc("q1"), *a, *enc("r1"), 1, *u, *enc("q2"),
-                                                     *a]
-    # a final assistant message is continued: no eos, no new generation prompt
-    assert apply_chat_template(msgs[1:3], enc, 0, 1) == [0, *u, *enc("q1"), *a, *enc("r1")]
+    off = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5,
+                                         **{**GREEDY, "extra_body": {**GREEDY["extra_body"],
+                                                                     "chat_template_kwargs": {"thinking": False}}})
+    assert off.usage.prompt_tokens == len(ids)  # `</think>` instead of `<think>`: one token either way
 
 
 def test_streaming_matches_non_streaming(client):
@@ -163,9 +157,10 @@ def test_streaming_matches_non_streaming(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
 
     messages = [{"role": "user", "content": "Stream a chat"}]
-    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, **GREEDY)
+    no_think = {**GREEDY, "extra_body": {**GREEDY["extra_body"], "chat_template_kwargs": {"thinking": False}}}
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, **no_think)
     stream = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, stream=True,
-                                                 stream_options={"include_usage": True}, **GREEDY))
+                                                 stream_options={"include_usage": True}, **no_think))
     with_choices = [c for c in stream if c.choices]
     assert with_choices[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in with_choices) == chat.choices[0].message.content
@@ -558,3 +553,39 @@ def test_two_ep_ranks_serve_the_same_greedy_text(tiny_ckpt, tmp_path, client):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# ---------------- chat on the real engine, and the logits controls over the wire ----------------
+def test_chat_thinking_shape_on_the_real_engine(server, client):
+    """Random weights: the shape of a thinking-mode answer (reasoning_content and content strings whose
+    tokens add up), full and streamed."""
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **GREEDY)
+    m = out.choices[0].message
+    assert isinstance(m.reasoning_content, str) and isinstance(m.content, str) and m.tool_calls is None
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 8
+    produced = server.tokenizer.decode(server.tokenizer.encode(m.reasoning_content).ids)
+    assert m.reasoning_content == produced
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, stream=True,
+                                                 **GREEDY))
+    assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == \
+        m.reasoning_content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == m.content
+    assert all(not (getattr(c.choices[0].delta, "reasoning_content", None) and c.choices[0].delta.content)
+               for c in chunks)
+
+
+def test_min_tokens_and_logit_bias_over_the_wire(server, client):
+    eos = 1
+    forced = {"temperature": 0, "extra_body": {"min_tokens": 3, "logit_bias": {str(eos): 100}}}
+    out = client.completions.create(model="tiny", prompt="Stop early", max_tokens=10, **forced)
+    assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "stop"  # 3 tokens, then eos
+    plain = client.completions.create(model="tiny", prompt="Stop early", max_tokens=10, temperature=0,
+                                      extra_body={"logit_bias": {str(eos): 100}})
+    assert plain.usage.completion_tokens == 1 and plain.choices[0].finish_reason == "stop"
+    for bad, needle in (({"presence_penalty": 3}, "presence_penalty"), ({"logit_bias": {"99999": 1}}, "logit_bias"),
+                        ({"min_tokens": 20}, "min_tokens")):
+        with pytest.raises(openai.BadRequestError, match=needle):
+            client.completions.create(model="tiny", prompt="x", max_tokens=5,
+                                      **{k: v for k, v in bad.items() if k == "presence_penalty"},
+                                      extra_body={k: v for k, v in bad.items() if k != "presence_penalty"})

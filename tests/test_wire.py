@@ -15,7 +15,9 @@ from tests.stand_in import EchoEngine, connect
 
 EXAMPLES = [
     wire.AddRequest("r1", [0, 5, 6], max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, seed=3, ignore_eos=True,
-                    logprobs=2, stop_token_ids=[9], priority=1),
+                    logprobs=2, stop_token_ids=[9], priority=1, min_tokens=2, presence_penalty=0.5,
+                    frequency_penalty=-1.0, repetition_penalty=1.2, logit_bias_ids=[3, 8],
+                    logit_bias_values=[-2.0, 5.5]),
     wire.AddRequest("r2", [1]),
     wire.Abort("r1"),
     wire.Output("r1", [4, 5], True, "length", [wire.TokenLogprob(-0.5, [4, 7], [-0.5, -1.25]),
@@ -239,7 +241,7 @@ def test_an_output_over_the_frame_limit_fails_only_its_request(monkeypatch):
     worker = RankWorker(BurstEngine(), "127.0.0.1", 0).start()
     try:
         with connect(worker) as s:
-            monkeypatch.setattr(wire, "MAX_FRAME_BYTES", 250)  # the request fits, its 300-token output does not
+            monkeypatch.setattr(wire, "MAX_FRAME_BYTES", 300)  # the request fits, its 300-token output does not
             s.sendall(wire.encode(wire.AddRequest("wide", [1, 2, 3], max_tokens=3)))
             err = wire.recv_frame(s)
             assert isinstance(err, wire.Error) and err.req_id == "wide" and "too large" in err.message

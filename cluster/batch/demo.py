@@ -26,6 +26,7 @@ def run_batch_demo(url: str, requests: int = 32, max_tokens: int = 8, api_key: s
     client = Client(url, api_key=api_key)
     records = [{"custom_id": f"demo-{i:03d}", "method": "POST", "url": "/v1/chat/completions",
                 "body": {"model": client.default_model, "max_tokens": max_tokens, "temperature": 0,
+                         "chat_template_kwargs": {"thinking": False},  # one-line answers, no reasoning part
                          "messages": [{"role": "user", "content": f"Write one line about {TOPICS[i % len(TOPICS)]}."}]}}
                for i in range(requests)]
     t0 = time.perf_counter()

@@ -171,7 +171,8 @@ async def send_request(cfg: ClientConfig, spec: RequestSpec, index: int, t0: flo
                     if on_chunk is not None:
                         on_chunk(now)
                     c = choices[0]
-                    rec.generated_text += (c.get("delta") or {}).get("content") or c.get("text") or ""
+                    delta = c.get("delta") or {}  # chat: reasoning (thinking mode) and answer text both count
+                    rec.generated_text += delta.get("reasoning_content") or delta.get("content") or c.get("text") or ""
                 if usage := data.get("usage"):
                     if usage.get("completion_tokens") is not None:
                         rec.output_tokens = int(usage["completion_tokens"])

@@ -8,8 +8,13 @@ The non-streaming methods `completions(body)` and `chat_completions(body)` are w
 Supported request fields: model, prompt (string, list of strings, token ids, list of token-id lists) /
 messages, max_tokens (chat: max_completion_tokens too), temperature, top_p, top_k, n, stop, seed, logprobs
 (completions: int; chat: bool + top_logprobs), stream, stream_options.include_usage, and the vLLM
-extensions ignore_eos, stop_token_ids and priority (lower runs first; batch jobs use 1). echo, suffix and
-best_of != n are refused; fields this server does not know (user, metadata, ...) are ignored.
+extensions ignore_eos, stop_token_ids and priority (lower runs first; batch jobs use 1); the logits controls
+min_tokens, presence_penalty, frequency_penalty, repetition_penalty and logit_bias (sampling_fields.py).
+echo, suffix and best_of != n are refused; fields this server does not know (user, metadata, ...) are ignored.
+
+Chat uses DeepSeek-V4's encoding with thinking on or off, tools and tool_choice (cluster/server/chat/):
+messages carry `reasoning_content` and `tool_calls`, deltas carry one of `reasoning_content`, `content` or
+`tool_calls`, and the finish reason is "tool_calls" when the model called a tool.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from cluster.router import RankError, Router
-from cluster.server.chat_template import apply_chat_template
+from cluster.server.chat.request import ChatFormat, build_chat_prompt
+from cluster.server.chat.response import ChatChoice
 from cluster.server.errors import APIError, bad_request
 from cluster.server.limits import check_fanout
 from cluster.server.metrics import Metrics
+from cluster.server.sampling_fields import sampling_controls
 from cluster.server.text import TextStream
 from comm import wire
 from scheduler.sampling import SamplingParams
@@ -74,6 +81,7 @@ class Job:
     include_usage: bool
     priority: int
     arrival: float = field(default_factory=time.monotonic)
+    chat_format: ChatFormat | None = None  # chat: how the output is read and steered
 
     @property
     def logprobs(self) -> int | None:
@@ -188,8 +196,8 @@ class OpenAIService:
         if best_of is not None and best_of != n:
             raise bad_request("best_of different from n is not supported", "best_of")
         if chat:
-            prompts = [apply_chat_template(body.get("messages"), self._encode, self.model.bos_token_id,
-                                           self.model.eos_token_id)]
+            prompt, chat_format = build_chat_prompt(body, self.tokenizer)
+            prompts = [prompt]
             max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
             logprobs_on = _bool(body, "logprobs", False)
             top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
@@ -197,7 +205,7 @@ class OpenAIService:
                 raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
             logprobs = (top or 0) if logprobs_on else None
         else:
-            prompts = self._completion_prompts(body.get("prompt"))
+            prompts, chat_format = self._completion_prompts(body.get("prompt")), None
             max_key = "max_tokens"
             logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
         check_fanout(len(prompts), n, self.max_choices_per_request, "n" if n > 1 else "prompt")
@@ -235,12 +243,13 @@ class OpenAIService:
         try:
             params = SamplingParams(temperature=temperature, top_p=top_p, top_k=-1 if top_k == 0 else top_k,
                                     max_tokens=max_tokens, stop_token_ids=tuple(stop_ids), stop=stop, seed=seed,
-                                    ignore_eos=_bool(body, "ignore_eos", False), logprobs=logprobs)
+                                    ignore_eos=_bool(body, "ignore_eos", False), logprobs=logprobs,
+                                    **sampling_controls(body, self.model.vocab_size))
         except ValueError as e:
             raise bad_request(str(e)) from None
         prefix = "chatcmpl-" if chat else "cmpl-"
         return Job(chat, prefix + uuid.uuid4().hex[:24], int(time.time()), prompts, params, n, stream,
-                   include_usage, _int(body, "priority", 0))
+                   include_usage, _int(body, "priority", 0), chat_format=chat_format)
 
     async def run(self, job: Job) -> dict:
         """A non-streaming response for a prepared job."""
@@ -260,8 +269,11 @@ class OpenAIService:
         for c in choices:
             lp = self._logprobs_json(job, c.token_ids, c.logprobs, 0) if job.logprobs is not None else None
             if job.chat:
-                out_choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                    "logprobs": lp, "finish_reason": c.finish_reason})
+                assert job.chat_format is not None
+                shaped = ChatChoice(job.chat_format)
+                shaped.feed(c.text, final=True)
+                out_choices.append({"index": c.index, "message": shaped.message(), "logprobs": lp,
+                                    "finish_reason": shaped.finish_reason(c.finish_reason)})
             else:
                 out_choices.append({"index": c.index, "text": c.text, "logprobs": lp,
                                     "finish_reason": c.finish_reason})
@@ -275,6 +287,7 @@ class OpenAIService:
         obj = "chat.completion.chunk" if job.chat else "text_completion"
         head = {"id": job.id, "object": obj, "created": job.created, "model": self.model.name}
         started: set[int] = set()
+        shapers: dict[int, ChatChoice] = {}
         offsets: dict[int, int] = {}
         completion = 0
         cached = [0] * len(job.prompts)
@@ -294,13 +307,9 @@ class OpenAIService:
                     if not job.chat:  # text_offset exists only in completions logprobs
                         offsets[ev.index] = start + sum(len(self._token_str(t)) for t in ev.token_ids)
                 if job.chat:
-                    delta: dict[str, Any] = {}
-                    if ev.index not in started:
-                        delta["role"] = "assistant"
-                        started.add(ev.index)
-                    if ev.text or "role" in delta:
-                        delta["content"] = ev.text
-                    choice = {"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
+                    for choice in self._chat_chunks(job, ev, lp, started, shapers):
+                        yield {**head, "choices": [choice]}
+                    continue
                 else:
                     choice = {"index": ev.index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
                 yield {**head, "choices": [choice]}
@@ -343,50 +352,103 @@ class OpenAIService:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _choice(self, job: Job, index: int, prompt: list[int], j: int) -> AsyncIterator[_Event]:
+        """One choice's events. A chat choice with a forced tool-calls prefix (tool_choice required or named)
+        gets it written into its output: at once (non-thinking), or after the reasoning, as a second rank
+        request that continues prompt + reasoning + prefix (the first stops at `</think>`)."""
         params = job.params
         if params.seed is not None and j:
             params = dataclasses.replace(params, seed=params.seed + j)  # n choices: different seeded draws
-        try:
-            stream = self.router.submit(prompt, params, f"{job.id}-{index}", job.priority)
-        except RankError as e:
-            raise APIError(503, f"no rank can take the request: {e}", "server_error") from None
-        except ValueError as e:  # WireError: the request does not fit in a frame
-            raise bad_request(f"the request cannot be sent to a rank: {e}") from None
-        text = TextStream(self.tokenizer, job.params.stop)
+        fmt = job.chat_format
+        prefix = list(fmt.forced_prefix_ids) if fmt is not None else []
+        think_end = fmt.think_end_id if fmt is not None and prefix else None
+        leg_params = params
+        if prefix and think_end is None:
+            prompt = prompt + prefix
+            yield _Event(index, fmt.forced_prefix, [], None)
+        elif think_end is not None:
+            leg_params = dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, think_end))
         ttft = None
         n_tokens = cached_tokens = 0
         reason = None
+        req_id = f"{job.id}-{index}"
         try:
-            async for out in stream:
-                cached_tokens = max(cached_tokens, out.num_cached_tokens)
-                if ttft is None and out.new_token_ids:
-                    ttft = time.monotonic() - job.arrival
-                toks = out.new_token_ids
-                lps = out.logprobs
-                delta = text.push(toks)
-                if text.stopped:
-                    keep = len(toks) - (len(text.token_ids) - text.num_tokens_at_stop)
-                    toks, lps = toks[:keep], (lps[:keep] if lps is not None else None)
-                    n_tokens += len(toks)
-                    reason = "stop"
-                    await stream.aclose()  # abort on the rank: the stop string ends the request here
-                    yield _Event(index, delta, toks, lps, "stop", out.num_cached_tokens)
+            while True:
+                try:
+                    stream = self.router.submit(prompt, leg_params, req_id, job.priority)
+                except RankError as e:
+                    raise APIError(503, f"no rank can take the request: {e}", "server_error") from None
+                except ValueError as e:  # WireError: the request does not fit in a frame
+                    raise bad_request(f"the request cannot be sent to a rank: {e}") from None
+                text = TextStream(self.tokenizer, job.params.stop)
+                produced: list[int] = []
+                try:
+                    async for out in stream:
+                        cached_tokens = max(cached_tokens, out.num_cached_tokens)
+                        if ttft is None and out.new_token_ids:
+                            ttft = time.monotonic() - job.arrival
+                        toks = out.new_token_ids
+                        lps = out.logprobs
+                        delta = text.push(toks)
+                        if text.stopped:
+                            keep = len(toks) - (len(text.token_ids) - text.num_tokens_at_stop)
+                            toks, lps = toks[:keep], (lps[:keep] if lps is not None else None)
+                            n_tokens += len(toks)
+                            reason = "stop"
+                            await stream.aclose()  # abort on the rank: the stop string ends the request here
+                            yield _Event(index, delta, toks, lps, "stop", out.num_cached_tokens)
+                            return
+                        n_tokens += len(toks)
+                        produced += toks
+                        if out.finished:
+                            reason = out.finish_reason
+                            if (think_end is not None and reason == "stop" and produced[-1:] == [think_end]
+                                    and think_end not in params.stop_token_ids):
+                                break  # reasoning done: the tool-calls block opens after it
+                            yield _Event(index, delta + text.finish(), toks, lps, reason, out.num_cached_tokens)
+                            return
+                        if delta or toks:
+                            yield _Event(index, delta, toks, lps)
+                    else:
+                        return  # the stream ended without a finished output
+                finally:
+                    await stream.aclose()
+                left = params.max_tokens - n_tokens
+                if left <= 0:  # the reasoning used the whole budget
+                    reason = "length"
+                    yield _Event(index, delta + text.finish(), toks, lps, reason, cached_tokens)
                     return
-                n_tokens += len(toks)
-                if out.finished:
-                    reason = out.finish_reason
-                    yield _Event(index, delta + text.finish(), toks, lps, reason, out.num_cached_tokens)
-                    return
-                if delta or toks:
-                    yield _Event(index, delta, toks, lps)
+                reason = None  # the choice goes on
+                yield _Event(index, delta + text.finish() + fmt.forced_prefix, toks, lps)
+                prompt = prompt + produced + prefix
+                leg_params = dataclasses.replace(params, max_tokens=left,
+                                                 min_tokens=min(left, max(0, params.min_tokens - n_tokens)))
+                think_end, req_id = None, req_id + "-tools"
         except RankError as e:
             if e.refused:
                 raise bad_request(f"the rank refused the request: {e}") from None
             raise APIError(503, f"the request was lost: {e}", "server_error") from None
         finally:
-            await stream.aclose()
             self.metrics.record_choice(reason or "abort", n_tokens, ttft, time.monotonic() - job.arrival,
                                        cached_tokens)
+
+    @staticmethod
+    def _chat_chunks(job: Job, ev: _Event, lp: dict | None, started: set[int],
+                     shapers: dict[int, ChatChoice]) -> list[dict]:
+        """The chat chunks of one event: one per settled piece (a delta never mixes reasoning, content and
+        tool calls), the first of a choice with the role, the last of a finished choice with the reason."""
+        assert job.chat_format is not None
+        shaper = shapers.setdefault(ev.index, ChatChoice(job.chat_format))
+        deltas: list[dict[str, Any]] = [shaper.delta(p) for p in shaper.feed(ev.text, ev.finish_reason is not None)]
+        if ev.index not in started:
+            started.add(ev.index)
+            deltas = [{"role": "assistant", **(deltas[0] if deltas else {"content": ""})}, *deltas[1:]]
+        if not deltas and ((lp is not None and ev.token_ids) or ev.finish_reason is not None):
+            deltas = [{}]
+        chunks = [{"index": ev.index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+        if chunks:
+            chunks[0]["logprobs"] = lp
+            chunks[-1]["finish_reason"] = shaper.finish_reason(ev.finish_reason)
+        return chunks
 
     # ======================= helpers =======================
     def _encode(self, text: str) -> list[int]:

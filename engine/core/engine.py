@@ -79,7 +79,7 @@ class LLMEngine:
             page_tokens=c.page_tokens, num_pages=num_pages, enable_prefix_caching=c.enable_prefix_caching,
             max_model_len=c.max_model_len or cfg.max_position_embeddings,
         ))
-        self.runner = ModelRunner(self.model, self.cache, Sampler(seed=c.seed))
+        self.runner = ModelRunner(self.model, self.cache, Sampler(seed=c.seed, eos_token_id=cfg.eos_token_id))
         self.disk = DiskTier(c.disk_cache, self.cache, self.model) if c.disk_cache is not None else None
         self.scheduler.prefix_store = self.runner.disk = self.disk
         self._ids = itertools.count()
@@ -95,6 +95,9 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias token ids out of range [0, {vocab}): {bad[:5]}")
         rid = req_id if req_id is not None else f"req-{next(self._ids)}"
         self.scheduler.add_request(Request(rid, [int(t) for t in prompt_token_ids], params, time.monotonic(),
                                            eos_token_id=self.model_config.eos_token_id))

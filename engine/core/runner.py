@@ -27,6 +27,7 @@ class RunnerRequest:
     page_ids: list[int]  # the page table; PagedEntries of every layer read this same list
     state: SequenceState
     num_sampled: int  # tokens sampled so far (the seeded generator's step index)
+    num_prompt_tokens: int  # tokens[:num_prompt_tokens] is the prompt, the rest the output so far
 
 
 class ModelRunner:
@@ -55,7 +56,8 @@ class ModelRunner:
             state = (self.disk.new_sequence(self.model, nr.req_id, page_ids, nr.num_computed_tokens) if self.disk
                      else self.cache.new_sequence(self.model, page_ids, nr.num_computed_tokens))
             self.reqs[nr.req_id] = RunnerRequest(nr.req_id, list(nr.prompt_token_ids) + list(nr.output_token_ids),
-                                                 nr.sampling_params, page_ids, state, nr.num_sampled_before)
+                                                 nr.sampling_params, page_ids, state, nr.num_sampled_before,
+                                                 len(nr.prompt_token_ids))
         cr = so.cached_reqs
         for rid, new_pages, n_computed in zip(cr.req_ids, cr.new_page_ids, cr.num_computed_tokens, strict=True):
             r = self.reqs[rid]
@@ -85,8 +87,12 @@ class ModelRunner:
         logprobs: dict[str, tuple[float, dict[int, float]] | None] = {}
         if to_sample:
             rows = torch.tensor(sample_rows, device=h.device)
+            history = any(r.params.min_tokens or r.params.penalized for r in to_sample)
+            outputs = [r.tokens[r.num_prompt_tokens:] for r in to_sample] if history else None
+            prompts = [r.tokens[:r.num_prompt_tokens] if r.params.repetition_penalty != 1 else []
+                       for r in to_sample] if history else None
             out = self.sampler(self.model.compute_logits(h[rows]), [r.params for r in to_sample],
-                               [self._generator(r) for r in to_sample])
+                               [self._generator(r) for r in to_sample], outputs, prompts)
             for r, tok, lp in zip(to_sample, out.token_ids, out.logprobs, strict=True):
                 r.tokens.append(tok)
                 r.num_sampled += 1

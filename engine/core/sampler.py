@@ -1,4 +1,11 @@
-"""Token sampling for one decode step: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+"""Token sampling for one decode step: logits controls, greedy, temperature, top-k, top-p, per-request seeds,
+logprobs.
+
+Logits controls first, on every row that asks for them (greedy rows too), as scheduler/sampling.py defines
+them: repetition penalty, frequency and presence penalties, logit bias, then the min_tokens mask. They are
+batched: per step the rows' token histories are flattened once into index tensors, counted with one
+index_put (scatter-add) into a [n, V] tensor, and applied with tensor ops; no Python loop touches the
+vocabulary. Rows without controls are not touched.
 
 Order for a sampled (non-greedy) row: logits / temperature -> top-k (keep the k largest) -> top-p (the
 smallest set of tokens, by descending probability, whose mass reaches top_p; always at least the top token,
@@ -42,10 +49,12 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Samples one token per row of a [B, V] logits tensor."""
+    """Samples one token per row of a [B, V] logits tensor. `eos_token_id`: what min_tokens holds back
+    (with each request's stop_token_ids)."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, eos_token_id: int | None = None) -> None:
         self.seed = seed
+        self.eos_token_id = eos_token_id
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _default_generator(self, device: torch.device) -> torch.Generator:
@@ -60,15 +69,20 @@ class Sampler:
         logits: Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
+        output_token_ids: Sequence[Sequence[int]] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> SamplerOutput:
-        """logits: [B, V] (float32; other float dtypes are upcast). params, generators: B entries each."""
+        """logits: [B, V] (float32; other float dtypes are upcast). params, generators: B entries each.
+        output_token_ids / prompt_token_ids: each row's tokens so far (needed by rows with min_tokens or
+        penalties; repetition_penalty also reads the prompt)."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
         batch, vocab = logits.shape
         if len(params) != batch or len(generators) != batch:
             raise ValueError(f"need one SamplingParams and one generator (or None) per row: B={batch}, "
                              f"got {len(params)} params and {len(generators)} generators")
-        logits = logits.float()
+        raw = logits.float()
+        logits = self.apply_controls(raw, params, output_token_ids, prompt_token_ids)
         device = logits.device
         token_ids = torch.empty(batch, dtype=torch.long, device=device)
 
@@ -84,7 +98,72 @@ class Sampler:
             token_ids[rows] = (probs / noise).argmax(dim=-1)
 
         ids = token_ids.tolist()
-        return SamplerOutput(token_ids=ids, logprobs=self._logprobs(logits, params, ids))
+        return SamplerOutput(token_ids=ids, logprobs=self._logprobs(raw, params, ids))
+
+    def apply_controls(self, logits: Tensor, params: Sequence[SamplingParams],
+                       output_token_ids: Sequence[Sequence[int]] | None,
+                       prompt_token_ids: Sequence[Sequence[int]] | None) -> Tensor:
+        """[B, V] logits after the penalties, logit bias and min_tokens mask (a new tensor if any applies)."""
+        penalized = [i for i, p in enumerate(params) if p.penalized]
+        biased = [i for i, p in enumerate(params) if p.logit_bias]
+        held = [i for i, p in enumerate(params) if p.min_tokens]
+        if not (penalized or biased or held):
+            return logits
+        if (penalized or held) and output_token_ids is None:
+            raise ValueError("min_tokens and the penalties need output_token_ids")
+        device, vocab = logits.device, logits.shape[1]
+        logits = logits.clone()
+        if penalized:
+            logits[torch.tensor(penalized, device=device)] = self._penalize(
+                logits[torch.tensor(penalized, device=device)], [params[i] for i in penalized],
+                [output_token_ids[i] for i in penalized],
+                [prompt_token_ids[i] for i in penalized] if prompt_token_ids is not None else None)
+        if biased:
+            rows = [i for i in biased for _ in params[i].logit_bias]
+            ids = [t for i in biased for t, _ in params[i].logit_bias]
+            vals = [b for i in biased for _, b in params[i].logit_bias]
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"logit_bias token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            logits.index_put_((torch.tensor(rows, device=device), torch.tensor(ids, device=device)),
+                              torch.tensor(vals, dtype=logits.dtype, device=device), accumulate=True)
+        rows, ids = [], []
+        for i in held:
+            p = params[i]
+            if len(output_token_ids[i]) < p.min_tokens:
+                stops = [*p.stop_token_ids, *(() if p.ignore_eos or self.eos_token_id is None else
+                                              (self.eos_token_id,))]
+                rows += [i] * len(stops)
+                ids += stops
+        if rows:
+            logits.index_put_((torch.tensor(rows, device=device), torch.tensor(ids, device=device)),
+                              torch.tensor(float("-inf"), device=device))
+        return logits
+
+    @staticmethod
+    def _penalize(logits: Tensor, params: Sequence[SamplingParams], outputs: Sequence[Sequence[int]],
+                  prompts: Sequence[Sequence[int]] | None) -> Tensor:
+        """[n, V] logits of penalized rows -> penalized (repetition, then frequency and presence)."""
+        n, vocab = logits.shape
+        device = logits.device
+        counts = torch.zeros(n, vocab, dtype=logits.dtype, device=device)
+        rows = [j for j, out in enumerate(outputs) for _ in out]
+        if rows:
+            ids = torch.tensor([t for out in outputs for t in out], device=device)
+            counts.index_put_((torch.tensor(rows, device=device), ids), torch.ones(len(rows), device=device),
+                              accumulate=True)
+        rep = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype, device=device)[:, None]
+        if bool((rep != 1).any()):
+            seen = counts > 0
+            if prompts is not None:
+                prompt_rows = [j for j, pr in enumerate(prompts) for _ in pr]
+                if prompt_rows:
+                    seen[torch.tensor(prompt_rows, device=device),
+                         torch.tensor([t for pr in prompts for t in pr], device=device)] = True
+            logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=device)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=device)[:, None]
+        return logits - freq * counts - pres * (counts > 0).to(logits.dtype)
 
     @staticmethod
     def _probs(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:

@@ -200,7 +200,8 @@ async def _serve(topo: Topology, topo_path: Path, conn: Any, up_state: dict[str,
 def preflight(topo: Topology) -> str | None:
     """What would make `up` fail after Ray and the ranks started (or silently differ from the file), found
     before: the checkpoint (the driver reads its tokenizer; the ranks read the same path), a KV cache dtype
-    the ranks do not serve, and the API key variable."""
+    the ranks do not serve, the API key variable, and ranks whose weights do not fit their memory (cluster.fit).
+    """
     from cluster.server.settings import ServerSettings
 
     path = topo.model.path
@@ -217,7 +218,9 @@ def preflight(topo: Topology) -> str | None:
         ServerSettings.from_topology(topo).api_key()
     except ValueError as e:
         return f"{topo.source}: field 'server.api_key_env': {e}"
-    return None
+    from cluster.fit import weights_fit_problem
+
+    return weights_fit_problem(topo)
 
 
 async def _start_frontend(topo: Topology, router: Any, port: int | None) -> tuple[Any, str]:

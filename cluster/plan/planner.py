@@ -8,6 +8,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from cluster.plan.hardware import Hardware, get_hardware
 from cluster.plan.memory import KVSettings, RankMemory, rank_memory
 from cluster.plan.model_spec import PlanModel, from_v4
@@ -15,6 +17,7 @@ from cluster.plan.perf import Efficiency, Layout, decode, prefill
 from cluster.plan.v3 import V3Config, from_v3
 from engine.cache.accounting import KV_CACHE_DTYPES
 from engine.model.config import ModelConfig
+from engine.weights.resident import topology_rank_bytes
 
 # topology kv_cache.dtype -> engine/cache/accounting.py name
 
@@ -41,6 +44,8 @@ class PlanInput:
     kv_budget_bytes: int | None = None
     memory_fraction: float | None = None
     kv_dtype: str = "bfloat16"  # topology names: bfloat16, float32, fp8
+    weights: str = "native"  # the topology's model.weights: how ranks hold the weights (engine.weights.resident)
+    model_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -70,7 +75,16 @@ def from_topology(topo) -> PlanInput:
         policy=p.placement.policy, redundant_experts=p.placement.redundant_experts, max_num_seqs=s.max_num_seqs,
         max_num_batched_tokens=s.max_num_batched_tokens, page_tokens=s.page_tokens, max_model_len=s.max_model_len,
         kv_budget_bytes=kv.budget_bytes, memory_fraction=kv.memory_fraction,
-        kv_dtype=kv.dtype or topo.model.dtype)
+        kv_dtype=kv.dtype or topo.model.dtype, weights=topo.model.weights, model_dtype=topo.model.dtype)
+
+
+def rank_weight_bytes(inp: PlanInput) -> int | None:
+    """A rank's weights by the engine's accounting (engine.weights.resident), every rank holding
+    (E + redundant) / world expert slots in every MoE layer, the MTP block's included; None for V3."""
+    if isinstance(inp.model, V3Config):
+        return None
+    return topology_rank_bytes(inp.model, inp.weights, getattr(torch, inp.model_dtype), inp.world_size,
+                               inp.redundant_experts).total
 
 
 def build_model(inp: PlanInput, hw: Hardware) -> tuple[PlanModel, list[str]]:
@@ -180,7 +194,8 @@ def make_plan(inp: PlanInput, isl: int = 1024, osl: int = 1024, concurrency: int
         if hw.key not in models:
             models[hw.key], n = build_model(inp, hw)
             notes += n
-        mem = rank_memory(models[hw.key], hw, world, inp.redundant_experts, kv, context)
+        mem = rank_memory(models[hw.key], hw, world, inp.redundant_experts, kv, context,
+                          resident_bytes=rank_weight_bytes(inp), weights_mode=inp.weights)
         problems += [f"node {node.name} (ranks {start}-{start + node.ranks - 1}): {p}" for p in mem.problems]
         rows.append((tuple(range(start, start + node.ranks)), node.name, mem))
         start += node.ranks

@@ -17,7 +17,8 @@ def _ranks(r: tuple[int, ...]) -> str:
 def format_plan(plan: Plan) -> str:
     out: list[str] = []
     add = out.append
-    add(f"model {plan.model_name}: {_gb(plan.weight_bytes_model)} GB of weights; EP size {plan.world_size}")
+    add(f"model {plan.model_name}: {_gb(plan.weight_bytes_model)} GB of weights; EP size {plan.world_size}; "
+        f"ranks hold them {plan.ranks[0][2].weights_mode} (`weights` column: engine/weights/resident.py)")
     add("")
     add("Memory per rank (GB)")
     header = f"{'ranks':>7} {'node':<12} {'gpu':<6} {'HBM':>7} {'replic.':>8} {'experts':>8} {'slots':>6} " \

@@ -16,6 +16,7 @@ from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler
 from engine.model.config import MODEL_DTYPES
 from engine.model.model import Transformer
+from engine.model.weight_format import check_mode
 from engine.weights.loader import load_model
 from scheduler.config import SchedulerConfig
 from scheduler.request import Request, RequestOutput
@@ -37,6 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0  # for requests without their own seed
+    weights: str = "native"  # "native": checkpoint precision in memory; "dequantized": every weight in `dtype`
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -46,6 +48,7 @@ class EngineConfig:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)!r}")
         if self.num_pages is not None and self.num_pages <= 0:
             raise ValueError(f"num_pages must be positive, got {self.num_pages!r}")
+        check_mode(self.weights)
 
 
 class LLMEngine:
@@ -59,7 +62,8 @@ class LLMEngine:
         dtype = _DTYPES[c.dtype]
         if model is not None and model.dtype != dtype:
             raise ValueError(f"model has dtype {model.dtype}, config.dtype is {c.dtype!r}")
-        self.model = model if model is not None else load_model(model_dir, dtype=dtype, device=c.device)
+        self.model = model if model is not None else load_model(model_dir, dtype=dtype, device=c.device,
+                                                                weights=c.weights)
         cfg = self.model.cfg
         self.model_config = cfg
         num_pages = c.num_pages

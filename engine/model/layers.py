@@ -10,12 +10,16 @@ from engine.model import weight_format
 
 
 class RMSNorm(nn.Module):
-    """y = weight * x * rsqrt(mean(x^2) + eps), computed in float32 (the weight is kept in float32)."""
+    """y = weight * x * rsqrt(mean(x^2) + eps), computed in float32. The weight is float32, or under native
+    formats the checkpoint's bfloat16 (upcast exactly inside the product)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        if weight_format.current().bf16:
+            self.weight = frozen_parameter(torch.ones(dim, dtype=torch.bfloat16))
+        else:
+            self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

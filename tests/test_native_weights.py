@@ -264,3 +264,40 @@ def test_path_table(monkeypatch):
     assert select.select_expert_path("cuda", "fp4", torch.bfloat16, 3, 30, 32, cpu_kernel=False) == "triton"
     assert select.select_linear_path("cuda", "fp8", torch.bfloat16, 3, 256) == "triton"
     assert select.select_expert_path("cpu", "fp4", f32, 3, 30, 32, cpu_kernel=True) == "kernel"  # CPU: no Triton
+
+
+# ---- config compatibility (what transformers' DeepseekV4Config loads) ---------------------------------------
+def test_longer_compress_ratios_are_cut_with_one_line(caplog):
+    from engine.model.config import TINY, ModelConfig
+
+    raw = TINY.to_dict()
+    raw["compress_ratios"] = list(TINY.compress_ratios) + [4, 128, 0]
+    with caplog.at_level("INFO", logger="engine.model.config"):
+        cfg = ModelConfig.from_dict(raw)
+    assert cfg.compress_ratios == TINY.compress_ratios
+    assert [r.message for r in caplog.records if "compress_ratios" in r.message] == [
+        "config compress_ratios: 8 entries for 4 main + 1 MTP layers; the 3 trailing ones are ignored"]
+    raw["compress_ratios"] = list(TINY.compress_ratios)[:3]
+    with pytest.raises(ValueError, match="compress_ratios"):
+        ModelConfig.from_dict(raw)
+
+
+def test_unquantized_expert_dtype_loads_when_the_tensors_agree(tmp_path):
+    import dataclasses
+
+    from engine.model.config import TINY, ConfigError
+    from engine.weights.checkpoint import CheckpointError
+
+    cfg = dataclasses.replace(TINY, expert_dtype="bf16")
+    plain = write_checkpoint(cfg, tmp_path / "bf16-experts", seed=1, quantize=False)
+    model = load_model(plain)
+    assert model.layers[0].ffn.experts.fmt == "dense"
+    spec = open_checkpoint(plain).manifest.by_name()["layers.1.ffn.experts.3.w2.weight"]
+    assert (spec.dtype, spec.shape) == ("BF16", (TINY.hidden_size, TINY.moe_intermediate_size))
+    packed = write_checkpoint(TINY, tmp_path / "fp4-experts", seed=1)
+    raw = json.loads((packed / "config.json").read_text())
+    (packed / "config.json").write_text(json.dumps({**raw, "expert_dtype": "bf16"}))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.ffn\.experts\.0\.w1\.weight"):
+        load_model(packed)
+    with pytest.raises(ConfigError, match="expert_dtype"):
+        dataclasses.replace(TINY, expert_dtype="int3")

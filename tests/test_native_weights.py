@@ -259,10 +259,13 @@ def test_path_table(monkeypatch):
     assert select.select_expert_path("cpu", "dense", f32, 3, 30, 32, cpu_kernel=False) == "padded"
     assert select.select_expert_path("cpu", "fp4", f32, 3, 30, 32, cpu_kernel=False) == "sorted"
     assert select.select_linear_path("cpu", "fp8", torch.bfloat16, 3, 256) == "torch"
-    fake = types.SimpleNamespace(moe_grouped_gemm=lambda *a, **k: None, fp8_block_linear=lambda *a, **k: None)
+    fake = types.SimpleNamespace(moe_grouped_gemm=lambda *a, **k: None, fp8_block_linear=lambda *a, **k: None,
+                                 available=lambda device: device == "cuda")
     monkeypatch.setattr(select, "triton_kernels", lambda: fake)
     assert select.select_expert_path("cuda", "fp4", torch.bfloat16, 3, 30, 32, cpu_kernel=False) == "triton"
     assert select.select_linear_path("cuda", "fp8", torch.bfloat16, 3, 256) == "triton"
+    # FP8 experts have no Triton grouped GEMM: per-slot dequantize + mm
+    assert select.select_expert_path("cuda", "fp8", torch.bfloat16, 3, 30, 32, cpu_kernel=False) == "sorted"
     assert select.select_expert_path("cpu", "fp4", f32, 3, 30, 32, cpu_kernel=True) == "kernel"  # CPU: no Triton
 
 

@@ -4,7 +4,7 @@ Routed experts (`select_expert_path`), rows already grouped by local expert slot
 
     condition (first match)                                     path
     autograd needs gradients                                    "reference"  (RoutedExperts._forward_loop)
-    CUDA, engine.kernels.triton importable with moe_grouped_gemm "triton"     (Triton grouped GEMM, any format)
+    CUDA, dense/MXFP4, engine.kernels.triton's moe_grouped_gemm "triton"     (one Triton grouped GEMM launch)
     CPU, C kernel built, float32 activations                   "kernel"     (slots under KERNEL_MAX_ROWS rows in
                                                                               the C kernel, the rest "sorted")
     dense weights, every slot under KERNEL_MAX_ROWS, >= 3/4 busy "padded"     (three bmm's over all slots)
@@ -45,8 +45,12 @@ def triton_kernels() -> ModuleType | None:
 
 
 def triton_has(name: str) -> bool:
+    """engine.kernels.triton has `name` and can run on CUDA here (its `available("cuda")`, when it has one)."""
     mod = triton_kernels()
-    return mod is not None and callable(getattr(mod, name, None))
+    if mod is None or not callable(getattr(mod, name, None)):
+        return False
+    available = getattr(mod, "available", None)
+    return bool(available("cuda")) if callable(available) else True
 
 
 def select_expert_path(device: str, weight_format: str, act_dtype: torch.dtype, max_rows: int, busy_slots: int,
@@ -56,7 +60,7 @@ def select_expert_path(device: str, weight_format: str, act_dtype: torch.dtype, 
     (built here, float32 CPU activations, contiguous weights: RoutedExperts._kernel_usable)."""
     if grad:
         return "reference"
-    if device == "cuda" and triton_has("moe_grouped_gemm"):
+    if device == "cuda" and weight_format in ("dense", "fp4") and triton_has("moe_grouped_gemm"):
         return "triton"
     if device == "cpu" and cpu_kernel:
         return "kernel"

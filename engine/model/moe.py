@@ -223,12 +223,12 @@ class RoutedExperts(nn.Module):
         The C kernel (CPU) and Triton (CUDA) read `offsets` themselves: no host sync, static shapes. Without
         either, the torch per-slot loop (which reads the counts on the host)."""
         route_w = route_w.float().contiguous()
-        if x_sorted.device.type == "cuda" and triton_has("moe_grouped_gemm"):
+        if x_sorted.device.type == "cuda" and self.fmt in ("dense", "fp4") and triton_has("moe_grouped_gemm"):
             tk = triton_kernels()
-            ends = offsets[1:]
-            a = tk.moe_grouped_gemm(x_sorted, self.w1, ends, self._scale("w1"), w3=self.w3,
+            ends = offsets[1:]  # cumulative row ends, as torch._grouped_mm's offs
+            a = tk.moe_grouped_gemm(x_sorted, self.w1, ends, w_scale=self._scale("w1"), w3=self.w3,
                                     w3_scale=self._scale("w3"), swiglu_limit=self.limit, row_weight=route_w)
-            return tk.moe_grouped_gemm(a, self.w2, ends, self._scale("w2")).float()
+            return tk.moe_grouped_gemm(a, self.w2, ends, w_scale=self._scale("w2")).float()
         if self._kernel_usable(x_sorted):
             return self._kernel_call(x_sorted.contiguous(), offsets, route_w)
         out = torch.zeros(x_sorted.shape[0], x_sorted.shape[1], dtype=torch.float32, device=x_sorted.device)

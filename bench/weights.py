@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                     decode_tok_s(models[mode], b, args.prompt_len, args.decode_steps, args.seed + rep))
         for mode in order:
             runs[mode].setdefault("prefill", []).append(prefill_tok_s(models[mode], args.prefill_len, args.seed + rep))
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{m} {k} {v[-1]:.1f}" for m, r in runs.items()
+                                                              for k, v in r.items()), file=sys.stderr, flush=True)
     summary: dict = {
         "resident_bytes_native": resident["native"], "resident_bytes_dequantized": resident["dequantized"],
         "manifest_bytes": manifest_bytes,

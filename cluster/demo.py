@@ -36,6 +36,7 @@ from engine.model.config import get_preset
 from engine.model.moe import RoutedExperts
 from engine.weights.make_checkpoint import write_checkpoint
 from engine.weights.manifest import build_manifest
+from engine.weights.resident import model_resident_bytes, uniform_rank_bytes
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PROMPTS = [
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[2] validated and loaded it in {time.perf_counter() - t0:.2f}s; layers "
           f"{list(cfg.compress_ratios[:cfg.num_hidden_layers])} (0 = SWA, 4 = CSA, 128 = HCA), "
           f"{cfg.num_hash_layers} hash-routed; cache: {llm.engine.cache.num_pages} pages of 128 tokens")
+    native = model_resident_bytes(model)
+    print(f"    weights held native (FP8 linears, MXFP4 experts): {native / 1e6:.2f} MB resident, vs "
+          f"{uniform_rank_bytes(cfg, 'dequantized', torch.float32, cfg.n_routed_experts).total / 1e6:.2f} MB "
+          f"dequantized to float32 (engine/weights/resident.py)")
     system = "You are a helpful assistant. Answer briefly and precisely. " * 6  # shared by every request
     prompts = [system + p for p in PROMPTS]
     t0 = time.perf_counter()

@@ -145,14 +145,14 @@ def engine_config(topo: Topology, device: str, n_local_experts: int | None = Non
     if budget is not None:
         kw["cache_budget_bytes"] = budget
     s = topo.scheduler
-    return EngineConfig(dtype=topo.model.dtype, device=device, max_num_seqs=s.max_num_seqs,
+    return EngineConfig(dtype=topo.model.dtype, device=device, weights=topo.model.weights, max_num_seqs=s.max_num_seqs,
                         max_num_batched_tokens=s.max_num_batched_tokens, page_tokens=s.page_tokens,
                         max_model_len=s.max_model_len, disk_cache=topo.kv_cache.disk, **kw)
 
 
 def cache_budget_bytes(topo: Topology, device: str, n_local_experts: int | None) -> int | None:
     """kv_cache.budget_bytes as given; or memory_fraction of the device's memory minus this rank's weights
-    (exact bytes from the checkpoint manifest) and a safety margin; None = the engine's default."""
+    (engine.weights.resident, in the topology's weights mode) and a safety margin; None = the engine's default."""
     kv = topo.kv_cache
     if kv.budget_bytes is not None:
         return kv.budget_bytes
@@ -160,13 +160,13 @@ def cache_budget_bytes(topo: Topology, device: str, n_local_experts: int | None)
         return None
     import torch
 
-    from engine.weights.manifest import build_manifest
+    from engine.weights.resident import uniform_rank_bytes
 
     cfg = topo.model_config()
-    m = build_manifest(cfg)
-    routed = sum(t.nbytes for t in m.tensors if ".experts." in t.name and "shared" not in t.name)
     n_local = cfg.n_routed_experts if n_local_experts is None else n_local_experts
-    weights = m.bytes - routed + routed * n_local // cfg.n_routed_experts
+    # as the rank builds its model: EP ranks place the main MoE layers only (no MTP block)
+    weights = uniform_rank_bytes(cfg, topo.model.weights, getattr(torch, topo.model.dtype), n_local,
+                                 with_mtp=topo.world_size == 1).total
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     budget = int(total * kv.memory_fraction) - weights - _SAFETY_BYTES
     if budget <= 0:

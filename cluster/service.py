@@ -237,7 +237,8 @@ def port_in_use(host: str, port: int) -> str | None:
 def preflight(topo: Topology, port: int | None = None) -> str | None:
     """What would make `up` fail after Ray and the ranks started (or silently differ from the file), found
     before: the checkpoint (the driver reads its tokenizer; the ranks read the same path), a KV cache dtype
-    the ranks do not serve, the API key variable, and the HTTP port (`port` overrides server.port)."""
+    the ranks do not serve, the API key variable, the HTTP port (`port` overrides server.port), and ranks whose
+    weights do not fit their memory (cluster.fit)."""
     from cluster.server.settings import ServerSettings
 
     path = topo.model.path
@@ -258,7 +259,9 @@ def preflight(topo: Topology, port: int | None = None) -> str | None:
     if busy:
         where = "--port" if port is not None else f"{topo.source}: field 'server.port'"
         return f"{where}: {busy} (another server?); choose another port with --port, or --port 0 for any free one"
-    return None
+    from cluster.fit import weights_fit_problem
+
+    return weights_fit_problem(topo)
 
 
 async def _start_frontend(topo: Topology, router: Any, port: int | None) -> tuple[Any, str]:

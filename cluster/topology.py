@@ -26,6 +26,7 @@ from comm.placement_policy import PLACEMENT_POLICIES
 from engine.cache.accounting import KV_CACHE_DTYPES
 from engine.cache.disk_config import SWA_MODES, DiskCacheConfig
 from engine.model.config import MODEL_DTYPES, PRESETS, ConfigError, ModelConfig, get_preset
+from engine.model.weight_format import WEIGHT_MODES
 
 DEVICES = ("cpu", "cuda")
 ACCELERATORS = ("b200", "gb200", "gb300", "h200", "h100")
@@ -52,6 +53,7 @@ class ModelSpec:
     path: Path | None  # absolute (resolved against the YAML's folder); None when only `config` is given
     dtype: str = "bfloat16"
     config: str | None = None  # a preset name, used when `path` has no config.json
+    weights: str = "native"  # native: checkpoint precision in memory; dequantized: every weight in `dtype`
 
     def model_config(self) -> ModelConfig:
         """config.json of `path` when it exists, else the preset `config`."""
@@ -320,7 +322,7 @@ def parse_topology(raw: Any, file: str | Path) -> Topology:
 
 
 def _model(r: _Reader, base: Path) -> ModelSpec:
-    r.check_keys(("path", "dtype", "config"))
+    r.check_keys(("path", "dtype", "config", "weights"))
     path = r.str_("path", None)
     config = r.str_("config", None, choices=sorted(PRESETS))
     if path is None and config is None:
@@ -329,7 +331,9 @@ def _model(r: _Reader, base: Path) -> ModelSpec:
     if path is not None and not path:
         raise r.error("model.path", "must be a non-empty path")
     dtype = r.str_("dtype", "bfloat16", choices=MODEL_DTYPES)
-    return ModelSpec(path=(base / path).resolve() if path is not None else None, dtype=dtype, config=config)
+    weights = r.str_("weights", "native", choices=WEIGHT_MODES)
+    return ModelSpec(path=(base / path).resolve() if path is not None else None, dtype=dtype, config=config,
+                     weights=weights)
 
 
 def _nodes(top: _Reader) -> tuple[NodeSpec, ...]:

@@ -106,8 +106,9 @@ def _slots_hold_placement(engine: EPEngine, ckpt: str) -> bool:
     for layer, moe in enumerate(engine.model.moe_layers()):
         for slot, e in enumerate(engine.placement.local_logical(layer, engine.ep_rank)):
             assert moe.experts.local_experts[slot] == e
-            for w in ("w1", "w2", "w3"):
-                if not torch.equal(getattr(moe.experts, w)[slot], want[f"layers.{layer}.ffn.experts.{e}.{w}.weight"]):
+            for w in ("w1", "w2", "w3"):  # the slot's held bytes (+ scales, when native), dequantized
+                if not torch.equal(moe.experts.expert_weight(w, slot, torch.float32),
+                                   want[f"layers.{layer}.ffn.experts.{e}.{w}.weight"]):
                     return False
     return True
 

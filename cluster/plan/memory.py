@@ -4,6 +4,10 @@ and the KV cache the rest holds (engine/cache/accounting.py for V4), in tokens a
 Every kind except `routed_experts` is replicated on each rank. A rank holds `slots = (E + redundant) / ep_size`
 expert slots in every MoE layer (MTP block included), each the bytes of one expert of that layer; on average
 `redundant / ep_size` of them are redundant replicas.
+
+For DeepSeek-V4 the weights a rank holds (`weight_bytes`, which sizes the KV budget) come from the engine's own
+accounting, engine/weights/resident.py, under the topology's `weights` mode; the breakdowns by kind and dtype
+are the checkpoint's bytes.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class RankMemory:
     seq_bytes_at_context: int  # one sequence's slot + pages at context_len
     seqs_at_context: int  # sequences of context_len that fit the budget (scheduler cap not applied)
     problems: tuple[str, ...] = field(default_factory=tuple)
+    resident_bytes: int | None = None  # the engine's accounting of this rank's weights (V4), else None
+    weights_mode: str = "native"
 
     @property
     def replicated_bytes(self) -> int:
@@ -54,6 +60,9 @@ class RankMemory:
 
     @property
     def weight_bytes(self) -> int:
+        """What the rank holds: the engine's accounting when known, else the checkpoint bytes of its tensors."""
+        if self.resident_bytes is not None:
+            return self.resident_bytes
         return self.replicated_bytes + self.routed_total
 
     def to_dict(self) -> dict:
@@ -62,7 +71,8 @@ class RankMemory:
             "replicated_bytes": self.replicated_bytes, "expert_slots": self.expert_slots,
             "redundant_slots": self.redundant_slots, "routed_bytes": self.routed_bytes,
             "routed_total": self.routed_total, "redundant_bytes": self.redundant_bytes,
-            "weight_bytes": self.weight_bytes, "activation_bytes": self.activation_bytes,
+            "weight_bytes": self.weight_bytes, "weights_mode": self.weights_mode,
+            "activation_bytes": self.activation_bytes,
             "kv_budget_bytes": self.kv_budget_bytes, "kv_pages": self.kv_pages,
             "kv_tokens_capacity": self.kv_tokens_capacity, "context_len": self.context_len,
             "seq_bytes_at_context": self.seq_bytes_at_context, "seqs_at_context": self.seqs_at_context,
@@ -87,8 +97,9 @@ def activation_bytes(model: PlanModel, kv: KVSettings) -> int:
 
 
 def rank_memory(model: PlanModel, hw: Hardware, ep_size: int, redundant: int, kv: KVSettings,
-                context_len: int) -> RankMemory:
-    """The memory of one rank of an EP group of `ep_size` on `hw`."""
+                context_len: int, resident_bytes: int | None = None, weights_mode: str = "native") -> RankMemory:
+    """The memory of one rank of an EP group of `ep_size` on `hw`; `resident_bytes`: the engine's accounting of
+    its weights (engine.weights.resident), when the model has one."""
     problems: list[str] = []
     e = model.n_routed_experts
     if (e + redundant) % ep_size:
@@ -102,6 +113,8 @@ def rank_memory(model: PlanModel, hw: Hardware, ep_size: int, redundant: int, kv
     red_bytes = sum(routed_all.values()) * red_slots / e
     act = activation_bytes(model, kv)
     weights = sum(sum(d.values()) for d in replicated.values()) + sum(routed.values())
+    if resident_bytes is not None:
+        weights = resident_bytes
     hbm = int(hw.hbm_bytes)
     if kv.budget_bytes is not None:
         budget = kv.budget_bytes
@@ -132,4 +145,5 @@ def rank_memory(model: PlanModel, hw: Hardware, ep_size: int, redundant: int, kv
         accelerator=hw.key, hbm_bytes=hbm, replicated=replicated, expert_slots=slots, redundant_slots=red_slots,
         routed_bytes=routed, redundant_bytes=red_bytes, activation_bytes=act, kv_budget_bytes=budget,
         kv_pages=pages, kv_tokens_capacity=pages * kv.page_tokens, context_len=context_len,
-        seq_bytes_at_context=seq, seqs_at_context=seqs, problems=tuple(problems))
+        seq_bytes_at_context=seq, seqs_at_context=seqs, problems=tuple(problems), resident_bytes=resident_bytes,
+        weights_mode=weights_mode)

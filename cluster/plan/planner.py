@@ -8,6 +8,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from cluster.plan.hardware import Hardware, cpu_host, get_hardware, host_memory_bytes
 from cluster.plan.memory import KVSettings, RankMemory, rank_memory
 from cluster.plan.model_spec import PlanModel, from_v4
@@ -15,6 +17,7 @@ from cluster.plan.perf import Efficiency, Layout, decode, prefill
 from cluster.plan.v3 import V3Config, from_v3
 from engine.cache.accounting import KV_CACHE_DTYPES
 from engine.model.config import ModelConfig
+from engine.weights.resident import topology_rank_bytes
 
 # topology kv_cache.dtype -> engine/cache/accounting.py name
 
@@ -53,6 +56,7 @@ class PlanInput:
     kv_dtype: str = "bfloat16"  # topology names: bfloat16, float32, fp8
     weight_dtype: str = "bfloat16"  # model.dtype: what CPU ranks dequantize the checkpoint to at load
     notes: tuple[str, ...] = ()  # what building the input assumed; the plan repeats them
+    weights: str = "native"  # the topology's model.weights: how ranks hold the weights (engine.weights.resident)
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -98,12 +102,22 @@ def from_topology(topo, host_memory: int | None = None) -> PlanInput:
         policy=p.placement.policy, redundant_experts=p.placement.redundant_experts, max_num_seqs=s.max_num_seqs,
         max_num_batched_tokens=s.max_num_batched_tokens, page_tokens=s.page_tokens, max_model_len=s.max_model_len,
         kv_budget_bytes=kv.budget_bytes, memory_fraction=kv.memory_fraction,
-        kv_dtype=kv.dtype or topo.model.dtype, weight_dtype=topo.model.dtype, notes=tuple(notes))
+        kv_dtype=kv.dtype or topo.model.dtype, weights=topo.model.weights,
+        weight_dtype=topo.model.dtype, notes=tuple(notes))
+
+
+def rank_weight_bytes(inp: PlanInput) -> int | None:
+    """A rank's weights by the engine's accounting (engine.weights.resident), every rank holding
+    (E + redundant) / world expert slots in every MoE layer, the MTP block's included; None for V3."""
+    if isinstance(inp.model, V3Config):
+        return None
+    return topology_rank_bytes(inp.model, inp.weights, getattr(torch, inp.weight_dtype), inp.world_size,
+                               inp.redundant_experts).total
 
 
 def build_model(inp: PlanInput, hw: Hardware) -> tuple[PlanModel, list[str]]:
     """The planner's model for `inp` on `hw`; FP4 experts become FP8 on a GPU without FP4 (Hopper); a CPU rank
-    holds every weight dequantized to `inp.weight_dtype`."""
+    holds the checkpoint's bytes (weights native) or every weight dequantized to `inp.weight_dtype`."""
     notes: list[str] = []
     cache_dtype = KV_CACHE_DTYPES[inp.kv_dtype]
     if isinstance(inp.model, V3Config):
@@ -112,7 +126,8 @@ def build_model(inp: PlanInput, hw: Hardware) -> tuple[PlanModel, list[str]]:
         return from_v3(inp.model, inp.model_name, cache_dtype), notes
     cfg = inp.model
     if hw.device == "cpu":
-        return from_v4(cfg, inp.model_name, cache_dtype, dequantized_to=inp.weight_dtype), notes
+        dequantized_to = inp.weight_dtype if inp.weights == "dequantized" else None
+        return from_v4(cfg, inp.model_name, cache_dtype, dequantized_to=dequantized_to), notes
     if cfg.expert_dtype == "fp4" and not hw.has_fp4:
         cfg = dataclasses.replace(cfg, expert_dtype="fp8")
         notes.append(f"{hw.key} has no FP4 tensor cores: routed experts planned as FP8 (the lossless FP4->FP8 "
@@ -214,7 +229,8 @@ def make_plan(inp: PlanInput, isl: int = 1024, osl: int = 1024, concurrency: int
         if hw.key not in models:
             models[hw.key], n = build_model(inp, hw)
             notes += n
-        mem = rank_memory(models[hw.key], hw, world, inp.redundant_experts, kv, context)
+        mem = rank_memory(models[hw.key], hw, world, inp.redundant_experts, kv, context,
+                          resident_bytes=rank_weight_bytes(inp), weights_mode=inp.weights)
         problems += [f"node {node.name} (ranks {start}-{start + node.ranks - 1}): {p}" for p in mem.problems]
         rows.append((tuple(range(start, start + node.ranks)), node.name, mem))
         start += node.ranks

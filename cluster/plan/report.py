@@ -18,7 +18,8 @@ def format_plan(plan: Plan) -> str:
     def _gb(n: float) -> str:
         return f"{n / 1e9:,.2f}" if unit == "GB" else f"{n / 1e6:,.1f}"
 
-    add(f"model {plan.model_name}: {_gb(plan.weight_bytes_model)} {unit} of weights; EP size {plan.world_size}")
+    add(f"model {plan.model_name}: {_gb(plan.weight_bytes_model)} {unit} of weights; EP size {plan.world_size}; "
+        f"ranks hold them {plan.ranks[0][2].weights_mode} (`weights` column: engine/weights/resident.py)")
     add("")
     add(f"Memory per rank ({unit})")
     memory = "HBM" if all(m.accelerator != "cpu" for _, _, m in plan.ranks) else "memory"

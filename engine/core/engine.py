@@ -17,6 +17,7 @@ from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler
 from engine.model.config import MODEL_DTYPES
 from engine.model.model import Transformer
+from engine.model.weight_format import check_mode
 from engine.weights.loader import load_model
 from scheduler.config import SchedulerConfig
 from scheduler.request import Request, RequestOutput
@@ -39,6 +40,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0  # for requests without their own seed
     disk_cache: DiskCacheConfig | None = None  # a disk tier under the prefix cache (engine.cache.disk)
+    weights: str = "native"  # "native": checkpoint precision in memory; "dequantized": every weight in `dtype`
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -52,6 +54,7 @@ class EngineConfig:
             raise ValueError(f"disk_cache must be a DiskCacheConfig or None, got {self.disk_cache!r}")
         if self.disk_cache is not None and not self.enable_prefix_caching:
             raise ValueError("disk_cache needs enable_prefix_caching: the disk tier sits under the prefix cache")
+        check_mode(self.weights)
 
 
 class LLMEngine:
@@ -65,7 +68,8 @@ class LLMEngine:
         dtype = _DTYPES[c.dtype]
         if model is not None and model.dtype != dtype:
             raise ValueError(f"model has dtype {model.dtype}, config.dtype is {c.dtype!r}")
-        self.model = model if model is not None else load_model(model_dir, dtype=dtype, device=c.device)
+        self.model = model if model is not None else load_model(model_dir, dtype=dtype, device=c.device,
+                                                                weights=c.weights)
         cfg = self.model.cfg
         self.model_config = cfg
         num_pages = c.num_pages

@@ -19,7 +19,7 @@ from torch import nn
 
 from engine.cache.seq_state import CompressorState, DenseEntries, LayerSnapshot, LayerState, append_rows, read_padded
 from engine.model.config import ModelConfig
-from engine.model.layers import Linear, RMSNorm, linear, rms_normalize
+from engine.model.layers import Linear, RMSNorm, rms_normalize
 from engine.model.rope import apply_rope, inv_freq, rope_cos_sin
 
 QUERY_BLOCK = 256  # queries per attention block in prefill
@@ -105,8 +105,8 @@ class Compressor(nn.Module):
         width = (2 if self.overlap else 1) * head_dim
         self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
         # BF16 in the checkpoint, run in fp32 by the reference.
-        self.wkv = Linear(cfg.hidden_size, width, torch.float32)
-        self.wgate = Linear(cfg.hidden_size, width, torch.float32)
+        self.wkv = Linear(cfg.hidden_size, width, torch.float32, stored="bf16")
+        self.wgate = Linear(cfg.hidden_size, width, torch.float32, stored="bf16")
         self.norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.rope_dim = cfg.qk_rope_head_dim
 
@@ -119,7 +119,7 @@ class Compressor(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] (all packed tokens at once) -> C, Z: [T, c*d] float32 (ape is added per window)."""
         xf = x.float()
-        return linear(xf, self.wkv.weight), linear(xf, self.wgate.weight)
+        return self.wkv(xf), self.wgate(xf)
 
     def forward(self, kv: torch.Tensor, gate: torch.Tensor, p0: int, st: CompressorState, freqs: torch.Tensor,
                 snapshot_at: list[int] = ()) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -226,14 +226,14 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
         self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, dtype)
-        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, torch.float32)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, torch.float32, stored="bf16")
         self.compressor = Compressor(cfg, 4, self.head_dim, dtype)
 
     def project(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All packed tokens at once: x [T, D], qr [T, q_lora] -> q [T, Hi, di] (RoPE'd, f32), w [T, Hi] f32."""
-        q = linear(qr, self.wq_b.weight).view(qr.shape[0], self.n_heads, self.head_dim)
-        w = linear(x.float(), self.weights_proj.weight) * self.n_heads**-0.5
+        q = self.wq_b(qr).view(qr.shape[0], self.n_heads, self.head_dim)
+        w = self.weights_proj(x.float()) * self.n_heads**-0.5
         return apply_rope(q, cos, sin).float(), w
 
     def select(self, q: torch.Tensor, w: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -297,7 +297,7 @@ class Attention(nn.Module):
 
     def new_state(self, device: torch.device | str, comp_store=None, index_store=None) -> LayerState:
         """A fresh state; compressed entries go to the given stores (default: dense tensors)."""
-        dtype = self.wkv.weight.dtype
+        dtype = self.wkv.compute_dtype
         return LayerState(
             window=torch.zeros(0, self.head_dim, dtype=dtype, device=device),
             comp=self.compressor.new_state(device, comp_store) if self.compressor else None,
@@ -344,8 +344,7 @@ class Attention(nn.Module):
                                    {k: (a[rows], b[rows]) for k, (a, b) in proj.items()}, s.state)
         o = apply_rope(o, cos, sin, inverse=True)  # undo the rotation V carried (§2.2)
         g = self.cfg.o_groups
-        wo_a = self.wo_a.weight.view(g, self.cfg.o_lora_rank, -1)  # [G, R, H*hd/G]
-        o = torch.einsum("tgk,grk->tgr", o.view(T, g, -1).to(wo_a.dtype), wo_a)  # [T, G, R]
+        o = self.wo_a.forward_grouped(o.view(T, g, -1), g)  # [T, G, R]: group g's rows of wo_a
         return self.wo_b(o.flatten(1).to(x.dtype))
 
     def _age_views(self, states: list[LayerState]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,12 @@ from typing import Any
 MODEL_DTYPES = ("float32", "bfloat16")
 
 VALID_RATIOS = (0, 4, 128)
+QUANTIZED_EXPERT_DTYPES = ("fp4", "fp8")
+# expert_dtype values naming unquantized routed experts (transformers accepts them) -> safetensors dtype
+UNQUANTIZED_EXPERT_DTYPES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32",
+                             "float32": "F32"}
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -117,8 +124,9 @@ class ModelConfig:
             raise bad("num_hash_layers", f"must be at most num_hidden_layers={self.num_hidden_layers}")
         if self.scoring_func != "sqrtsoftplus":
             raise bad("scoring_func", "only 'sqrtsoftplus' (DeepSeek-V4) is supported")
-        if self.expert_dtype not in ("fp4", "fp8"):
-            raise bad("expert_dtype", "must be 'fp4' or 'fp8'")
+        if self.expert_dtype not in QUANTIZED_EXPERT_DTYPES and self.expert_dtype not in UNQUANTIZED_EXPERT_DTYPES:
+            raise bad("expert_dtype", f"must be 'fp4' or 'fp8' (quantized routed experts) or an unquantized dtype "
+                      f"{sorted(UNQUANTIZED_EXPERT_DTYPES)}")
         if self.hc_eps <= 0 or self.rms_norm_eps <= 0:
             raise bad("hc_eps" if self.hc_eps <= 0 else "rms_norm_eps", "must be positive")
         n_expected = self.num_hidden_layers + self.num_nextn_predict_layers
@@ -174,6 +182,10 @@ class ModelConfig:
             # transformers truncates the list to num_hidden_layers; the MTP block is SWA-only.
             if len(ratios) == n_main and n_mtp > 0:
                 ratios = ratios + (0,) * n_mtp
+            elif len(ratios) > n_main + n_mtp:  # transformers loads these too: it reads the first entries
+                log.info("config compress_ratios: %d entries for %d main + %d MTP layers; the %d trailing ones "
+                         "are ignored", len(ratios), n_main, n_mtp, len(ratios) - n_main - n_mtp)
+                ratios = ratios[:n_main + n_mtp]
             kwargs["compress_ratios"] = ratios
         rs = kwargs.get("rope_scaling")
         if isinstance(rs, Mapping):

@@ -29,9 +29,10 @@ from comm.placement import Placement
 from engine.cache.seq_state import LayerState
 from engine.model.attention import Attention, SeqSlice
 from engine.model.config import ModelConfig
-from engine.model.layers import Linear, RMSNorm
+from engine.model.layers import Embedding, Linear, RMSNorm
 from engine.model.mhc import hc_head, hc_post, hc_pre
 from engine.model.moe import EPContext, LoadRecorder, MoE
+from engine.model.weight_format import DENSE, WeightFormats, building
 
 
 @dataclass
@@ -133,12 +134,19 @@ class Transformer(nn.Module):
 
     `with_mtp=False` builds no MTP block (for checkpoints without one, e.g. saved by transformers).
     `ep`: expert parallelism (module docstring); `local_experts` must then be None.
+    `weights`: how the weights are held (engine.model.weight_format); default: every weight in `dtype`.
     """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                  local_experts: Sequence[int] | None = None, with_mtp: bool = True,
-                 ep: EPContext | None = None) -> None:
+                 ep: EPContext | None = None, weights: WeightFormats = DENSE) -> None:
         super().__init__()
+        self.weight_formats = weights
+        with building(weights):
+            self._build(cfg, dtype, local_experts, with_mtp, ep)
+
+    def _build(self, cfg: ModelConfig, dtype: torch.dtype, local_experts: Sequence[int] | None, with_mtp: bool,
+               ep: EPContext | None) -> None:
         self.cfg, self.dtype, self.ep = cfg, dtype, ep
         n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
         self.dispatcher: Dispatcher | None = None
@@ -155,11 +163,11 @@ class Transformer(nn.Module):
             per_layer = [ep.placement.local_logical(i, ep.ep_rank) for i in range(cfg.num_hidden_layers + n_mtp)]
             experts = sorted({e for row in per_layer for e in row})
         self.local_experts = experts
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
         self.layers = nn.ModuleList(Block(cfg, i, per_layer[i], dtype, self.dispatcher)
                                     for i in range(cfg.num_hidden_layers))
         self.final = HCHead(cfg)
-        self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, stored="bf16")
         self.mtp = nn.ModuleList(
             MTPBlock(cfg, cfg.num_hidden_layers + i, per_layer[cfg.num_hidden_layers + i], dtype, self.dispatcher)
             for i in range(n_mtp)
@@ -319,7 +327,8 @@ class Transformer(nn.Module):
         return h_mtp, self.head(y).float()
 
     # ---- weights --------------------------------------------------------------------
-    _EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+    _EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.(weight|scale)$")
+    _STACKED = ("experts.w1", "experts.w2", "experts.w3", "experts.w1_scale", "experts.w2_scale", "experts.w3_scale")
 
     def _param_name(self, name: str) -> str:
         """Official checkpoint name -> our parameter name (they differ only around the heads)."""
@@ -339,15 +348,16 @@ class Transformer(nn.Module):
         """Every official tensor name this model instance needs (experts: only its local ones)."""
         names = set()
         for pname in {**dict(self.named_parameters()), **dict(self.named_buffers())}:
-            if pname.endswith(("experts.w1", "experts.w2", "experts.w3")) or pname.endswith("freqs") \
+            if pname.endswith(self._STACKED) or pname.endswith("freqs") \
                     or pname.endswith(".g2l"):
                 continue
             names.add(self._official_name(pname))
         prefixes = [f"layers.{i}" for i in range(self.cfg.num_hidden_layers)]
         prefixes += [f"mtp.{i}" for i in range(len(self.mtp))]
         for p, moe in zip(prefixes, self.moe_layers(), strict=True):
+            kinds = ("weight",) if moe.experts.fmt == "dense" else ("weight", "scale")
             for e in set(moe.experts.local_experts):
-                names.update(f"{p}.ffn.experts.{e}.{w}.weight" for w in ("w1", "w2", "w3"))
+                names.update(f"{p}.ffn.experts.{e}.{w}.{k}" for w in ("w1", "w2", "w3") for k in kinds)
         return names
 
     def experts_per_layer(self) -> dict[int, set[int]]:
@@ -365,21 +375,26 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (official name, dequantized tensor) pairs into the model; every expected tensor must come.
+        """Copy (official name, tensor) pairs into the model; every expected tensor must come.
 
-        Routed experts outside `local_experts` are ignored (a rank loads only its own); under EP a logical
-        expert is copied into every local slot that holds it.
+        Dequantized tensors for a dense model; for native formats the stored bytes (`X.weight` and `X.scale`
+        as the checkpoint names them). Routed experts outside `local_experts` are ignored (a rank loads only its
+        own); under EP a logical expert is copied into every local slot that holds it.
         """
         params = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         missing = self.expected_weights()
         for name, tensor in weights:
             m = self._EXPERT.match(name)
             if m:
-                prefix, e, w = m.group(1), int(m.group(2)), m.group(3)
+                prefix, e, w, kind = m.group(1), int(m.group(2)), m.group(3), m.group(4)
                 if prefix.startswith("mtp.") and not self.mtp:
                     continue  # built without MTP
                 pname = self._param_name(prefix)
-                stacked = params[pname + "." + w]
+                key = f"{pname}.{w}" if kind == "weight" else f"{pname}.{w}_scale"
+                if key not in params:
+                    raise KeyError(f"checkpoint tensor {name!r} has no place in the model (its experts are held "
+                                   f"{self.get_submodule(pname).fmt})")
+                stacked = params[key]
                 slots = [s for s, le in enumerate(self.get_submodule(pname).local_experts) if le == e]
                 if not slots:
                     continue

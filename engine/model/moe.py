@@ -26,9 +26,18 @@ from torch import nn
 
 from comm.dispatch import Dispatcher, backend_names
 from comm.placement import Placement
-from engine.kernels.cpu import moe_mlp, moe_mlp_available
+from engine.kernels.cpu import moe_mlp, moe_mlp_available, quant_kernels
+from engine.kernels.select import (
+    KERNEL_MAX_ROWS,
+    dequantize,
+    linear_quantized,
+    select_expert_path,
+    triton_has,
+    triton_kernels,
+)
+from engine.model import weight_format
 from engine.model.config import ModelConfig
-from engine.model.layers import Linear, linear
+from engine.model.layers import Linear, frozen_parameter, linear
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,10 @@ class Gate(nn.Module):
         self.route_scale = cfg.routed_scaling_factor
         self.norm_topk = cfg.norm_topk_prob
         self.is_hash = cfg.is_hash_layer(layer_id)
-        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
+        shape = (cfg.n_routed_experts, cfg.hidden_size)
+        # BF16 in the checkpoint; the scores are computed in fp32 either way
+        self.weight = (frozen_parameter(torch.zeros(shape, dtype=torch.bfloat16)) if weight_format.current().bf16
+                       else nn.Parameter(torch.zeros(shape, dtype=torch.float32)))
         if self.is_hash:
             self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.int64))
         else:
@@ -96,7 +108,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D], input_ids [T] -> (topk_weights [T, k] f32, topk_idx [T, k] int64)."""
-        scores = torch.sqrt(F.softplus(linear(x.float(), self.weight)))  # [T, E]
+        logits = (linear(x.float(), self.weight) if self.weight.dtype == torch.float32
+                  else linear_quantized(x.float(), self.weight, None, "bf16", torch.float32))
+        scores = torch.sqrt(F.softplus(logits))  # [T, E]
         if self.is_hash:
             topk_idx = self.tid2eid[input_ids]  # hash layers: the token id picks the experts
         else:
@@ -126,13 +140,17 @@ class RoutedExperts(nn.Module):
     """The routed experts a rank holds, stacked; `forward` runs them over assignments sorted by slot.
 
     Under EP `local_experts` has one entry per physical slot (repeats allowed) and `forward_slots` is used.
+    Weights: `w1`, `w3` [S, I, D] and `w2` [S, D, I] in the model dtype (dense), or under native formats
+    packed MXFP4 (int8 [S, I, D/2], `w1_scale` E8M0 [S, I, D/32], ...) or FP8 (e4m3 [S, I, D], `w1_scale`
+    [S, ceil(I/128), ceil(D/128)], ...); `fmt` says which. `slot_tensors()` lists every per-slot tensor.
+    Which path runs: engine.kernels.select.select_expert_path.
     """
 
     # Crossover measured on the 2-core Zen4 (small preset, 32 slots of n rows, interleaved repeats, medians of
     # per-core CPU time): the kernel, which streams each weight row once per 12 rows of a slot, takes 0.55x
     # MKL's time at 12 rows, 0.8x at 20, ties at 28-32, and 1.1x at 40-48. Under 32 rows it runs the kernel
     # (it also degrades far less than 2-thread MKL when the cores are shared).
-    KERNEL_MAX_ROWS = 32
+    KERNEL_MAX_ROWS = KERNEL_MAX_ROWS
 
     def __init__(self, cfg: ModelConfig, local_experts: list[int], dtype: torch.dtype) -> None:
         super().__init__()
@@ -146,9 +164,37 @@ class RoutedExperts(nn.Module):
         if self.unique:
             g2l[torch.tensor(self.local_experts, dtype=torch.int64)] = torch.arange(e)
         self.register_buffer("g2l", g2l, persistent=False)
-        self.w1 = nn.Parameter(torch.zeros(e, inter, d, dtype=dtype))
-        self.w3 = nn.Parameter(torch.zeros(e, inter, d, dtype=dtype))
-        self.w2 = nn.Parameter(torch.zeros(e, d, inter, dtype=dtype))
+        formats = weight_format.current()
+        self.fmt = formats.experts
+        self.compute_dtype = dtype
+        shapes = {"w1": (inter, d), "w3": (inter, d), "w2": (d, inter)}
+        for name, (rows, k) in shapes.items():
+            if self.fmt == "dense":
+                setattr(self, name, nn.Parameter(torch.zeros(e, rows, k, dtype=dtype)))
+                continue
+            sdt = weight_format.SCALE_DTYPES[formats.expert_scale]
+            if self.fmt == "fp4":
+                w, sc = torch.zeros(e, rows, k // 2, dtype=torch.int8), torch.zeros(e, rows, k // 32, dtype=sdt)
+            else:
+                w = torch.zeros(e, rows, k, dtype=torch.float8_e4m3fn)
+                sc = torch.zeros(e, -(-rows // 128), -(-k // 128), dtype=sdt)
+            setattr(self, name, frozen_parameter(w))
+            setattr(self, f"{name}_scale", frozen_parameter(sc))
+
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor stacked per slot ([S, ...]): the weights and, when quantized, their scales."""
+        names = ("w1", "w3", "w2") if self.fmt == "dense" else ("w1", "w3", "w2", "w1_scale", "w3_scale", "w2_scale")
+        return {n: getattr(self, n) for n in names}
+
+    def _scale(self, name: str) -> torch.Tensor | None:
+        return getattr(self, f"{name}_scale", None)
+
+    def expert_weight(self, name: str, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        """Slot `slot`'s `name` ("w1", "w3", "w2") as a dense [rows, K] tensor in `dtype` (torch dequantizer)."""
+        w = getattr(self, name)[slot]
+        if self.fmt == "dense":
+            return w.to(dtype)
+        return dequantize(w, self._scale(name)[slot], self.fmt, dtype)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
         """x [T, D]; topk_* [T, k] over global expert ids -> sum_k w_k * E_k(x) over local experts: [T, D].
@@ -170,43 +216,69 @@ class RoutedExperts(nn.Module):
         counts = torch.bincount(slot, minlength=len(self.local_experts))
         return self._grouped(x, weight.unsqueeze(1), slot, counts)
 
+    def run_sorted(self, x_sorted: torch.Tensor, offsets: torch.Tensor, route_w: torch.Tensor) -> torch.Tensor:
+        """Rows already grouped by slot: x_sorted [N, D], offsets int64 [S+1] (rows offsets[s]:offsets[s+1] go to
+        slot s), route_w [N] -> [N, D] float32, row i = route_w[i] * Expert_s(x_sorted[i]).
+
+        The C kernel (CPU) and Triton (CUDA) read `offsets` themselves: no host sync, static shapes. Without
+        either, the torch per-slot loop (which reads the counts on the host)."""
+        route_w = route_w.float().contiguous()
+        if x_sorted.device.type == "cuda" and self.fmt in ("dense", "fp4") and triton_has("moe_grouped_gemm"):
+            tk = triton_kernels()
+            ends = offsets[1:]  # cumulative row ends, as torch._grouped_mm's offs
+            a = tk.moe_grouped_gemm(x_sorted, self.w1, ends, w_scale=self._scale("w1"), w3=self.w3,
+                                    w3_scale=self._scale("w3"), swiglu_limit=self.limit, row_weight=route_w)
+            return tk.moe_grouped_gemm(a, self.w2, ends, w_scale=self._scale("w2")).float()
+        if self._kernel_usable(x_sorted):
+            return self._kernel_call(x_sorted.contiguous(), offsets, route_w)
+        out = torch.zeros(x_sorted.shape[0], x_sorted.shape[1], dtype=torch.float32, device=x_sorted.device)
+        counts = (offsets[1:] - offsets[:-1])
+        tok = torch.arange(x_sorted.shape[0], device=x_sorted.device)
+        self._experts_sorted(x_sorted, tok, counts.tolist(), route_w, out)
+        return out
+
     def _grouped(self, x: torch.Tensor, topk_weights: torch.Tensor, local: torch.Tensor,
                  counts: torch.Tensor) -> torch.Tensor:
-        """Assignments sorted by slot once; slots with few rows go to the C kernel, the rest to torch mm's.
-
-        Slots with fewer than `KERNEL_MAX_ROWS` rows run in `_experts_kernel` (when `_kernel_usable`),
-        the others in `_experts_sorted`; both add into one fp32 output.
-        """
+        """Assignments sorted by slot once, then the path `select_expert_path` picks (engine.kernels.select);
+        the C kernel runs the slots under KERNEL_MAX_ROWS rows and torch mm's the rest, into one fp32 output."""
         n = int(counts.sum())
         if n == 0:
             return torch.zeros_like(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad):
-            # The fast paths write into reused buffers and the C kernel has no backward: under autograd run
-            # the reference, so the expert weights and the input get their gradients.
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
+        # Under autograd the reference runs: the fast paths write into reused buffers and the kernels have no
+        # backward, so the expert weights and the input get their gradients only there.
+        path = select_expert_path(x.device.type, self.fmt, x.dtype, int(counts.max()), int((counts > 0).sum()),
+                                  counts.numel(), cpu_kernel=self._kernel_usable(x), grad=grad)
+        if path == "reference":
             return self._forward_loop(x, topk_weights, local, counts)
         k = topk_weights.shape[1]
         sel = torch.argsort(local, stable=True)[local.numel() - n:]  # -1 (not on this rank) sorts first
         tok = sel // k if k > 1 else sel
         route_w = topk_weights.reshape(-1).index_select(0, sel).float()
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        if path == "triton":
+            offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=x.device)
+            torch.cumsum(counts, 0, out=offsets[1:])
+            out.index_add_(0, tok, self.run_sorted(x.index_select(0, tok), offsets, route_w))
+            return out.to(x.dtype)
+        if path == "padded":
+            self._experts_padded(x, tok, counts, route_w, out)
+            return out.to(x.dtype)
         min_rows = 0
-        if self._kernel_usable(x):
+        if path == "kernel":
             small = counts < self.KERNEL_MAX_ROWS
             if bool(small.any()):
                 self._experts_kernel(x, tok, counts, small, route_w, out)
                 min_rows = self.KERNEL_MAX_ROWS
-        elif int(counts.max()) < self.KERNEL_MAX_ROWS and 4 * int((counts > 0).sum()) >= 3 * counts.numel():
-            self._experts_padded(x, tok, counts, route_w, out)
-            return out.to(x.dtype)
         if min_rows == 0 or int(counts.max()) >= min_rows:
             self._experts_sorted(x, tok, counts.tolist(), route_w, out, min_rows)
         return out.to(x.dtype)
 
     def _experts_padded(self, x: torch.Tensor, tok: torch.Tensor, counts: torch.Tensor, route_w: torch.Tensor,
                         out: torch.Tensor) -> None:
-        """Torch fallback for few rows in most slots (decode without the kernel): rows padded to [S, max_count],
-        three bmm's over the stacked weights. Fewer, larger calls than the per-slot loop, where 2-thread MKL
-        pays per call; padded rows carry routing weight 0 and are never read back."""
+        """Torch fallback for few rows in most slots (decode without the kernel, dense weights): rows padded to
+        [S, max_count], three bmm's over the stacked weights. Fewer, larger calls than the per-slot loop, where
+        2-thread MKL pays per call; padded rows carry routing weight 0 and are never read back."""
         w1, w3, w2 = self.w1, self.w3, self.w2
         wdt = w1.dtype
         s = counts.numel()
@@ -222,14 +294,26 @@ class RoutedExperts(nn.Module):
         out.index_add_(0, tok, y[row_slot, pos].float())
 
     def _kernel_usable(self, x: torch.Tensor) -> bool:
-        """The C kernel takes fp32 CPU tensors (contiguous weights) and must have compiled on this machine."""
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and self.w1.dtype == torch.float32
-                and self.w1.device.type == "cpu" and self.w1.is_contiguous() and self.w3.is_contiguous()
-                and self.w2.is_contiguous() and moe_mlp_available())
+        """The C kernel takes fp32 CPU activations and contiguous CPU weights (fp32, or quantized with K a
+        multiple of 32), and must have compiled on this machine."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or self.w1.device.type != "cpu":
+            return False
+        if not (self.w1.is_contiguous() and self.w3.is_contiguous() and self.w2.is_contiguous()):
+            return False
+        if self.fmt == "dense":
+            return self.w1.dtype == torch.float32 and moe_mlp_available()
+        return self.w2.shape[1] % 32 == 0 and self.w1.shape[1] % 32 == 0 and moe_mlp_available()
+
+    def _kernel_call(self, xs: torch.Tensor, offsets: torch.Tensor, route_w: torch.Tensor) -> torch.Tensor:
+        """One C call over rows grouped by slot (fp32 or quantized weights)."""
+        if self.fmt == "dense":
+            return moe_mlp(xs, offsets, route_w, self.w1, self.w3, self.w2, self.limit)
+        return quant_kernels().moe_mlp(xs, offsets, route_w, self.w1, self.w1_scale, self.w3, self.w3_scale,
+                                       self.w2, self.w2_scale, self.fmt, self.limit)
 
     def _experts_kernel(self, x: torch.Tensor, tok: torch.Tensor, counts: torch.Tensor, small: torch.Tensor,
                         route_w: torch.Tensor, out: torch.Tensor) -> None:
-        """The rows of the `small` slots (rows sorted by slot as in `_experts_sorted`) through `moe_mlp`."""
+        """The rows of the `small` slots (rows sorted by slot as in `_experts_sorted`) through the C kernel."""
         cnt = counts
         if not bool(small.all()):  # keep only the rows of the small slots (still sorted by slot)
             row_slot = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
@@ -238,8 +322,7 @@ class RoutedExperts(nn.Module):
             cnt = torch.where(small, counts, 0)
         offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
         torch.cumsum(cnt, 0, out=offsets[1:])
-        ys = moe_mlp(x.index_select(0, tok), offsets, route_w.contiguous(), self.w1, self.w3, self.w2, self.limit)
-        out.index_add_(0, tok, ys)
+        out.index_add_(0, tok, self._kernel_call(x.index_select(0, tok), offsets, route_w.contiguous()))
 
     def _experts_sorted(self, x: torch.Tensor, tok: torch.Tensor, counts: list[int], route_w: torch.Tensor,
                         out: torch.Tensor, min_rows: int = 0) -> None:
@@ -248,18 +331,19 @@ class RoutedExperts(nn.Module):
         Slot after slot over its `counts[s]` rows (slots with fewer than `min_rows` are skipped: the kernel
         ran them): gather them into a reused buffer, w1/w3 into two more [max_count, I] buffers, the SwiGLU
         and routing weight in place, w2, one index_add_. Reused buffers keep the working set in cache and
-        avoid fresh large allocations (page faults).
+        avoid fresh large allocations (page faults). Quantized weights are dequantized one slot at a time
+        into reused scratch (the C dequantizer where the kernel is built, else torch).
         """
-        w1, w3, w2 = self.w1, self.w3, self.w2  # no autograd here (`_grouped` runs the reference under it)
-        wdt = w1.dtype
+        wdt = self.w1.dtype if self.fmt == "dense" else self.compute_dtype
         fp32 = wdt == torch.float32 and x.dtype == torch.float32
         cmax = max(counts)
-        inter, dim = w1.shape[1], w1.shape[2]
+        inter, dim = self.w1.shape[1], x.shape[1]
         if fp32:
             xbuf = x.new_empty(cmax, dim)
             hbuf = x.new_empty(cmax, inter)
             ubuf = x.new_empty(cmax, inter)
             ybuf = x.new_empty(cmax, dim)
+        weight = self._slot_weights(x, wdt)
         start = 0
         for e, cnt in enumerate(counts):
             end = start + cnt
@@ -267,39 +351,56 @@ class RoutedExperts(nn.Module):
                 start = end
                 continue
             tok_e = tok[start:end]
+            w1, w3, w2 = weight(e)
             if fp32:
                 xe = torch.index_select(x, 0, tok_e, out=xbuf[:cnt])
-                h = torch.mm(xe, w1[e].t(), out=hbuf[:cnt])
-                u = torch.mm(xe, w3[e].t(), out=ubuf[:cnt])
+                h = torch.mm(xe, w1.t(), out=hbuf[:cnt])
+                u = torch.mm(xe, w3.t(), out=ubuf[:cnt])
             else:
                 xe = x.index_select(0, tok_e).to(wdt)
-                h = torch.mm(xe, w1[e].t()).float()
-                u = torch.mm(xe, w3[e].t()).float()
+                h = torch.mm(xe, w1.t()).float()
+                u = torch.mm(xe, w3.t()).float()
             swiglu_(h, u, self.limit).mul_(route_w[start:end, None])
             if fp32:
-                y = torch.mm(h, w2[e].t(), out=ybuf[:cnt])
+                y = torch.mm(h, w2.t(), out=ybuf[:cnt])
             else:
-                y = torch.mm(h.to(wdt), w2[e].t()).float()
+                y = torch.mm(h.to(wdt), w2.t()).float()
             out.index_add_(0, tok_e, y)
             start = end
 
+    def _slot_weights(self, x: torch.Tensor, wdt: torch.dtype):
+        """slot -> (w1, w3, w2) dense in `wdt`: views of the stacked weights, or a dequantized copy in scratch."""
+        if self.fmt == "dense":
+            return lambda e: (self.w1[e], self.w3[e], self.w2[e])
+        if self._kernel_usable(x):
+            qk = quant_kernels()
+            bufs = {n: torch.empty(getattr(self, n).shape[1], getattr(self, n).shape[2] * (2 if self.fmt == "fp4"
+                                   else 1), dtype=torch.float32) for n in ("w1", "w3", "w2")}
+            return lambda e: tuple(qk.dequant(getattr(self, n)[e], self._scale(n)[e], self.fmt, bufs[n])
+                                   for n in ("w1", "w3", "w2"))
+        return lambda e: tuple(self.expert_weight(n, e, wdt) for n in ("w1", "w3", "w2"))
+
     def _forward_loop(self, x: torch.Tensor, topk_weights: torch.Tensor, local: torch.Tensor,
                       counts: torch.Tensor) -> torch.Tensor:
-        """The plain reference: expert after expert, gather its tokens, MLP, index_add_ into the output."""
+        """The plain reference: expert after expert, gather its tokens, MLP, index_add_ into the output
+        (quantized weights through the torch dequantizers of engine.weights.formats)."""
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         order = torch.argsort(local, stable=True)
         start = int((local < 0).sum())
         k = topk_weights.shape[1]
+        wdt = self.w1.dtype if self.fmt == "dense" else self.compute_dtype
         for e, cnt in enumerate(counts.tolist()):
             if cnt == 0:
                 continue
             sel = order[start:start + cnt]
             start += cnt
             tok = sel // k
-            xe = x[tok].to(self.w1.dtype)
-            a = swiglu(F.linear(xe, self.w1[e]).float(), F.linear(xe, self.w3[e]).float(), self.limit)
+            xe = x[tok].to(wdt)
+            w1, w3, w2 = (self.expert_weight(n, e, wdt) if self.fmt != "dense" else getattr(self, n)[e]
+                          for n in ("w1", "w3", "w2"))
+            a = swiglu(F.linear(xe, w1).float(), F.linear(xe, w3).float(), self.limit)
             a = a * topk_weights.flatten()[sel, None]
-            out.index_add_(0, tok, F.linear(a.to(self.w2.dtype), self.w2[e]).float())
+            out.index_add_(0, tok, F.linear(a.to(wdt), w2).float())
         return out.to(x.dtype)
 
 

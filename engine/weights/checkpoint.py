@@ -27,7 +27,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from engine.model.config import ConfigError, ModelConfig
-from engine.weights.checkpoint_check import LoadItem, check_tensors, routed_expert_id
+from engine.model.weight_format import DENSE, WeightFormats
+from engine.weights.checkpoint_check import LoadItem, check_tensors, routed_expert_id, scale_name
 from engine.weights.formats import dequantize_fp4, dequantize_fp8_block
 from engine.weights.manifest import Manifest, build_manifest
 from engine.weights.safetensors_header import ST_DTYPES, TORCH_TO_ST, ShardHeader, TensorEntry, read_header
@@ -153,20 +154,52 @@ class Checkpoint:
         self._plan(experts)
 
     def iter_weights(self, dtype: torch.dtype, device: str | torch.device = "cpu",
-                     experts: Collection[int] | Mapping[int, Collection[int]] | None = None
-                     ) -> Iterator[tuple[str, Tensor]]:
+                     experts: Collection[int] | Mapping[int, Collection[int]] | None = None,
+                     native: bool = False) -> Iterator[tuple[str, Tensor]]:
         """Validate, then stream `(official_name, tensor)` one tensor at a time.
 
         Order: manifest order (official layout); file order, `mtp.*` first (HF layout).
 
         FP8/FP4 weights are dequantized to `dtype` (their scales are not yielded); manifest-F32 tensors
         (`attn_sink`, `ape`, `hc_*`, `gate.bias`) come as float32 and `tid2eid` as int64, whatever `dtype`.
-        Routed experts not in `experts` (None: all) are skipped without reading their data.
+        `native=True`: every tensor as stored (FP8/FP4 weights followed by their scale, named `X.scale`; the
+        model's parameters set the dtype of the rest). Routed experts not in `experts` (None: all) are skipped
+        without reading their data.
         """
         items = self._plan(experts)  # raises here, before the first tensor
         if self.layout == "hf":
-            return self._stream_hf(items, dtype, torch.device(device))
-        return self._stream(items, dtype, torch.device(device))
+            return self._stream_hf(items, dtype, torch.device(device), native)
+        return self._stream(items, dtype, torch.device(device), native)
+
+    def native_formats(self) -> WeightFormats:
+        """How a `weights: native` model holds this checkpoint: its FP8 linears and routed experts as stored,
+        BF16 tensors in bfloat16; an unquantized checkpoint is held dense (DENSE). CheckpointError when one
+        class of weights is stored partly quantized, partly not."""
+        items = self._plan(None)
+        found = {"linears": set(), "experts": set()}
+        scales = {"linears": set(), "experts": set()}
+        for it in items:
+            if it.spec.kind == "plain":
+                continue
+            cls = "linears" if routed_expert_id(it.spec.name) is None else "experts"
+            found[cls].add(it.stored)
+            if it.scale_key is not None:
+                scales[cls].add(self._found[self._scale_official(it)][0])
+        problems = [f"{cls}: stored partly quantized ({sorted(kinds - {'plain'})}), partly not; load it with "
+                    f"weights: dequantized" for cls, kinds in found.items() if "plain" in kinds and len(kinds) > 1]
+        problems += [f"{cls}: scales of several dtypes {sorted(d)}" for cls, d in scales.items() if len(d) > 1]
+        if problems:
+            raise CheckpointError(problems, self.path)
+        lin = "fp8" if "fp8" in found["linears"] else "dense"
+        exp = next(iter(found["experts"] - {"plain"}), "dense")
+        if lin == "dense" and exp == "dense":
+            return DENSE
+        return WeightFormats(linears=lin, experts=exp, bf16=True,
+                             linear_scale=next(iter(scales["linears"]), "F8_E8M0"),
+                             expert_scale=next(iter(scales["experts"]), "F8_E8M0"))
+
+    def _scale_official(self, it: LoadItem) -> str:
+        return it.scale_key if it.scale_key in self._found else scale_name(it.spec.name)
 
     def state_dict(self, dtype: torch.dtype, device: str | torch.device = "cpu",
                    experts: Collection[int] | None = None) -> dict[str, Tensor]:
@@ -195,7 +228,8 @@ class Checkpoint:
             return [it for it in items if _wanted_per_layer(it.spec.name, per_layer, self.config.num_hidden_layers)]
         return [it for it in items if _wanted(it.spec.name, experts)]
 
-    def _stream(self, items: list[LoadItem], dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, Tensor]]:
+    def _stream(self, items: list[LoadItem], dtype: torch.dtype, device: torch.device,
+                native: bool = False) -> Iterator[tuple[str, Tensor]]:
         with ExitStack() as stack:
             files: dict[Path, Any] = {}
 
@@ -207,17 +241,22 @@ class Checkpoint:
 
             for it in items:
                 w = read(it.key)
+                if native:
+                    yield it.spec.name, w
+                    if it.scale_key is not None:
+                        yield scale_name(it.spec.name), read(it.scale_key)
+                    continue
                 if it.stored == "fp8":
                     w = dequantize_fp8_block(w, read(it.scale_key), dtype)
                 elif it.stored == "fp4":
                     w = dequantize_fp4(w, read(it.scale_key), dtype)
                 yield it.spec.name, w.to(_out_dtype(it.spec.dtype, dtype))
 
-    def _stream_hf(self, items: list[LoadItem], dtype: torch.dtype,
-                   device: torch.device) -> Iterator[tuple[str, Tensor]]:
+    def _stream_hf(self, items: list[LoadItem], dtype: torch.dtype, device: torch.device,
+                   native: bool = False) -> Iterator[tuple[str, Tensor]]:
         from engine.weights.hf_names import hf_to_official
 
-        yield from self._stream([it for it in items if it.spec.name not in self._source], dtype, device)
+        yield from self._stream([it for it in items if it.spec.name not in self._source], dtype, device, native)
         wanted = {it.spec.name: it.spec.dtype for it in items if it.spec.name in self._source}
         sources = {self._source[name] for name in wanted}
         with ExitStack() as stack:

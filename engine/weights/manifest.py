@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from engine.model.config import ModelConfig
+from engine.model.config import UNQUANTIZED_EXPERT_DTYPES, ModelConfig
 
 # safetensors dtype names and their sizes in bytes.
 DTYPE_BYTES = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "BF16": 2, "F32": 4, "I64": 8, "F16": 2}
@@ -94,6 +94,10 @@ def _expert(cfg: ModelConfig, prefix: str, routed: bool) -> list[TensorSpec]:
     """One SwiGLU MLP; the n_shared_experts shared experts form one MLP n_shared times as wide."""
     d = cfg.hidden_size
     inter = cfg.moe_intermediate_size * (1 if routed else cfg.n_shared_experts)
+    if routed and cfg.expert_dtype in UNQUANTIZED_EXPERT_DTYPES:  # a checkpoint with unquantized experts
+        dt = UNQUANTIZED_EXPERT_DTYPES[cfg.expert_dtype]
+        return [_plain(f"{prefix}.{w}.weight", shape, dt)
+                for w, shape in (("w1", (inter, d)), ("w2", (d, inter)), ("w3", (inter, d)))]
     lin = _linear_fp4 if routed and cfg.expert_dtype == "fp4" else _linear_fp8
     return lin(f"{prefix}.w1", inter, d) + lin(f"{prefix}.w2", d, inter) + lin(f"{prefix}.w3", inter, d)
 

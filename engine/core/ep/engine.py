@@ -130,7 +130,7 @@ class EPEngine(LLMEngine):
                              f"layers (the main MoE layers), {num_experts} experts")
         ep = EPContext(ep_rank, ep_size, placement, backend=backend, group=group, num_waves=num_waves,
                        max_tokens_per_rank=c.max_num_batched_tokens)  # a forward's tokens: bounds ll's capacity
-        model = load_model(model_dir, dtype=_DTYPES[c.dtype], device=c.device, ep=ep)
+        model = load_model(model_dir, dtype=_DTYPES[c.dtype], device=c.device, ep=ep, weights=c.weights)
         super().__init__(model_dir, c, model=model)
         self.placement = placement
         self.window = ExpertLoadWindow(num_layers, num_experts, pc.load_window_steps)
@@ -221,8 +221,7 @@ class EPEngine(LLMEngine):
         for layer, moe in enumerate(self.model.moe_layers()):
             if torch.equal(old.phy2log[layer], new.phy2log[layer]):
                 continue
-            experts = moe.experts
-            slots = {name: p.data for name, p in experts.named_parameters(recurse=False)}
+            slots = {name: t.data for name, t in moe.experts.slot_tensors().items()}  # as held: packed + scales
             fresh = move_expert_weights(slots, old.phy2log[layer], new.phy2log[layer], self.ep_rank, self.ep_size,
                                         self.group)
             for name, t in fresh.items():

@@ -4,6 +4,9 @@
 (layout and math in `engine.kernels.cpu.moe_mlp`). Call it only when `moe_mlp_available()` is True: that is
 False when env MEGASERVE_CPU_KERNELS=0, or there is no compiler, or compiling/loading failed (one warning
 says why); callers then use their torch path.
+
+`quant_kernels()`: the same library's entry points over FP4/FP8/BF16 weight bytes (`engine.kernels.cpu.quant`),
+None when the kernel is unavailable.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import torch
 
 from engine.kernels.cpu.build import KernelBuildError
 from engine.kernels.cpu.moe_mlp import MoeMlpKernel, check_args
+from engine.kernels.cpu.quant import QuantKernels
 
-__all__ = ["moe_mlp", "moe_mlp_available", "MoeMlpKernel", "KernelBuildError", "check_args"]
+__all__ = ["moe_mlp", "moe_mlp_available", "quant_kernels", "MoeMlpKernel", "QuantKernels", "KernelBuildError",
+           "check_args"]
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +63,10 @@ def moe_mlp(x: torch.Tensor, offsets: torch.Tensor, route_w: torch.Tensor, w1: t
     if kernel is None:
         raise RuntimeError("the CPU moe_mlp kernel is unavailable (see moe_mlp_available())")
     return kernel.run(x, offsets, route_w, w1, w3, w2, limit)
+
+
+@functools.cache
+def quant_kernels() -> QuantKernels | None:
+    """The quantized-weight entry points (expert MLP, linear, dequantize), or None without the kernel."""
+    kernel = _default_kernel()
+    return None if kernel is None else QuantKernels(kernel)

@@ -101,6 +101,7 @@ class MoeMlpKernel:
         if self.openmp and len(openmp_runtimes() - before) > 0:
             raise KernelBuildError(f"loading {self.path.name} brought a second OpenMP runtime "
                                    f"({sorted(openmp_runtimes() - before)}); use openmp=False")
+        self.lib = lib  # also holds the quantized entry points (engine.kernels.cpu.quant)
         self._fn = getattr(lib, _SYMBOL)
         p = ctypes.c_void_p
         i64 = ctypes.c_int64

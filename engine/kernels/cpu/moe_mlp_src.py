@@ -10,9 +10,14 @@ a shared counter, with a barrier between the stages, so a thread that is desched
 up. The inner block computes nw x nr dot products (nw weight rows against nr activation rows, all partial sums
 in registers) with GCC vector extensions, which compile to AVX-512, AVX2 or SSE depending on -march, so the
 same source is portable; the next weight blocks are prefetched into L2 so DRAM streams while the core computes.
+
+Quantized weights (FP4, FP8, BF16) go through the same stages and threads with their own inner block
+(`engine.kernels.cpu.quant_src`): each weight vector is decoded from its bytes and scale in registers.
 """
 
-SOURCE = r"""
+from engine.kernels.cpu.quant_src import QUANT_ENTRIES, QUANT_SOURCE
+
+_HEAD = r"""
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
@@ -142,6 +147,9 @@ static void dots_stage2(const float *const *w, int nw, const float *x, int64_t l
 
 typedef struct {
     const float *x, *route_w, *w1, *w3, *w2;
+    const uint8_t *q1, *q3, *q2, *s1, *s3, *s2; /* quantized weights and their scales (fmt != FMT_F32) */
+    int fmt, sfmt;                              /* weight format, scale format (see the FMT_ and SC_ codes) */
+    int stages;                                 /* bit 0: run stage 1, bit 1: stage 2 */
     const int64_t *off;
     float *a, *y;
     int64_t S, D, I;
@@ -208,6 +216,9 @@ static void stage2(const job_t *j, int64_t s, int64_t d0, int64_t d1) {
     }
 }
 
+"""
+
+_TAIL = r"""
 /* Claim (expert, part) items of one stage until none is left; items of empty experts are skipped. */
 static void run_stage(job_t *j, int stage) {
     const int64_t P = j->parts, n_items = j->S * P;
@@ -220,8 +231,8 @@ static void run_stage(job_t *j, int stage) {
         if (j->off[s + 1] == j->off[s]) continue;
         int64_t lo, hi;
         split((len + bs - 1) / bs, bs, len, (int)(c % P), (int)P, &lo, &hi);
-        if (stage == 1) stage1(j, s, lo, hi);
-        else stage2(j, s, lo, hi);
+        if (stage == 1) (j->fmt == FMT_F32 ? stage1 : stage1q)(j, s, lo, hi);
+        else (j->fmt == FMT_F32 ? stage2 : stage2q)(j, s, lo, hi);
     }
 }
 
@@ -253,9 +264,9 @@ static void run_job(job_t *j, int nthreads) {
     j->parts = 2 * nthreads;
 #pragma omp parallel num_threads(nthreads)
     {
-        run_stage(j, 1);
+        if (j->stages & 1) run_stage(j, 1);
 #pragma omp barrier
-        run_stage(j, 2);
+        if (j->stages & 2) run_stage(j, 2);
     }
 }
 
@@ -277,12 +288,12 @@ static void wait_count(volatile int *counter, int target) {
 
 static void run_part(job_t *j, int t) {
     (void)t;
-    run_stage(j, 1);
+    if (j->stages & 1) run_stage(j, 1);
     if (j->nthreads > 1) {
         __atomic_add_fetch(&j->arrived, 1, __ATOMIC_ACQ_REL);
         wait_count(&j->arrived, j->nthreads);
     }
-    run_stage(j, 2);
+    if (j->stages & 2) run_stage(j, 2);
     __atomic_add_fetch(&j->done, 1, __ATOMIC_ACQ_REL);
 }
 
@@ -359,8 +370,10 @@ int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, 
     if (check_offsets(off, S, N)) return -1;
     if (N == 0) return 0;
     job_t j = {.x = x, .route_w = route_w, .w1 = w1, .w3 = w3, .w2 = w2, .off = off, .a = a, .y = y, .S = S,
-               .D = D, .I = I, .limit = limit, .nthreads = 1, .parts = 1};
+               .D = D, .I = I, .limit = limit, .nthreads = 1, .parts = 1, .fmt = FMT_F32, .stages = 3};
     run_job(&j, useful_threads(off, S, N, D, I, nthreads));
     return 0;
 }
 """
+
+SOURCE = _HEAD + QUANT_SOURCE + _TAIL + QUANT_ENTRIES

@@ -1,0 +1,123 @@
+"""Which fast path runs a routed-expert group or a linear layer: the one place that decides.
+
+Routed experts (`select_expert_path`), rows already grouped by local expert slot:
+
+    condition (first match)                                     path
+    autograd needs gradients                                    "reference"  (RoutedExperts._forward_loop)
+    CUDA, dense/MXFP4, engine.kernels.triton's moe_grouped_gemm "triton"     (one Triton grouped GEMM launch)
+    CPU, C kernel built, float32 activations                   "kernel"     (slots under KERNEL_MAX_ROWS rows in
+                                                                              the C kernel, the rest "sorted")
+    dense weights, every slot under KERNEL_MAX_ROWS, >= 3/4 busy "padded"     (three bmm's over all slots)
+    otherwise                                                   "sorted"     (torch mm per slot; quantized
+                                                                              weights dequantized one expert
+                                                                              at a time into scratch)
+
+Linear layers with quantized weights (`select_linear_path`): "kernel" (C, reads the bytes; up to
+LINEAR_KERNEL_MAX_ROWS rows), "tiles" (C dequantizes TILE_ROWS weight rows at a time into scratch, then the
+BLAS), "triton" (CUDA, FP8 block-scaled GEMM when engine.kernels.triton has it), "torch" (dequantize whole,
+F.linear). Triton is imported lazily and only for CUDA tensors: CPU never imports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels.cpu import quant_kernels
+from engine.weights.formats import dequantize_fp4, dequantize_fp8_block
+
+KERNEL_MAX_ROWS = 32  # crossover of the C expert kernel vs MKL (engine.model.moe.RoutedExperts)
+LINEAR_KERNEL_MAX_ROWS = 32  # the same crossover for the quantized linear
+TILE_ROWS = 1024  # weight rows dequantized at a time for the BLAS (a multiple of the FP8 block, 128)
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """engine.kernels.triton when it imports (Triton installed, a CUDA build), else None."""
+    try:
+        return importlib.import_module("engine.kernels.triton")
+    except ImportError:
+        return None
+
+
+def triton_has(name: str) -> bool:
+    """engine.kernels.triton has `name` and can run on CUDA here (its `available("cuda")`, when it has one)."""
+    mod = triton_kernels()
+    if mod is None or not callable(getattr(mod, name, None)):
+        return False
+    available = getattr(mod, "available", None)
+    return bool(available("cuda")) if callable(available) else True
+
+
+def select_expert_path(device: str, weight_format: str, act_dtype: torch.dtype, max_rows: int, busy_slots: int,
+                       slots: int, cpu_kernel: bool, grad: bool = False) -> str:
+    """The routed-expert path (module docstring). weight_format: "dense", "fp4" or "fp8"; max_rows: the most
+    rows any slot has; busy_slots: slots with rows, of `slots`; cpu_kernel: the C kernel takes these tensors
+    (built here, float32 CPU activations, contiguous weights: RoutedExperts._kernel_usable)."""
+    if grad:
+        return "reference"
+    if device == "cuda" and weight_format in ("dense", "fp4") and triton_has("moe_grouped_gemm"):
+        return "triton"
+    if device == "cpu" and cpu_kernel:
+        return "kernel"
+    if weight_format == "dense" and max_rows < KERNEL_MAX_ROWS and 4 * busy_slots >= 3 * slots:
+        return "padded"
+    return "sorted"
+
+
+def select_linear_path(device: str, weight_format: str, act_dtype: torch.dtype, rows: int, in_features: int) -> str:
+    """The quantized-linear path (module docstring)."""
+    if device == "cuda" and weight_format == "fp8" and triton_has("fp8_block_linear"):
+        return "triton"
+    if device == "cpu" and act_dtype == torch.float32 and in_features % 32 == 0 and quant_kernels() is not None:
+        return "kernel" if rows <= LINEAR_KERNEL_MAX_ROWS else "tiles"
+    return "torch"
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor | None, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """A quantized weight [.., R, K] ("fp4", "fp8", "bf16") in `dtype`, by torch (any device)."""
+    if fmt == "fp4":
+        return dequantize_fp4(w, scale, dtype)
+    if fmt == "fp8":
+        if w.dim() == 3:
+            return torch.stack([dequantize_fp8_block(w[i], scale[i], dtype) for i in range(w.shape[0])])
+        return dequantize_fp8_block(w, scale, dtype)
+    if fmt == "bf16":
+        return w.to(dtype)
+    raise ValueError(f"unknown weight format {fmt!r}")
+
+
+def linear_quantized(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str,
+                     compute_dtype: torch.dtype) -> torch.Tensor:
+    """x [.., K] @ W^T for a quantized W [N, K] ("fp8" + block scale, or "bf16"), computed in `compute_dtype`;
+    the result in x's dtype."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    path = select_linear_path(x.device.type, fmt, compute_dtype, x2.shape[0], x2.shape[1])
+    if path == "kernel":
+        y = quant_kernels().linear(x2.contiguous(), w, scale, fmt)
+    elif path == "tiles":
+        y = _linear_tiles(x2.contiguous(), w, scale, fmt)
+    elif path == "triton":
+        y = triton_kernels().fp8_block_linear(x2, w, scale)
+    else:
+        y = F.linear(x2, dequantize(w, scale, fmt, compute_dtype))
+    return y.reshape(*lead, w.shape[0]).to(x.dtype)
+
+
+def _linear_tiles(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    """Prefill: TILE_ROWS weight rows at a time dequantized by the C kernel into one scratch, then x @ tile^T."""
+    qk = quant_kernels()
+    n, k = w.shape[0], x.shape[1]
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    scratch = torch.empty(min(n, TILE_ROWS), k, dtype=torch.float32)
+    for r0 in range(0, n, TILE_ROWS):
+        r1 = min(n, r0 + TILE_ROWS)
+        sc = None if scale is None else scale[r0 // 128: -(-r1 // 128)].contiguous()
+        tile = qk.dequant(w[r0:r1], sc, fmt, scratch[: r1 - r0])
+        y[:, r0:r1] = x @ tile.t()
+    return y

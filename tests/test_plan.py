@@ -492,12 +492,13 @@ def test_cli_plan_cpu_topology(capsys):
     """examples/local.yaml (CPU ranks) is planned for memory, and says why there is no performance model."""
     assert main(["plan", str(ROOT / "examples" / "local.yaml")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("model tiny: 7.4 MB of weights; EP size 4") and "Memory per rank (MB)" in out
+    assert out.startswith("model tiny: 2.1 MB of weights; EP size 4; ranks hold them native") \
+        and "Memory per rank (MB)" in out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0-1 ", "2-3 "))]
     assert [r[:3] for r in rows] == [["0-1", "a", "cpu"], ["2-3", "b", "cpu"]]
-    assert all(r[6] == "2" and r[8] == "4.4" and r[10] == "67.1" for r in rows)  # slots, weights, KV budget (MB)
+    assert all(r[6] == "2" and r[8] == "1.7" and r[10] == "67.1" for r in rows)  # slots, weights, KV budget (MB)
     assert "Performance: not modelled (the performance model covers the GPU profiles" in out
-    assert "shared by the topology's 4 CPU ranks" in out and "dequantized to float32" in out
+    assert "shared by the topology's 4 CPU ranks" in out and "in checkpoint precision (weights: native)" in out
     assert "Everything fits." in out
 
 

@@ -84,7 +84,9 @@ def from_topology(topo, host_memory: int | None = None) -> PlanInput:
         notes.append(f"CPU ranks: memory per rank is this machine's {ram / 1e9:.1f} GB of RAM shared by "
                      + (f"the topology's {share} CPU ranks (an embedded Ray runs every node here)" if embedded else
                         "each node's ranks (a node is taken to have as much RAM as this machine)")
-                     + f"; weights as CPU ranks hold them, dequantized to {topo.model.dtype}")
+                     + "; weights as CPU ranks hold them, "
+                     + (f"dequantized to {topo.model.dtype}" if topo.model.weights == "dequantized"
+                        else "in checkpoint precision (weights: native)"))
     for n in topo.nodes:
         if n.device == "cpu":
             nodes.append(NodePlan(n.name, n.ranks, "cpu", ram // (share or n.ranks)))

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 from engine.cache.accounting import plan_cache
+from engine.cache.decode_slots import DecodeSlots
 from engine.cache.kv_cache import PagedKVCache
+from engine.core.graph_runner import DecodeGraphRunner
 from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler
 from engine.model.config import MODEL_DTYPES
@@ -37,6 +39,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0  # for requests without their own seed
+    # The decode step: False runs decode tokens in decode slots at padded batch buckets with static buffers
+    # (engine.core.graph_runner); True runs every step through the eager per-sequence paths (the reference).
+    enforce_eager: bool = False
+    cuda_graphs: bool = True  # capture each decode bucket as a CUDA graph (device="cuda"; False: run it eagerly)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -73,7 +79,12 @@ class LLMEngine:
             page_tokens=c.page_tokens, num_pages=num_pages, enable_prefix_caching=c.enable_prefix_caching,
             max_model_len=c.max_model_len or cfg.max_position_embeddings,
         ))
-        self.runner = ModelRunner(self.model, self.cache, Sampler(seed=c.seed))
+        decode = None
+        if not c.enforce_eager:
+            max_len = c.max_model_len or cfg.max_position_embeddings
+            slots = DecodeSlots(self.model, self.cache, c.max_num_seqs)
+            decode = DecodeGraphRunner(self.model, slots, -(-max_len // c.page_tokens), c.cuda_graphs)
+        self.runner = ModelRunner(self.model, self.cache, Sampler(seed=c.seed), decode)
         self._ids = itertools.count()
         # Everything built so far lives as long as the engine: keep it out of the cyclic GC's full
         # collections, which otherwise walk it every few hundred steps (a p99 step-time spike).

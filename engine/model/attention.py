@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.cache.decode_slots import DecodeBatch, LayerSlots
 from engine.cache.seq_state import CompressorState, DenseEntries, LayerSnapshot, LayerState, append_rows, read_padded
+from engine.model.attention_decode import attend_decode
 from engine.model.config import ModelConfig
 from engine.model.layers import Linear, RMSNorm, linear, rms_normalize
 from engine.model.rope import apply_rope, inv_freq, rope_cos_sin
@@ -313,8 +315,13 @@ class Attention(nn.Module):
                 cs.prev_kv, cs.prev_gate = prev[0].clone(), prev[1].clone()
         return st
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice]) -> torch.Tensor:
-        """x [T, D] (after attn_norm), positions [T] -> [T, D]; advances every sequence's state."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, seqs: list[SeqSlice],
+                decode: tuple[DecodeBatch, LayerSlots] | None = None) -> torch.Tensor:
+        """x [T, D] (after attn_norm), positions [T] -> [T, D]; advances every sequence's state.
+
+        `decode` (batch, this layer's slots): the first `batch.size` rows are decode tokens of sequences whose
+        state lives in decode slots (`attend_decode`: static shapes, no host syncs); `seqs` start after them.
+        """
         T = x.shape[0]
         h, hd = self.n_heads, self.head_dim
         cos, sin = rope_cos_sin(self.freqs, positions)  # [T, r/2]
@@ -330,6 +337,14 @@ class Attention(nn.Module):
             proj["index"] = self.indexer.compressor.project(x)
             proj["iq"] = self.indexer.project(x, qr, cos, sin)
         o = torch.empty(T, h, hd, dtype=x.dtype, device=x.device)
+        if decode is not None:
+            nd = decode[0].size
+            rows = {k: (a[:nd], b[:nd]) for k, (a, b) in proj.items()}
+            out = attend_decode(self, q[:nd], kv[:nd], rows, *decode)
+            if nd == T:
+                o = out
+            else:
+                o[:nd] = out
         alone, groups = self._groups(seqs)
         self._age_views([s.state for s in seqs])
         for group in groups:

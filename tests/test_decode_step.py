@@ -112,10 +112,13 @@ def test_preemption_with_decode_slots_keeps_outputs(tiny_ckpt):
     assert engine.runner.decode.slots.num_free == tight.max_num_seqs
 
 
-def _decoding_engine(ckpt, n: int) -> LLMEngine:
-    """An engine whose n requests are all past prefill (the next step is a pure decode step)."""
+def _decoding_engine(ckpt, lengths: list[int]) -> LLMEngine:
+    """An engine whose requests (prompts of these lengths) are all past prefill (the next step is a pure
+    decode step)."""
     engine = LLMEngine(ckpt, CONFIG)
-    for i, p in enumerate(_prompts(n, seed=2)[:n]):
+    rng = random.Random(2)
+    n = len(lengths)
+    for i, p in enumerate([[rng.randrange(2, 512) for _ in range(k)] for k in lengths]):
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), f"r{i}")
     for _ in range(30):
         engine.step()
@@ -127,8 +130,10 @@ def _decoding_engine(ckpt, n: int) -> LLMEngine:
 def test_decode_step_has_no_host_sync_and_static_buffers(tiny_ckpt):
     """Under a dispatch mode: no scalar read, no data-dependent shape in the decode forward (metadata upload,
     every layer, logits); the bucket's input buffers keep their addresses from step to step."""
-    engine = _decoding_engine(tiny_ckpt, 5)  # bucket 8: three padding rows
+    engine = _decoding_engine(tiny_ckpt, [1, 3, 4, 7, 60])  # one page each for a while
     runner = engine.runner
+    size = runner.decode.bucket_for(5, 1)[0]
+    assert size == 6  # max_num_seqs 6: buckets 1, 2, 4, 6; one padding row
     forward = runner._forward
     seen = []
 
@@ -142,7 +147,7 @@ def test_decode_step_has_no_host_sync_and_static_buffers(tiny_ckpt):
     addresses = []
     for _ in range(3):
         engine.step()
-        (bucket,) = [runner.decode._buckets[k] for k in runner.decode.captured() if k[0] == 8]
+        (bucket,) = [runner.decode._buckets[k] for k in runner.decode.captured() if k[0] == size]
         b = bucket.batch
         addresses.append([t.data_ptr() for t in (bucket.device, b.input_ids, b.pos, b.slot, b.pages)])
     assert len(seen) == 3 and all(rec.count > 100 for rec in seen)  # the forward ran under the mode

@@ -17,7 +17,7 @@ Slot S is scratch: padding rows of a bucket read and write there. Finished entri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,6 +69,7 @@ class LayerSlots:
     index: CompressorSlots | None
     comp_pool: torch.Tensor | None  # [num_pages+1, per_page, head_dim]
     index_pool: torch.Tensor | None  # [num_pages+1, per_page, index_head_dim]
+    workspace: dict[str, torch.Tensor] = field(default_factory=dict)  # CPU: per-step buffers kept (attention_decode)
 
     def load(self, slot: int, st: LayerState) -> None:
         """Copy one sequence's eager state into `slot` (its last min(p, W-1) window rows go to their ring places)."""

@@ -54,18 +54,34 @@ def compress_decode(comp, kv: torch.Tensor, gate: torch.Tensor, batch: DecodeBat
     pool.view(-1, pool.shape[2]).index_put_((row,), entry.to(pool.dtype))
 
 
-def read_pages(pool: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+def _workspace(ls: LayerSlots, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+    """On the CPU, a buffer kept per layer for `name` (new when the shape changes): a fresh multi-MB tensor every
+    step costs page faults there. Elsewhere None: the caching allocator (and a CUDA graph's pool) reuses memory."""
+    if like.device.type != "cpu":
+        return None
+    buf = ls.workspace.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype:
+        buf = ls.workspace[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
+def read_pages(pool: torch.Tensor, pages: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """pool [num_pages+1, per_page, d], pages [B, P] -> the entries of each page table: [B, P*per_page, d]."""
-    return pool.index_select(0, pages.flatten()).view(pages.shape[0], -1, pool.shape[2])
+    flat = pages.flatten()
+    if out is not None:
+        return torch.index_select(pool, 0, flat, out=out.view(-1, *pool.shape[1:])).view(pages.shape[0], -1,
+                                                                                          pool.shape[2])
+    return pool.index_select(0, flat).view(pages.shape[0], -1, pool.shape[2])
 
 
-def select_topk(indexer, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
-                n_visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_topk(indexer, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`Indexer.select` for one query per sequence: q [B, Hi, di], w [B, Hi], keys [B, N, di] (N = the page
     table's entries), n_visible [B] -> (entry indices [B, k], chosen [B, k]: False where fewer than k are
-    visible). score[i] = sum_h w[h] * ReLU(q[h] . K[i]) over visible i."""
-    scores = torch.bmm(q, keys.float().transpose(1, 2)).relu_().mul_(indexer.head_dim**-0.5)  # [B, Hi, N]
-    score = torch.bmm(w.unsqueeze(1), scores)[:, 0]  # [B, N]
+    visible). score[i] = sum_h w[h] * ReLU(q[h] . K[i]) over visible i. `out`: a [B, Hi, N] buffer to use."""
+    keys = keys.float().transpose(1, 2)
+    scores = (torch.bmm(q, keys) if out is None else torch.bmm(q, keys, out=out)).relu_()  # [B, Hi, N]
+    score = torch.bmm((w * indexer.head_dim**-0.5).unsqueeze(1), scores)[:, 0]  # [B, N]: the scale folded into w
     hidden = torch.arange(score.shape[1], device=score.device)[None, :] >= n_visible[:, None]
     score = score.masked_fill(hidden, float("-inf"))
     top = score.topk(min(indexer.topk, score.shape[1]), dim=-1)
@@ -90,7 +106,11 @@ def attend_decode(attn, q: torch.Tensor, kv: torch.Tensor, proj: dict[str, tuple
         if attn.indexer is not None:  # CSA: gather the indexer's top-k entries only
             compress_decode(attn.indexer.compressor, *proj["index"], batch, ls.index, ls.index_pool, attn.freqs)
             iq, iw = proj["iq"]
-            idx, chosen = select_topk(attn.indexer, iq, iw, read_pages(ls.index_pool, batch.pages), n_visible)
+            b, n = batch.pages.shape[0], batch.pages.shape[1] * ls.index_pool.shape[1]
+            ikeys = read_pages(ls.index_pool, batch.pages,
+                               _workspace(ls, "index_keys", (b, n, ls.index_pool.shape[2]), ls.index_pool))
+            idx, chosen = select_topk(attn.indexer, iq, iw, ikeys, n_visible,
+                                      _workspace(ls, "index_scores", (b, iq.shape[1], n), iq))
             per_page = ls.comp_pool.shape[1]
             rows = batch.pages.gather(1, idx // per_page) * per_page + idx % per_page  # [B, k]
             pool = ls.comp_pool.view(-1, ls.comp_pool.shape[2])

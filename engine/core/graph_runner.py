@@ -58,7 +58,9 @@ class DecodeGraphRunner:
         self.device = model.embed.weight.device
         self.batch_sizes = buckets(slots.max_seqs)
         self.page_sizes = buckets(max_pages)
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        # EP: the dispatch backends exchange counts through the host, which a graph cannot capture; graphs there
+        # wait for a fixed-capacity backend (the step itself still runs on the static buffers).
+        self.use_graphs = cuda_graphs and self.device.type == "cuda" and model.dispatcher is None
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._buckets: dict[tuple[int, int], _Bucket] = {}
 
@@ -117,6 +119,8 @@ class DecodeGraphRunner:
             table[i, :len(t)] = torch.as_tensor(t, dtype=torch.int64)
         host[3 * b:3 * b + n * p] = table.flatten()
         self._fill_padding(host, b, p, n)
+        # The host buffer is rewritten next step only after this step's sampled tokens were read back (a stream
+        # sync), so the asynchronous copy has finished by then.
         bucket.device.copy_(host, non_blocking=True)
         return bucket
 

@@ -125,8 +125,15 @@ class ModelRunner:
 
     def _decodes(self, r: RunnerRequest, n: int) -> bool:
         """Whether this request's token runs in the decode step: one token that ends what it knows (every later
-        step of it is one token too, so its state can live in a decode slot for good)."""
-        return self.decode is not None and n == 1 and r.state.num_tokens + 1 == len(r.tokens)
+        step of it is one token too, so its state can live in a decode slot for good). Not under the EP `tbo`
+        backend (its micro-batches split sequences; eager path only)."""
+        if self.decode is None:
+            return False
+        tbo = self.model.dispatcher is not None and self.model.dispatcher.backend == "tbo"
+        if r.slot is not None and tbo:
+            raise RuntimeError(f"{r.req_id} decodes from a decode slot, but the tbo backend (which splits sequences "
+                               "across micro-batches) runs only the eager path: switch backends between requests")
+        return not tbo and n == 1 and r.state.num_tokens + 1 == len(r.tokens)
 
     def _forward(self, dec: list[RunnerRequest], reqs: list[RunnerRequest], lens: list[int], ids: list[int],
                  sample_rows: list[int]) -> torch.Tensor:

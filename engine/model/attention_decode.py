@@ -20,6 +20,8 @@ import torch
 from engine.cache.decode_slots import CompressorSlots, DecodeBatch, LayerSlots
 from engine.model.rope import apply_rope, rope_cos_sin
 
+SCORE_CHUNK_ENTRIES = 16384  # CPU: indexer entries scored per piece (keys 2 MiB, head scores 1 MiB at di 32, 16 heads)
+
 
 def compress_decode(comp, kv: torch.Tensor, gate: torch.Tensor, batch: DecodeBatch, cs: CompressorSlots,
                     pool: torch.Tensor, freqs: torch.Tensor) -> None:
@@ -74,14 +76,37 @@ def read_pages(pool: torch.Tensor, pages: torch.Tensor, out: torch.Tensor | None
     return pool.index_select(0, flat).view(pages.shape[0], -1, pool.shape[2])
 
 
-def select_topk(indexer, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
-                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`Indexer.select` for one query per sequence: q [B, Hi, di], w [B, Hi], keys [B, N, di] (N = the page
-    table's entries), n_visible [B] -> (entry indices [B, k], chosen [B, k]: False where fewer than k are
-    visible). score[i] = sum_h w[h] * ReLU(q[h] . K[i]) over visible i. `out`: a [B, Hi, N] buffer to use."""
-    keys = keys.float().transpose(1, 2)
-    scores = (torch.bmm(q, keys) if out is None else torch.bmm(q, keys, out=out)).relu_()  # [B, Hi, N]
-    score = torch.bmm((w * indexer.head_dim**-0.5).unsqueeze(1), scores)[:, 0]  # [B, N]: the scale folded into w
+def index_scores(indexer, q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor,
+                 ls: LayerSlots) -> torch.Tensor:
+    """The lightning indexer's score of every entry the page tables hold: q [B, Hi, di], w [B, Hi] (one query
+    per sequence), pool [pages+1, per_page, di], pages [B, P] -> [B, P*per_page],
+    score[i] = sum_h w[h] * ReLU(q[h] . K[i]) * di^-0.5 (`Indexer.select`'s formula).
+
+    On the CPU the entries go in pieces of SCORE_CHUNK_ENTRIES (their keys and per-head scores stay in cache,
+    in kept buffers); elsewhere in one piece."""
+    b, p = pages.shape
+    per_page, di = pool.shape[1], pool.shape[2]
+    wq = (w * indexer.head_dim**-0.5).unsqueeze(1)  # [B, 1, Hi]: the scale folded into w
+    step = max(1, SCORE_CHUNK_ENTRIES // per_page) if q.device.type == "cpu" else p
+    step = min(step, p)
+    keys_buf = _workspace(ls, "index_keys", (b * step * per_page * di,), pool)
+    heads_buf = _workspace(ls, "index_heads", (b * q.shape[1] * step * per_page,), q)
+    pieces = []
+    for c in range(0, p, step):
+        n = min(step, p - c)
+        keys_out = None if keys_buf is None else keys_buf[:b * n * per_page * di].view(b * n, per_page, di)
+        keys = read_pages(pool, pages[:, c:c + n], keys_out).float().transpose(1, 2)  # [B, di, n*per_page]
+        if heads_buf is None:
+            heads = torch.bmm(q, keys)
+        else:
+            heads = torch.bmm(q, keys, out=heads_buf[:b * q.shape[1] * n * per_page].view(b, q.shape[1], -1))
+        pieces.append(torch.bmm(wq, heads.relu_())[:, 0])  # [B, n*per_page]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def select_topk(indexer, score: torch.Tensor, n_visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Indexer.select` for one query per sequence: score [B, N] (`index_scores`), n_visible [B] -> (entry
+    indices [B, k], chosen [B, k]: False where fewer than k entries are visible)."""
     hidden = torch.arange(score.shape[1], device=score.device)[None, :] >= n_visible[:, None]
     score = score.masked_fill(hidden, float("-inf"))
     top = score.topk(min(indexer.topk, score.shape[1]), dim=-1)
@@ -106,11 +131,8 @@ def attend_decode(attn, q: torch.Tensor, kv: torch.Tensor, proj: dict[str, tuple
         if attn.indexer is not None:  # CSA: gather the indexer's top-k entries only
             compress_decode(attn.indexer.compressor, *proj["index"], batch, ls.index, ls.index_pool, attn.freqs)
             iq, iw = proj["iq"]
-            b, n = batch.pages.shape[0], batch.pages.shape[1] * ls.index_pool.shape[1]
-            ikeys = read_pages(ls.index_pool, batch.pages,
-                               _workspace(ls, "index_keys", (b, n, ls.index_pool.shape[2]), ls.index_pool))
-            idx, chosen = select_topk(attn.indexer, iq, iw, ikeys, n_visible,
-                                      _workspace(ls, "index_scores", (b, iq.shape[1], n), iq))
+            score = index_scores(attn.indexer, iq, iw, ls.index_pool, batch.pages, ls)
+            idx, chosen = select_topk(attn.indexer, score, n_visible)
             per_page = ls.comp_pool.shape[1]
             rows = batch.pages.gather(1, idx // per_page) * per_page + idx % per_page  # [B, k]
             pool = ls.comp_pool.view(-1, ls.comp_pool.shape[2])

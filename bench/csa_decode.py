@@ -12,9 +12,9 @@ one decode token per sequence runs through the first CSA layer:
   mask over all L/4 entries (up to `--reference-max`).
 
 Median and minimum of `--repeats` runs after one warm-up, in CPU time of the calling thread (torch runs on it
-with `--threads 1`; a shared machine's other processes do not count), plus the median wall time. The summary gives the medians at the shortest and
-longest context and the growth between them (median and min; the sparse step's target for the layer: < 2x
-from 16K to 256K).
+with `--threads 1`; a shared machine's other processes do not count), plus the median wall time. The summary
+gives the medians at the shortest and longest context and the growth between them (median and min; the
+sparse step's target for the layer: < 2x from 16K to 256K).
 
     python bench/csa_decode.py --out out/csa_decode.json
 """

@@ -142,7 +142,7 @@ class ModelRunner:
         eagerly inside the packed forward (prefill and mixed steps stay eager)."""
         if not dec:
             h = self.model(torch.tensor(ids, dtype=torch.long), [r.state for r in reqs], lens)
-            return self.model.compute_logits(h[torch.tensor(sample_rows, device=h.device)])
+            return self.model.compute_logits(h[torch.tensor(sample_rows, dtype=torch.long, device=h.device)])
         g = self.decode
         n_main = self.model.cfg.num_hidden_layers
         for r in dec:
@@ -156,7 +156,7 @@ class ModelRunner:
         else:
             h = self.model(torch.tensor(ids, dtype=torch.long), [r.state for r in reqs], lens,
                            decode=g.eager_batch(*meta))
-            logits = self.model.compute_logits(h[torch.tensor(sample_rows, device=h.device)])
+            logits = self.model.compute_logits(h[torch.tensor(sample_rows, dtype=torch.long, device=h.device)])
         cfg = self.model.cfg
         for r in dec:  # the host-side counters of the slot-resident states
             for i, layer in enumerate(r.state.layers[:n_main]):

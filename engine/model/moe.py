@@ -328,8 +328,8 @@ class MoE(nn.Module):
         if self.load_recorder is not None:
             self.load_recorder.record(self.layer_id, topk_idx)
         if self.dispatcher is not None:
-            run = (lambda rows, slot, w: routed_sync_free(self.experts, rows, w[:, None], slot)) if sync_free \
-                else self.experts.forward_slots
+            run = (lambda rows, slot, w: routed_sync_free(self.experts, rows, w[:, None], slot[:, None])) \
+                if sync_free else self.experts.forward_slots
             return self.dispatcher(self.layer_id, x, topk_idx, topk_weights, run, self.shared_experts)
         if sync_free:
             y = routed_sync_free(self.experts, x, topk_weights, self.experts.g2l[topk_idx])
@@ -369,6 +369,8 @@ def routed_sync_free(experts: RoutedExperts, x: torch.Tensor, topk_weights: torc
     row is computed and every shape is T*k. No host read anywhere (the static decode step and CUDA graphs)."""
     t, k = local.shape
     n_slots = experts.w1.shape[0]
+    if t == 0:  # EP: no row came to this rank (a shape, known on the host)
+        return torch.zeros_like(x)
     local = local.reshape(-1)
     held = local >= 0
     key = torch.where(held, local, n_slots - 1)

@@ -25,14 +25,17 @@ class PagedKVCache:
             raise ValueError(f"page_tokens={page_tokens} must be a positive multiple of every compress ratio "
                              f"in use {sorted(ratios)}")
         self.cfg, self.num_pages, self.page_tokens = cfg, num_pages, page_tokens
-        self.comp_pools: dict[int, torch.Tensor] = {}  # layer -> [num_pages, page_tokens/m, head_dim]
+        # One page past the scheduler's: the decode step writes an entry that is not finished yet there, and
+        # pads page tables with it (engine.cache.decode_slots); no sequence ever owns it.
+        self.scratch_page = num_pages
+        self.comp_pools: dict[int, torch.Tensor] = {}  # layer -> [num_pages + 1 (scratch), page_tokens/m, head_dim]
         self.index_pools: dict[int, torch.Tensor] = {}  # CSA layer -> [num_pages, page_tokens/4, index_head_dim]
         for layer, ratio in enumerate(cfg.compress_ratios[:cfg.num_hidden_layers]):
             if ratio:
-                self.comp_pools[layer] = torch.zeros(num_pages, page_tokens // ratio, cfg.head_dim,
+                self.comp_pools[layer] = torch.zeros(num_pages + 1, page_tokens // ratio, cfg.head_dim,
                                                      dtype=dtype, device=device)
             if ratio == 4:
-                self.index_pools[layer] = torch.zeros(num_pages, page_tokens // 4, cfg.index_head_dim,
+                self.index_pools[layer] = torch.zeros(num_pages + 1, page_tokens // 4, cfg.index_head_dim,
                                                       dtype=dtype, device=device)
         # page id -> the state of every main layer at the end of that page (prefix caching)
         self.snapshots: dict[int, list[LayerSnapshot]] = {}

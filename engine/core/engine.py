@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from engine.cache.accounting import plan_cache
+from engine.cache.decode_slots import DecodeSlots
 from engine.cache.disk import DiskCacheConfig, DiskTier
 from engine.cache.kv_cache import PagedKVCache
+from engine.core.graph_runner import DecodeGraphRunner
 from engine.core.runner import ModelRunner
 from engine.core.sampler import Sampler
 from engine.model.config import MODEL_DTYPES
@@ -41,6 +43,10 @@ class EngineConfig:
     seed: int = 0  # for requests without their own seed
     disk_cache: DiskCacheConfig | None = None  # a disk tier under the prefix cache (engine.cache.disk)
     weights: str = "native"  # "native": checkpoint precision in memory; "dequantized": every weight in `dtype`
+    # The decode step: False runs decode tokens in decode slots at padded batch buckets with static buffers
+    # (engine.core.graph_runner); True runs every step through the eager per-sequence paths (the reference).
+    enforce_eager: bool = False
+    cuda_graphs: bool = True  # capture each decode bucket as a CUDA graph (device="cuda"; False: run it eagerly)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -83,7 +89,12 @@ class LLMEngine:
             page_tokens=c.page_tokens, num_pages=num_pages, enable_prefix_caching=c.enable_prefix_caching,
             max_model_len=c.max_model_len or cfg.max_position_embeddings,
         ))
-        self.runner = ModelRunner(self.model, self.cache, Sampler(seed=c.seed, eos_token_id=cfg.eos_token_id))
+        decode = None
+        if not c.enforce_eager:
+            max_len = c.max_model_len or cfg.max_position_embeddings
+            slots = DecodeSlots(self.model, self.cache, c.max_num_seqs)
+            decode = DecodeGraphRunner(self.model, slots, -(-max_len // c.page_tokens), c.cuda_graphs)
+        self.runner = ModelRunner(self.model, self.cache, Sampler(seed=c.seed, eos_token_id=cfg.eos_token_id), decode)
         self.disk = DiskTier(c.disk_cache, self.cache, self.model) if c.disk_cache is not None else None
         self.scheduler.prefix_store = self.runner.disk = self.disk
         self._ids = itertools.count()

@@ -13,6 +13,7 @@ import torch
 
 from engine.cache.disk import DiskTier
 from engine.cache.kv_cache import PagedKVCache
+from engine.core.graph_runner import DecodeGraphRunner
 from engine.core.sampler import Sampler
 from engine.model.model import SequenceState, Transformer
 from scheduler.output import ModelRunnerOutput, SchedulerOutput
@@ -28,14 +29,21 @@ class RunnerRequest:
     state: SequenceState
     num_sampled: int  # tokens sampled so far (the seeded generator's step index)
     num_prompt_tokens: int  # tokens[:num_prompt_tokens] is the prompt, the rest the output so far
+    slot: int | None = None  # its decode slot once it decodes (its window/compressor state lives there)
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache, sampler: Sampler) -> None:
+    """`decode`: the static decode step (decode slots, buckets, CUDA graphs); None runs every step through the
+    eager per-sequence paths (the reference)."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, sampler: Sampler,
+                 decode: DecodeGraphRunner | None = None) -> None:
         self.model, self.cache, self.sampler = model, cache, sampler
         self.device = model.embed.weight.device
         self.reqs: dict[str, RunnerRequest] = {}
         self.disk: DiskTier | None = None  # the prefix cache's disk tier (engine.cache.disk), when configured
+        self.decode = decode
+        self.last_sampled: list[str] = []  # the requests of the last sampler call's logits rows, in order
 
     def _generator(self, r: RunnerRequest) -> torch.Generator | None:
         """Seeded requests draw token i from a generator seeded by (seed, i): reproducible across
@@ -48,7 +56,9 @@ class ModelRunner:
 
     def _apply_diffs(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids | so.preempted_req_ids:
-            self.reqs.pop(rid, None)
+            r = self.reqs.pop(rid, None)
+            if r is not None and r.slot is not None:
+                self.decode.slots.release(r.slot)
         if self.disk is not None:
             self.disk.forget(so)
         for nr in so.new_reqs:
@@ -70,9 +80,12 @@ class ModelRunner:
         req_ids = list(so.num_scheduled_tokens)
         if not req_ids:
             return ModelRunnerOutput([], [])
-        reqs = [self.reqs[rid] for rid in req_ids]
-        lens = [so.num_scheduled_tokens[rid] for rid in req_ids]
-        ids, sample_rows, to_sample, row = [], [], [], 0
+        all_reqs = [self.reqs[rid] for rid in req_ids]
+        all_lens = [so.num_scheduled_tokens[rid] for rid in req_ids]
+        dec = [r for r, n in zip(all_reqs, all_lens) if self._decodes(r, n)]  # decode slots, first rows
+        reqs = [r for r, n in zip(all_reqs, all_lens) if not self._decodes(r, n)]
+        lens = [so.num_scheduled_tokens[r.req_id] for r in reqs]
+        ids, sample_rows, to_sample, row = [], list(range(len(dec))), list(dec), len(dec)
         for r, n in zip(reqs, lens):
             start = r.state.num_tokens
             ids.extend(r.tokens[start:start + n])
@@ -81,27 +94,31 @@ class ModelRunner:
                 sample_rows.append(row - 1)
                 to_sample.append(r)
         snaps = self._plan_snapshots(so)
-        h = self.model(torch.tensor(ids, dtype=torch.long), [r.state for r in reqs], lens)
+        logits = self._forward(dec, reqs, lens, ids, sample_rows)
 
         sampled: dict[str, int] = {}
         logprobs: dict[str, tuple[float, dict[int, float]] | None] = {}
+        self.last_sampled = [r.req_id for r in to_sample]
         if to_sample:
-            rows = torch.tensor(sample_rows, device=h.device)
             history = any(r.params.min_tokens or r.params.penalized for r in to_sample)
             outputs = [r.tokens[r.num_prompt_tokens:] for r in to_sample] if history else None
             prompts = [r.tokens[:r.num_prompt_tokens] if r.params.repetition_penalty != 1 else []
                        for r in to_sample] if history else None
-            out = self.sampler(self.model.compute_logits(h[rows]), [r.params for r in to_sample],
+            out = self.sampler(logits, [r.params for r in to_sample],
                                [self._generator(r) for r in to_sample], outputs, prompts)
             for r, tok, lp in zip(to_sample, out.token_ids, out.logprobs, strict=True):
                 r.tokens.append(tok)
                 r.num_sampled += 1
                 sampled[r.req_id], logprobs[r.req_id] = tok, lp
         for page_id, (r, b) in snaps.items():
+            if r.slot is not None:  # its state lives in its decode slot
+                for layer, ls in zip(r.state.layers, self.decode.slots.layers, strict=False):
+                    layer.snapshots[b] = ls.snapshot(r.slot, b)
+                    layer.snapshot_at = []
             self.cache.store_snapshot(page_id, r.state, b)
         if self.disk is not None:
             self.disk.after_step(snaps)
-        any_lp = any(r.params.logprobs is not None for r in reqs)
+        any_lp = any(r.params.logprobs is not None for r in all_reqs)
         return ModelRunnerOutput(
             req_ids=req_ids,
             sampled_token_ids=[[sampled[rid]] if rid in sampled else [] for rid in req_ids],
@@ -119,3 +136,47 @@ class ModelRunner:
             for layer in r.state.layers[: self.model.cfg.num_hidden_layers]:
                 layer.snapshot_at.append(b)
         return plan
+
+    def _decodes(self, r: RunnerRequest, n: int) -> bool:
+        """Whether this request's token runs in the decode step: one token that ends what it knows (every later
+        step of it is one token too, so its state can live in a decode slot for good). Not under the EP `tbo`
+        backend (its micro-batches split sequences; eager path only)."""
+        if self.decode is None:
+            return False
+        tbo = self.model.dispatcher is not None and self.model.dispatcher.backend == "tbo"
+        if r.slot is not None and tbo:
+            raise RuntimeError(f"{r.req_id} decodes from a decode slot, but the tbo backend (which splits sequences "
+                               "across micro-batches) runs only the eager path: switch backends between requests")
+        return not tbo and n == 1 and r.state.num_tokens + 1 == len(r.tokens)
+
+    def _forward(self, dec: list[RunnerRequest], reqs: list[RunnerRequest], lens: list[int], ids: list[int],
+                 sample_rows: list[int]) -> torch.Tensor:
+        """Run the step; the logits of `sample_rows` [n, V]. Decode-slot requests (`dec`) come first: alone they
+        run the static decode step (`DecodeGraphRunner.run`); with other sequences the same decode path runs
+        eagerly inside the packed forward (prefill and mixed steps stay eager)."""
+        if not dec:
+            h = self.model(torch.tensor(ids, dtype=torch.long), [r.state for r in reqs], lens)
+            return self.model.compute_logits(h[torch.tensor(sample_rows, dtype=torch.long, device=h.device)])
+        g = self.decode
+        n_main = self.model.cfg.num_hidden_layers
+        for r in dec:
+            if r.slot is None:
+                r.slot = g.slots.acquire(r.state.layers[:n_main])
+        pt = self.cache.page_tokens
+        meta = ([r.tokens[-1] for r in dec], [r.state.num_tokens for r in dec], [r.slot for r in dec],
+                [r.page_ids[:r.state.num_tokens // pt + 1] for r in dec])
+        if not reqs:
+            logits = g.run(*meta)
+        else:
+            h = self.model(torch.tensor(ids, dtype=torch.long), [r.state for r in reqs], lens,
+                           decode=g.eager_batch(*meta))
+            logits = self.model.compute_logits(h[torch.tensor(sample_rows, dtype=torch.long, device=h.device)])
+        cfg = self.model.cfg
+        for r in dec:  # the host-side counters of the slot-resident states
+            for i, layer in enumerate(r.state.layers[:n_main]):
+                layer.num_tokens += 1
+                if layer.comp is not None:
+                    layer.comp.store.n = layer.num_tokens // cfg.compress_ratio(i)
+                if layer.index is not None:
+                    layer.index.store.n = layer.num_tokens // 4
+        return logits

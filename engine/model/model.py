@@ -26,6 +26,7 @@ from torch import nn
 
 from comm.dispatch import Dispatcher
 from comm.placement import Placement
+from engine.cache.decode_slots import DecodeBatch, LayerSlots
 from engine.cache.seq_state import LayerState
 from engine.model.attention import Attention, SeqSlice
 from engine.model.config import ModelConfig
@@ -70,13 +71,15 @@ class Block(nn.Module):
                       getattr(self, f"hc_{sub}_scale"), c.hc_eps, c.rms_norm_eps, c.hc_sinkhorn_iters)
 
     def forward(self, h: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
-                seqs: list[SeqSlice]) -> torch.Tensor:
-        """h [T, hc, D] -> [T, hc, D]."""
+                seqs: list[SeqSlice], decode: tuple[DecodeBatch, LayerSlots] | None = None) -> torch.Tensor:
+        """h [T, hc, D] -> [T, hc, D]. `decode`: the first rows are decode-slot tokens (Attention.forward); with
+        no other sequence the step is the static decode step and the MoE routes sync-free too."""
         y, post, comb = self._hc("attn", h)
-        if seqs:  # an EP rank without tokens skips attention but still joins the MoE exchange
-            h = hc_post(h, self.attn(self.attn_norm(y), positions, seqs), post, comb)
+        if seqs or decode is not None:  # an EP rank without tokens skips attention but still joins the MoE exchange
+            h = hc_post(h, self.attn(self.attn_norm(y), positions, seqs, decode), post, comb)
         y, post, comb = self._hc("ffn", h)
-        return hc_post(h, self.ffn(self.ffn_norm(y), input_ids), post, comb)
+        sync_free = decode is not None and not seqs
+        return hc_post(h, self.ffn(self.ffn_norm(y), input_ids, sync_free=sync_free), post, comb)
 
     def forward_steps(self, h: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
                       seqs: list[SeqSlice], token_offset: int) -> Generator[None, None, torch.Tensor]:
@@ -219,8 +222,9 @@ class Transformer(nn.Module):
         return SequenceState([b.attn.new_state(device) for b in blocks])
 
     @staticmethod
-    def _slices(states: Sequence[SequenceState], seq_lens: Sequence[int], layer: int) -> list[SeqSlice]:
-        out, start = [], 0
+    def _slices(states: Sequence[SequenceState], seq_lens: Sequence[int], layer: int,
+                start: int = 0) -> list[SeqSlice]:
+        out = []
         for st, n in zip(states, seq_lens, strict=True):
             out.append(SeqSlice(start, n, st.layers[layer]))
             start += n
@@ -236,19 +240,30 @@ class Transformer(nn.Module):
 
     # ---- forward --------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, states: Sequence[SequenceState],
-                seq_lens: Sequence[int]) -> torch.Tensor:
+                seq_lens: Sequence[int], decode: DecodeBatch | None = None) -> torch.Tensor:
         """input_ids [T] (sequences packed back to back, seq_lens new tokens each) -> h [T, hc, D].
 
         Appends the tokens to each sequence's state. Logits: `compute_logits(h)`.
+        `decode`: sequences decoding from decode slots (engine.cache.decode_slots); their tokens
+        (`decode.input_ids`) come first, then `input_ids` of `states`. The caller advances their host-side
+        counters. With no `states` this is the static decode step (engine.core.graph_runner).
         """
         device = self.embed.weight.device
         input_ids = input_ids.to(device)
-        positions = self.positions_for(states, seq_lens).to(device)
+        positions = self.positions_for(states, seq_lens).to(device) if states or decode is None else None
+        n_dec = 0
+        if decode is not None:
+            if self.dispatcher is not None and self.dispatcher.backend == "tbo":
+                raise ValueError("the decode-slot step does not run with the tbo backend (it splits sequences)")
+            n_dec = decode.size
+            input_ids = decode.input_ids if positions is None else torch.cat([decode.input_ids, input_ids])
+            positions = decode.pos if positions is None else torch.cat([decode.pos, positions])
         h = self.embed(input_ids).unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()  # [T, hc, D]
         if self.dispatcher is not None and self.dispatcher.backend == "tbo":
             return self._forward_two_batches(h, input_ids, positions, states, seq_lens)
         for i, block in enumerate(self.layers):
-            h = block(h, input_ids, positions, self._slices(states, seq_lens, i))
+            dec = None if decode is None else (decode, decode.slots.layers[i])
+            h = block(h, input_ids, positions, self._slices(states, seq_lens, i, n_dec), dec)
         return h
 
     def _forward_two_batches(self, h: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,

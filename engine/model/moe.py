@@ -420,15 +420,22 @@ class MoE(nn.Module):
             if cfg.n_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """x [T, D] (after ffn_norm), input_ids [T] (hash layers route by token id) -> [T, D]."""
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor, sync_free: bool = False) -> torch.Tensor:
+        """x [T, D] (after ffn_norm), input_ids [T] (hash layers route by token id) -> [T, D].
+
+        `sync_free` (the static decode step): routing by sort into one grouped GEMM (`routed_sync_free`), with no
+        host read and no data-dependent shape."""
         topk_weights, topk_idx = self.gate(x, input_ids)
         if self.load_recorder is not None:
             self.load_recorder.record(self.layer_id, topk_idx)
         if self.dispatcher is not None:
-            return self.dispatcher(self.layer_id, x, topk_idx, topk_weights, self.experts.forward_slots,
-                                   self.shared_experts)
-        y = self.experts(x, topk_weights, topk_idx)
+            run = (lambda rows, slot, w: routed_sync_free(self.experts, rows, w[:, None], slot[:, None])) \
+                if sync_free else self.experts.forward_slots
+            return self.dispatcher(self.layer_id, x, topk_idx, topk_weights, run, self.shared_experts)
+        if sync_free:
+            y = routed_sync_free(self.experts, x, topk_weights, self.experts.g2l[topk_idx])
+        else:
+            y = self.experts(x, topk_weights, topk_idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
@@ -450,3 +457,63 @@ class MoE(nn.Module):
         yield
         y = self.dispatcher.finish(fl)
         return y if shared is None else y + shared
+
+
+# ---- the sync-free routed path (static decode step) -------------------------------------------------------------
+def routed_sync_free(experts: RoutedExperts, x: torch.Tensor, topk_weights: torch.Tensor,
+                     local: torch.Tensor) -> torch.Tensor:
+    """x [T, D], topk_weights [T, k], local [T, k] slot of each assignment (-1: not held here) -> [T, D]: the sum
+    of w * Expert_slot(x) over the held assignments, like `RoutedExperts.forward` / `forward_slots`.
+
+    Sorted by slot once, grouped by a fixed-size count (scatter_add, not bincount), one grouped GEMM per
+    projection (`grouped_swiglu`). Assignments not held here ride in the last slot's group with weight 0, so every
+    row is computed and every shape is T*k. No host read anywhere (the static decode step and CUDA graphs)."""
+    t, k = local.shape
+    n_slots = experts.w1.shape[0]
+    if t == 0:  # EP: no row came to this rank (a shape, known on the host)
+        return torch.zeros_like(x)
+    local = local.reshape(-1)
+    held = local >= 0
+    key = torch.where(held, local, n_slots - 1)
+    weight = torch.where(held, topk_weights.reshape(-1).float(), 0.0)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(n_slots, dtype=torch.int64, device=x.device).scatter_add_(0, key, torch.ones_like(key))
+    ends = torch.cumsum(counts, 0)
+    tok = order // k if k > 1 else order
+    y = grouped_swiglu(x.index_select(0, tok), ends, counts, weight.index_select(0, order),
+                       experts.w1, experts.w3, experts.w2, experts.limit)
+    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tok, y)
+    return out.to(x.dtype)
+
+
+def _grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm takes these operands: CPU float32/bfloat16, CUDA bfloat16; 16-byte aligned rows."""
+    ok_dtype = w.dtype in (torch.float32, torch.bfloat16) if x.device.type == "cpu" else w.dtype == torch.bfloat16
+    return (hasattr(torch, "_grouped_mm") and ok_dtype and x.dtype == w.dtype
+            and all(s * w.element_size() % 16 == 0 for s in w.shape[1:]))
+
+
+def grouped_swiglu(xs: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, route_w: torch.Tensor,
+                   w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, limit: float) -> torch.Tensor:
+    """Rows xs [N, D] sorted by slot (slot s owns rows ends[s]-counts[s] .. ends[s]-1, ends[-1] == N) ->
+    route_w[r] * w2_s(swiglu(w1_s x_r, w3_s x_r)) [N, D] float32, the SwiGLU and routing weight in fp32 (§4.2).
+
+    `torch._grouped_mm` where it runs; otherwise a fixed-capacity batched matmul (each slot padded to N rows: a
+    fallback for small batches, e.g. float32 on CUDA; the Triton kernel replaces it there)."""
+    wdt = w1.dtype
+    xs = xs.to(wdt)
+    if _grouped_mm_runs(xs, w1):
+        offs = ends.to(torch.int32)
+        h = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs).float()
+        a = swiglu_(h, torch._grouped_mm(xs, w3.transpose(1, 2), offs=offs).float(), limit)
+        a.mul_(route_w[:, None])
+        return torch._grouped_mm(a.to(wdt), w2.transpose(1, 2), offs=offs).float()
+    n, s = xs.shape[0], w1.shape[0]
+    slot = torch.searchsorted(ends, torch.arange(n, device=xs.device), right=True)  # row -> its slot
+    at = slot * n + torch.arange(n, device=xs.device) - (ends - counts)[slot]  # its place in [S, N]
+    xb = xs.new_zeros(s * n, xs.shape[1]).index_copy_(0, at, xs).view(s, n, -1)
+    h = torch.bmm(xb, w1.transpose(1, 2)).float()
+    a = swiglu_(h, torch.bmm(xb, w3.transpose(1, 2)).float(), limit)
+    wb = route_w.new_zeros(s * n).index_copy_(0, at, route_w).view(s, n, 1)  # padding rows weigh 0
+    y = torch.bmm(a.mul_(wb).to(wdt), w2.transpose(1, 2)).view(s * n, -1)
+    return y.index_select(0, at).float()

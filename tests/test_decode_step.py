@@ -83,11 +83,11 @@ def _run(ckpt, config: EngineConfig, prompts, params=GREEDY):
     sampler = engine.runner.sampler
     steps = {}
 
-    def record(lg, params_, gens):
+    def record(lg, params_, gens, *history):
         for r, row in zip([r for r in engine.runner.last_sampled], lg, strict=True):
             steps[r] = steps.get(r, 0) + 1
             logits[(r, steps[r])] = row.clone()
-        return sampler(lg, params_, gens)
+        return sampler(lg, params_, gens, *history)
 
     engine.runner.sampler = record
     for i, p in enumerate(prompts):

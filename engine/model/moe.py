@@ -480,8 +480,12 @@ def routed_sync_free(experts: RoutedExperts, x: torch.Tensor, topk_weights: torc
     counts = torch.zeros(n_slots, dtype=torch.int64, device=x.device).scatter_add_(0, key, torch.ones_like(key))
     ends = torch.cumsum(counts, 0)
     tok = order // k if k > 1 else order
-    y = grouped_swiglu(x.index_select(0, tok), ends, counts, weight.index_select(0, order),
-                       experts.w1, experts.w3, experts.w2, experts.limit)
+    if experts.fmt == "dense":
+        y = grouped_swiglu(x.index_select(0, tok), ends, counts, weight.index_select(0, order),
+                           experts.w1, experts.w3, experts.w2, experts.limit)
+    else:  # native FP4/FP8 slots: the kernels read the offsets themselves (C on CPU, Triton on CUDA)
+        offsets = torch.cat([ends.new_zeros(1), ends])
+        y = experts.run_sorted(x.index_select(0, tok), offsets, weight.index_select(0, order))
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tok, y)
     return out.to(x.dtype)
 

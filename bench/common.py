@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,11 @@ def versions(with_transformers: bool = True) -> dict:
     if with_transformers:
         out["transformers"] = __import__("transformers").__version__
     return out
+
+
+def run_stats(xs: list[float]) -> dict:
+    """Median, min, max and every run of a repeated measurement."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
 
 def write_result(path: str | Path, result: dict) -> None:

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import fastest_hf_model, hf_generate_steps, versions, write_result  # noqa: E402
+from bench.common import fastest_hf_model, hf_generate_steps, run_stats, versions, write_result  # noqa: E402
 from engine.model.config import get_preset  # noqa: E402
 from engine.weights.checkpoint import open_checkpoint  # noqa: E402
 from engine.weights.loader import load_model  # noqa: E402
@@ -44,10 +44,6 @@ def _ours(model, prompts: torch.Tensor, steps: int) -> tuple[float, float]:
             nxt = model.compute_logits(model(nxt, states, [1] * b)).argmax(-1)
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
-
-
-def _stats(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                      "threads": torch.get_num_threads(), "unit": "tokens/s"},
         "versions": versions(),
         "transformers": hf_info,
-        "results": {w: {name: {k: _stats(v) for k, v in r.items()} for name, r in rw.items()}
+        "results": {w: {name: {k: run_stats(v) for k, v in r.items()} for name, r in rw.items()}
                     for w, rw in res.items()},
     }
     summary = {}

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import versions, write_result  # noqa: E402
+from bench.common import run_stats, versions, write_result  # noqa: E402
 from engine.model.config import get_preset  # noqa: E402
 from engine.weights.checkpoint import open_checkpoint  # noqa: E402
 from engine.weights.loader import load_model  # noqa: E402
@@ -52,10 +52,6 @@ def prefill_tok_s(model, length: int, seed: int) -> float:
         t0 = time.perf_counter()
         model.compute_logits(model(ids, [model.new_state()], [length])[-1:])
         return length / (time.perf_counter() - t0)
-
-
-def _stats(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                      "seed": args.seed, "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(),
                      "load_average": os.getloadavg(), "unit": "tokens/s"},
         "versions": versions(),
-        "results": {mode: {k: _stats(v) for k, v in r.items()} for mode, r in runs.items()},
+        "results": {mode: {k: run_stats(v) for k, v in r.items()} for mode, r in runs.items()},
         "summary": summary,
     }
     write_result(args.out, out)

@@ -531,8 +531,11 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
 def build_model(cfg, dtype: torch.dtype, device: str, weights: str | None):
     """A Transformer built directly on `device` (no host copy, no checkpoint) with random weights."""
     from engine.model.model import Transformer
+    from engine.model.weight_format import DENSE, WeightFormats
 
-    kw = {"weights": weights} if weights is not None else {}
+    # "native": the formats of V4's published checkpoint (FP8 linears, MXFP4 experts, BF16 kept); else dense
+    kw = {} if weights is None else {"weights": WeightFormats.native_for(cfg.expert_dtype) if weights == "native"
+                                     else DENSE}
     with torch.device(device):
         model = Transformer(cfg, dtype, with_mtp=False, **kw)
     randomize_(model)

@@ -35,11 +35,14 @@ def test_dry_run_cpu_runs_every_section(tmp_path):
         assert row["mxfp4_triton"]["bytes"] * 3 < row["bf16_grouped_mm"]["bytes"]
     for shape in sections["fp8"]["shapes"].values():
         assert all(shape[str(t)]["rel_err_fp8_vs_bf16"] < 0.02 for t in (1, 3))
-    (run,) = [v for v in sections["decode"]["runs"]["L1"].values() if isinstance(v, dict)]  # one variant on CPU
-    for b in (1, 3):
-        r = run[f"batch_{b}"]
-        assert r["tokens_per_step"] == [b] * 2 and r["min_cached_tokens"] == 512  # every request hit the prefix
-        assert r["bytes"]["step_total"] > r["bytes"]["layers_total"] > 0
+    layer_runs = sections["decode"]["runs"]
+    assert set(layer_runs) == {"L1_dequantized", "L1_native"}  # both weight modes of the Transformer
+    for mode_run in layer_runs.values():
+        (run,) = [v for v in mode_run.values() if isinstance(v, dict)]  # one variant on CPU
+        for b in (1, 3):
+            r = run[f"batch_{b}"]
+            assert r["tokens_per_step"] == [b] * 2 and r["min_cached_tokens"] == 512  # every request hit the prefix
+            assert r["bytes"]["step_total"] > r["bytes"]["layers_total"] > 0
     e2e = sections["e2e"]["workloads"]["2x16->3"]
     assert e2e["ours"]["output_tokens"] == e2e["transformers"]["output_tokens"] == 6
     assert {"copy_tb_s", "e2e_2x16->3_ratio", "fp8_speedup_vs_bf16_median", "tune_moe_w13_t4"} <= set(doc["summary"])

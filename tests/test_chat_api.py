@@ -52,7 +52,7 @@ def chat(tmp_path_factory):
     ready, stop = threading.Event(), asyncio.Event()
 
     async def main():
-        router = await Router([worker.address]).start()
+        router = await Router([worker.address], secret=worker.secret).start()
         service = OpenAIService(router, tok, ModelInfo(MODEL, 8192, 512, 0, 1))
         runner, port = await serve(build_app(service, settings), "127.0.0.1", 0)
         started["port"] = port

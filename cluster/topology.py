@@ -25,8 +25,7 @@ from comm.backends.registry import backend_capabilities, backend_names
 from comm.placement_policy import PLACEMENT_POLICIES
 from engine.cache.accounting import KV_CACHE_DTYPES
 from engine.cache.disk_config import SWA_MODES, DiskCacheConfig
-from engine.model.config import MODEL_DTYPES, PRESETS, ConfigError, ModelConfig, get_preset
-from engine.model.weight_format import WEIGHT_MODES
+from engine.model.config import MODEL_DTYPES, PRESETS, WEIGHT_MODES, ConfigError, ModelConfig, get_preset
 
 DEVICES = ("cpu", "cuda")
 ACCELERATORS = ("b200", "gb200", "gb300", "h200", "h100")

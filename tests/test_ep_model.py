@@ -170,8 +170,9 @@ def test_single_rank_ep_and_set_placement(tiny_ckpt, tiny_model):
     second = Placement.from_phy2log(torch.stack(rows), 1, num_experts=TINY.n_routed_experts)
     full = tiny_model.moe_layers()
     for layer, moe in enumerate(model.moe_layers()):
-        for name in ("w1", "w2", "w3"):
-            getattr(moe.experts, name).data.copy_(getattr(full[layer].experts, name)[second.phy2log[layer]])
+        src = full[layer].experts.slot_tensors()  # the weights and, when held native, their scales
+        for name, t in moe.experts.slot_tensors().items():
+            t.data.copy_(src[name][second.phy2log[layer]])
     model.set_placement(second)
     assert model.moe_layers()[3].experts.local_experts == second.local_logical(3, 0)
     assert (_logits(model, ids) - ref).abs().max().item() <= TOL

@@ -17,6 +17,8 @@ from typing import Any
 
 # The dtypes the engine computes (and keeps dequantized weights and the cache) in: the one list of names.
 MODEL_DTYPES = ("float32", "bfloat16")
+# How the engine holds the weights (engine.model.weight_format): checkpoint precision, or all in the model dtype.
+WEIGHT_MODES = ("native", "dequantized")
 
 VALID_RATIOS = (0, 4, 128)
 QUANTIZED_EXPERT_DTYPES = ("fp4", "fp8")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-WEIGHT_MODES = ("native", "dequantized")
+from engine.model.config import WEIGHT_MODES  # noqa: F401  (re-exported; torch-free home)
+
 SCALE_DTYPES = {"F8_E8M0": torch.float8_e8m0fnu, "F32": torch.float32}
 
 

@@ -1,7 +1,7 @@
 """Run the README's commands as a new user would: every command of its fenced bash blocks and every fenced
 python block, in the README's order, from the repository root, in one shell.
 
-    python tests/readme_commands.py [--repo DIR] [--fast] [--list]
+    python tests/readme_commands.py [--repo DIR] [--fast] [--from LINE] [--list]
 
 Bash blocks: each command (lines joined at a trailing backslash; a `for ... done` loop is one command) runs
 in one bash session under `set -eo pipefail`, so `source .venv/bin/activate` carries over to what follows.
@@ -11,6 +11,7 @@ script (so a missing `if __name__ == "__main__":` guard matters as it would for 
 --fast skips the set-up (`make ...`: the caller provides .venv and out/demo/tiny, e.g. `make demo` once, or
 `megaserve make-checkpoint --preset tiny --out out/demo/tiny`) and the commands that take minutes (the
 benchmarks under bench/, `bench offline`, `bench sweep`). Everything else runs exactly as written.
+--from LINE starts at the first command on or after that README line (to go on after a failure).
 Exit status 0 when every command exited 0; otherwise the output ends with the failing command.
 """
 
@@ -117,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=REPO, help="the checkout whose README runs, from its root")
     ap.add_argument("--fast", action="store_true", help="skip the set-up (make) and the minutes-long benchmarks")
+    ap.add_argument("--from", dest="from_line", type=int, default=1, metavar="LINE",
+                    help="start at the first command on or after this README line")
     ap.add_argument("--list", action="store_true", help="print the commands instead of running them")
     args = ap.parse_args(argv)
     repo = args.repo.resolve()
-    commands = [c for c in readme_commands(repo / "README.md") if not (args.fast and c.slow)]
+    commands = [c for c in readme_commands(repo / "README.md")
+                if not (args.fast and c.slow) and c.line >= args.from_line]
     if args.list:
         for c in commands:
             print(f"--- line {c.line} ({c.kind})\n{c.text.rstrip()}")

@@ -22,6 +22,8 @@ import hmac
 import secrets
 import socket
 
+from comm import wire
+
 MAGIC = b"MSAUTH1\n"
 NONCE_BYTES = 32
 MAC_BYTES = hashlib.sha256().digest_size
@@ -144,10 +146,7 @@ def connect_socket(sock: socket.socket, secret: bytes, timeout_s: float = HANDSH
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
-        if not part:
-            raise AuthError(f"the rank closed the connection during authentication after {len(buf)} of {n} bytes")
-        buf += part
-    return bytes(buf)
+    try:
+        return wire.recv_exact(sock, n)
+    except ConnectionError as e:
+        raise AuthError(f"the rank closed the connection during authentication ({e})") from None

@@ -257,11 +257,12 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BY
 
 def recv_frame(sock: socket.socket, max_bytes: int = MAX_FRAME_BYTES) -> Any:
     """Blocking variant of read_frame; raises ConnectionError when the peer closed."""
-    n = frame_length(_recv_exact(sock, HEADER.size), max_bytes)
-    return decode_payload(_recv_exact(sock, n))
+    n = frame_length(recv_exact(sock, HEADER.size), max_bytes)
+    return decode_payload(recv_exact(sock, n))
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly n bytes from a blocking socket (ConnectionError if the peer closes first)."""
     buf = bytearray()
     while len(buf) < n:
         part = sock.recv(n - len(buf))

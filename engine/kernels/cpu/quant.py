@@ -53,6 +53,8 @@ class QuantKernels:
         rc = self._moe(x.data_ptr(), offsets.data_ptr(), route_w.data_ptr(), w1.data_ptr(), _ptr(s1), w3.data_ptr(),
                        _ptr(s3), w2.data_ptr(), _ptr(s2), FORMATS[fmt], sfmt, a.data_ptr(), y.data_ptr(), n, s, d, i,
                        float(limit), int(threads))
+        if rc == -3:
+            raise MemoryError(f"moe_mlp: no memory for the split copy of x ({n} x {d} floats)")
         if rc != 0:
             raise ValueError(f"offsets: must start at 0, never decrease and end at N={n} (rc {rc})")
         return y
@@ -68,6 +70,8 @@ class QuantKernels:
         threads = torch.get_num_threads() if num_threads is None else num_threads
         rc = self._linear(x.data_ptr(), w.data_ptr(), _ptr(scale), FORMATS[fmt], _scale_code(scale), y.data_ptr(),
                           m, n, k, int(threads))
+        if rc == -3:
+            raise MemoryError(f"qlinear: no memory for the split copy of x ({m} x {k} floats)")
         if rc != 0:
             raise ValueError(f"qlinear failed (rc {rc})")
         return y

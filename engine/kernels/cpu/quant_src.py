@@ -63,7 +63,8 @@ static inline vf fp4_decode(vu c) {
 #endif
 }
 
-/* VW e4m3fn bytes -> float: (1 + m/8) 2^(e-7) for e > 0, m 2^-9 for e = 0 (no NaN in weights). */
+/* VW e4m3fn bytes -> float: (1 + m/8) 2^(e-7) for e > 0, m 2^-9 for e = 0 (no NaN in weights). The portable
+   version; with F16C (AVX2 / AVX-512) `fp8_decode_scaled` below places the bits in half precision instead. */
 static inline vf fp8_decode(vu c) {
     const vu e = (c >> 3) & 15, m = c & 7;
     const vu normal = ((e + 120) << 23) | (m << 20);
@@ -113,19 +114,49 @@ static inline vu nibbles(const uint8_t *p) {
 }
 #endif
 
-/* Values k..k+VW-1 of one weight row `p` (its scales `sc`). */
-static inline vf load_fp4(const uint8_t *p, const uint8_t *sc, int sfmt, int64_t k) {
-    return fp4_decode(nibbles(p + k / 2)) * scale_at(sc, sfmt, k >> 5);
+/* Values k..k+VW-1 of one weight row `p`, times `scale`: the factor of their scale group as `group_scale_*`
+   returns it (FP4: 32 values share an E8M0 scale; FP8: 128 values of a row share the scale of their 128 x 128
+   block; BF16: no scale). The dot products read a group's scale once, not once per vector. */
+static inline vf load_fp4(const uint8_t *p, int64_t k, float scale) { return fp4_decode(nibbles(p + k / 2)) * scale; }
+
+#if defined(__AVX512F__) && VW == 16
+/* e4m3 bits s.eeee.mmm placed as half-precision bits s.0eeee.mmm0000000 are the same value times 2^-8 (the
+   exponent biases are 15 and 7), subnormals included (they become half subnormals, which the hardware conversion
+   widens exactly): in 16-bit lanes (b << 8) shifted right arithmetically by one copies the sign into bit 14,
+   which the mask clears; then one conversion per VW values. The 2^8 is in the group's scale. */
+static inline vf load_fp8(const uint8_t *p, int64_t k, float scale) {
+    const __m256i b = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(p + k))), 8);
+    const __m256i h = _mm256_and_si256(_mm256_srai_epi16(b, 1), _mm256_set1_epi16((short)0xBFFF));
+    return (vf)_mm512_cvtph_ps(h) * scale;
+}
+#define FP8_HALF_SCALE 256.0f
+#elif defined(__AVX2__) && defined(__F16C__) && VW == 8
+static inline vf load_fp8(const uint8_t *p, int64_t k, float scale) {
+    const __m128i b = _mm_slli_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(p + k))), 8);
+    const __m128i h = _mm_and_si128(_mm_srai_epi16(b, 1), _mm_set1_epi16((short)0xBFFF));
+    return (vf)_mm256_cvtph_ps(h) * scale;
+}
+#define FP8_HALF_SCALE 256.0f
+#else
+static inline vf load_fp8(const uint8_t *p, int64_t k, float scale) { return fp8_decode(widen_u8(p + k)) * scale; }
+#define FP8_HALF_SCALE 1.0f
+#endif
+
+static inline vf load_bf16(const uint8_t *p, int64_t k, float scale) {
+    (void)scale;
+    return (vf)(widen_u16(p + 2 * k) << 16);
 }
 
-static inline vf load_fp8(const uint8_t *p, const uint8_t *sc, int sfmt, int64_t k) {
-    return fp8_decode(widen_u8(p + k)) * scale_at(sc, sfmt, k >> 7);
+/* The factor applied to the values of the scale group starting at value k of a row. */
+static inline float group_scale_fp4(const uint8_t *sc, int sfmt, int64_t k) { return scale_at(sc, sfmt, k >> 5); }
+static inline float group_scale_fp8(const uint8_t *sc, int sfmt, int64_t k) {
+    return scale_at(sc, sfmt, k >> 7) * FP8_HALF_SCALE;
 }
-
-static inline vf load_bf16(const uint8_t *p, const uint8_t *sc, int sfmt, int64_t k) {
+static inline float group_scale_bf16(const uint8_t *sc, int sfmt, int64_t k) {
     (void)sc;
     (void)sfmt;
-    return (vf)(widen_u16(p + 2 * k) << 16);
+    (void)k;
+    return 1.0f;
 }
 
 /* One weight row: its bytes and the scales of its row (FP8: of its 128-row block). */
@@ -151,33 +182,119 @@ static inline wrow qrow(int fmt, int sfmt, const uint8_t *base, const uint8_t *s
     return w;
 }
 
-/* out[a * NRMAX + r] = sum_k w[a][k] * x[r * ldx + k] for a < nw, r < nr (K % VW == 0); the next weight
-   block (pf bytes on) is prefetched as the rows are read. */
-#define DEF_DOTSQ(NAME, LOAD, BYTES_PER_VEC)                                                                      \
+/* out[a * NRMAX + r] = sum_k w[a][k] * x[r * ldx + k] for a < nw, r < nr (K % (2 * VW) == 0), the weights read in
+   scale groups of GROUP values (their scale read once per group); the next weight block (pf bytes on) is
+   prefetched as the rows are read. */
+#define FEW_ROWS 3 /* up to this many activation rows the dot products keep two accumulator sets */
+
+#define DEF_DOTSQ(NAME, LOAD, SCALE, GROUP, BYTES_PER_VEC)                                                        \
     static inline __attribute__((always_inline)) void NAME(const wrow *w, const int nw, const int sfmt,          \
                                                            const float *x, const int64_t ldx, const int nr,      \
                                                            const int64_t K, const int64_t pf, float *out) {      \
-        vf acc[NWMAX][NRMAX];                                                                                    \
+        vf acc[NWMAX][NRMAX], odd[NWMAX][FEW_ROWS];                                                              \
         for (int a = 0; a < nw; a++)                                                                             \
             for (int r = 0; r < nr; r++) acc[a][r] = (vf){0};                                                    \
-        for (int64_t k = 0; k < K; k += VW) {                                                                    \
-            vf wv[NWMAX];                                                                                        \
-            for (int a = 0; a < nw; a++) wv[a] = LOAD(w[a].p, w[a].sc, sfmt, k);                                 \
-            if (pf && (k % (64 * VW / BYTES_PER_VEC)) == 0)                                                      \
-                for (int a = 0; a < nw; a++) __builtin_prefetch(w[a].p + pf + k * BYTES_PER_VEC / VW, 0, PFL);  \
-            for (int r = 0; r < nr; r++) {                                                                       \
-                vf xv = vload(x + r * ldx + k);                                                                  \
-                PIN(xv);                                                                                         \
-                for (int a = 0; a < nw; a++) acc[a][r] += wv[a] * xv;                                            \
+        for (int a = 0; a < nw; a++)                                                                             \
+            for (int r = 0; r < FEW_ROWS; r++) odd[a][r] = (vf){0};                                              \
+        for (int64_t g = 0; g < K; g += (GROUP)) {                                                               \
+            float sg[NWMAX];                                                                                     \
+            for (int a = 0; a < nw; a++) sg[a] = SCALE(w[a].sc, sfmt, g);                                        \
+            const int64_t gend = g + (GROUP) < K ? g + (GROUP) : K;                                              \
+            if (nr <= FEW_ROWS) { /* few rows: a second set of accumulators (odd vectors) hides FMA latency */   \
+                for (int64_t k = g; k < gend; k += 2 * VW) {                                                     \
+                    vf w0[NWMAX], w1[NWMAX];                                                                     \
+                    for (int a = 0; a < nw; a++) {                                                               \
+                        w0[a] = LOAD(w[a].p, k, sg[a]);                                                          \
+                        w1[a] = LOAD(w[a].p, k + VW, sg[a]);                                                     \
+                    }                                                                                            \
+                    if (pf && (k % (64 * VW / BYTES_PER_VEC)) == 0)                                              \
+                        for (int a = 0; a < nw; a++)                                                             \
+                            __builtin_prefetch(w[a].p + pf + k * BYTES_PER_VEC / VW, 0, PFL);                    \
+                    for (int r = 0; r < nr; r++) {                                                               \
+                        const vf x0 = vload(x + r * ldx + k), x1 = vload(x + r * ldx + k + VW);                  \
+                        for (int a = 0; a < nw; a++) {                                                           \
+                            acc[a][r] += w0[a] * x0;                                                             \
+                            odd[a][r] += w1[a] * x1;                                                             \
+                        }                                                                                        \
+                    }                                                                                            \
+                }                                                                                                \
+                continue;                                                                                        \
+            }                                                                                                    \
+            for (int64_t k = g; k < gend; k += VW) {                                                             \
+                vf wv[NWMAX];                                                                                    \
+                for (int a = 0; a < nw; a++) wv[a] = LOAD(w[a].p, k, sg[a]);                                     \
+                if (pf && (k % (64 * VW / BYTES_PER_VEC)) == 0)                                                  \
+                    for (int a = 0; a < nw; a++) __builtin_prefetch(w[a].p + pf + k * BYTES_PER_VEC / VW, 0, PFL); \
+                for (int r = 0; r < nr; r++) {                                                                   \
+                    vf xv = vload(x + r * ldx + k);                                                              \
+                    PIN(xv);                                                                                     \
+                    for (int a = 0; a < nw; a++) acc[a][r] += wv[a] * xv;                                        \
+                }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
+        if (nr <= FEW_ROWS)                                                                                      \
+            for (int a = 0; a < nw; a++)                                                                         \
+                for (int r = 0; r < nr; r++) acc[a][r] += odd[a][r];                                             \
         for (int a = 0; a < nw; a++)                                                                             \
             for (int r = 0; r < nr; r++) out[a * NRMAX + r] = hsum(acc[a][r]);                                   \
     }
 
-DEF_DOTSQ(dots_fp4, load_fp4, (VW / 2))
-DEF_DOTSQ(dots_fp8, load_fp8, VW)
-DEF_DOTSQ(dots_bf16, load_bf16, (VW * 2))
+DEF_DOTSQ(dots_fp4, load_fp4, group_scale_fp4, 32, (VW / 2))
+DEF_DOTSQ(dots_fp8, load_fp8, group_scale_fp8, 128, VW)
+DEF_DOTSQ(dots_bf16, load_bf16, group_scale_bf16, K, (VW * 2))
+
+/* FP4 with AVX-512: the dot products read the activations "split" per 32-value scale group (its 16 even values,
+   then its 16 odd ones; `fp4_pos`), so the 16 bytes of a group widen once into 16 lanes whose low nibbles are the
+   even values and whose high nibbles (shifted down) the odd ones: two table lookups (vpermps reads the low 4 bits
+   of each lane) in the group's scaled table, no interleaving of nibbles. The entry points split x (and stage 1
+   writes `a` split) when the format is FP4. */
+#if defined(__AVX512F__) && VW == 16
+#define FP4_SPLIT 1
+static inline int64_t fp4_pos(int64_t i) { return (i & ~(int64_t)31) | ((i & 1) << 4) | ((i & 31) >> 1); }
+
+static void fp4_split_rows(const float *src, float *dst, int64_t n, int64_t K) {
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t i = 0; i < K; i++) dst[r * K + fp4_pos(i)] = src[r * K + i];
+}
+
+static inline __attribute__((always_inline)) void dots_fp4_split(const wrow *w, const int nw, const int sfmt,
+                                                                 const float *x, const int64_t ldx, const int nr,
+                                                                 const int64_t K, const int64_t pf, float *out) {
+    const vf tab = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                    -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+    vf acc[NWMAX][NRMAX], odd[NWMAX][FEW_ROWS]; /* odd values: own accumulators for few rows (FMA latency) */
+    for (int a = 0; a < nw; a++)
+        for (int r = 0; r < nr; r++) acc[a][r] = (vf){0};
+    for (int a = 0; a < nw; a++)
+        for (int r = 0; r < FEW_ROWS; r++) odd[a][r] = (vf){0};
+    for (int64_t g = 0; g < K; g += 32) {
+        vf we[NWMAX], wo[NWMAX];
+        for (int a = 0; a < nw; a++) {
+            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w[a].p + g / 2)));
+            const vf t = tab * scale_at(w[a].sc, sfmt, g >> 5);
+            we[a] = (vf)_mm512_permutexvar_ps(b, (__m512)t);
+            wo[a] = (vf)_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), (__m512)t);
+        }
+        if (pf && (g % 128) == 0)
+            for (int a = 0; a < nw; a++) __builtin_prefetch(w[a].p + pf + g / 2, 0, PFL);
+        for (int r = 0; r < nr; r++) {
+            vf xe = vload(x + r * ldx + g), xo = vload(x + r * ldx + g + 16);
+            PIN(xe);
+            PIN(xo);
+            for (int a = 0; a < nw; a++) {
+                acc[a][r] += we[a] * xe;
+                if (nr <= FEW_ROWS) odd[a][r] += wo[a] * xo;
+                else acc[a][r] += wo[a] * xo;
+            }
+        }
+    }
+    if (nr <= FEW_ROWS)
+        for (int a = 0; a < nw; a++)
+            for (int r = 0; r < nr; r++) acc[a][r] += odd[a][r];
+    for (int a = 0; a < nw; a++)
+        for (int r = 0; r < nr; r++) out[a * NRMAX + r] = hsum(acc[a][r]);
+}
+#endif
 
 #define QCALL(F, NW, NRC) case NRC: F(w, NW, sfmt, x, ldx, NRC, K, pf, out); break;
 #define QROWS_6(F, NW) QCALL(F, NW, 1) QCALL(F, NW, 2) QCALL(F, NW, 3) QCALL(F, NW, 4) QCALL(F, NW, 5) QCALL(F, NW, 6)
@@ -198,7 +315,11 @@ DEF_DOTSQ(dots_bf16, load_bf16, (VW * 2))
 static void dotsq(int fmt, const wrow *w, int nw, int sfmt, const float *x, int64_t ldx, int nr, int64_t K,
                   int64_t pf, float *out) {
     if (fmt == FMT_FP4) {
+#ifdef FP4_SPLIT
+        QFMT(dots_fp4_split)
+#else
         QFMT(dots_fp4)
+#endif
     } else if (fmt == FMT_FP8) {
         QFMT(dots_fp8)
     } else {
@@ -219,12 +340,17 @@ static void stage1q(const job_t *j, int64_t s, int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; i++) {
             const wrow w[2] = {qrow(j->fmt, j->sfmt, j->q1, j->s1, s, i, I, D),
                                qrow(j->fmt, j->sfmt, j->q3, j->s3, s, i, I, D)};
+#ifdef FP4_SPLIT
+            const int64_t ia = j->fmt == FMT_FP4 ? fp4_pos(i) : i; /* stage 2 reads `a` split too */
+#else
+            const int64_t ia = i;
+#endif
             for (int64_t r = 0; r < nrc; r += NR) {
                 const int nr = nrc - r < NR ? (int)(nrc - r) : NR;
                 const int64_t row = r0 + rc + r;
                 dotsq(j->fmt, w, 2, j->sfmt, j->x + row * D, D, nr, D, r == 0 ? pf : 0, out);
                 for (int rr = 0; rr < nr; rr++)
-                    j->a[(row + rr) * I + i] = swiglu(out[rr], out[NRMAX + rr], j->limit) * j->route_w[row + rr];
+                    j->a[(row + rr) * I + ia] = swiglu(out[rr], out[NRMAX + rr], j->limit) * j->route_w[row + rr];
             }
         }
     }
@@ -255,6 +381,25 @@ static void stage2q(const job_t *j, int64_t s, int64_t d0, int64_t d1) {
 """
 
 QUANT_ENTRIES = r"""
+#ifdef FP4_SPLIT
+#define FP4_SPLIT_ON 1
+#else
+#define FP4_SPLIT_ON 0
+#endif
+
+/* FP4 with FP4_SPLIT: a split copy of the activations x [n, K] (NULL when malloc fails); else NULL (x as is). */
+static float *split_input(const float *x, int fmt, int64_t n, int64_t K) {
+#ifdef FP4_SPLIT
+    if (fmt == FMT_FP4) {
+        float *xs = malloc((size_t)(n * K) * sizeof(float));
+        if (xs) fp4_split_rows(x, xs, n, K);
+        return xs;
+    }
+#endif
+    (void)x, (void)fmt, (void)n, (void)K;
+    return NULL;
+}
+
 /* The routed-expert MLP over quantized weights; returns -1 on bad offsets, -2 on a bad format. */
 int megaserve_moe_mlp_q(const float *x, const int64_t *off, const float *route_w, const uint8_t *w1,
                         const uint8_t *s1, const uint8_t *w3, const uint8_t *s3, const uint8_t *w2, const uint8_t *s2,
@@ -263,10 +408,13 @@ int megaserve_moe_mlp_q(const float *x, const int64_t *off, const float *route_w
     if (fmt != FMT_FP4 && fmt != FMT_FP8 && fmt != FMT_BF16) return -2;
     if (check_offsets(off, S, N)) return -1;
     if (N == 0) return 0;
-    job_t j = {.x = x, .route_w = route_w, .q1 = w1, .q3 = w3, .q2 = w2, .s1 = s1, .s3 = s3, .s2 = s2, .off = off,
-               .a = a, .y = y, .S = S, .D = D, .I = I, .limit = limit, .nthreads = 1, .parts = 1, .fmt = fmt,
-               .sfmt = sfmt, .stages = 3};
+    float *xs = split_input(x, fmt, N, D);
+    if (fmt == FMT_FP4 && FP4_SPLIT_ON && !xs) return -3;
+    job_t j = {.x = xs ? xs : x, .route_w = route_w, .q1 = w1, .q3 = w3, .q2 = w2, .s1 = s1, .s3 = s3, .s2 = s2,
+               .off = off, .a = a, .y = y, .S = S, .D = D, .I = I, .limit = limit, .nthreads = 1, .parts = 1,
+               .fmt = fmt, .sfmt = sfmt, .stages = 3};
     run_job(&j, useful_threads(off, S, N, D, I, nthreads));
+    free(xs);
     return 0;
 }
 
@@ -276,9 +424,12 @@ int megaserve_qlinear(const float *x, const uint8_t *w, const uint8_t *s, int fm
     if (fmt != FMT_FP4 && fmt != FMT_FP8 && fmt != FMT_BF16) return -2;
     if (M == 0) return 0;
     const int64_t off[2] = {0, M};
-    job_t j = {.a = (float *)x, .q2 = w, .s2 = s, .off = off, .y = y, .S = 1, .D = N, .I = K, .nthreads = 1,
-               .parts = 1, .fmt = fmt, .sfmt = sfmt, .stages = 2};
+    float *xs = split_input(x, fmt, M, K);
+    if (fmt == FMT_FP4 && FP4_SPLIT_ON && !xs) return -3;
+    job_t j = {.a = xs ? xs : (float *)x, .q2 = w, .s2 = s, .off = off, .y = y, .S = 1, .D = N, .I = K,
+               .nthreads = 1, .parts = 1, .fmt = fmt, .sfmt = sfmt, .stages = 2};
     run_job(&j, useful_threads(off, 1, M, N, K / 3 + 1, nthreads));
+    free(xs);
     return 0;
 }
 
@@ -288,8 +439,9 @@ int megaserve_dequant(const uint8_t *w, const uint8_t *s, int fmt, int sfmt, flo
     for (int64_t r = 0; r < N; r++) {
         const wrow row = qrow(fmt, sfmt, w, s, 0, r, N, K);
         for (int64_t k = 0; k < K; k += VW) {
-            const vf v = fmt == FMT_FP4 ? load_fp4(row.p, row.sc, sfmt, k)
-                       : fmt == FMT_FP8 ? load_fp8(row.p, row.sc, sfmt, k) : load_bf16(row.p, row.sc, sfmt, k);
+            const vf v = fmt == FMT_FP4 ? load_fp4(row.p, k, group_scale_fp4(row.sc, sfmt, k))
+                       : fmt == FMT_FP8 ? load_fp8(row.p, k, group_scale_fp8(row.sc, sfmt, k))
+                                        : load_bf16(row.p, k, 1.0f);
             memcpy(out + r * K + k, &v, sizeof v);
         }
     }

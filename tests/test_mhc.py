@@ -283,3 +283,38 @@ def test_norms_and_mhc_differentiate_like_the_reference():
             grads.append([leaf.grad for leaf in leaves])
         for g_new, g_ref in zip(*grads, strict=True):
             assert_near(g_new, g_ref, 1e-4)
+
+
+@pytest.mark.parametrize("iters", [1, ITERS])
+@pytest.mark.parametrize("t", [0, 1, 7, 33])
+def test_hc_pre_kernel_matches_torch_path(t, iters, monkeypatch):
+    """The C mixing step (engine.kernels.cpu.mhc, picked for float32 CPU tensors without autograd) against
+    hc_pre's own torch path on the same inputs."""
+    import engine.model.mhc as mhc
+    from engine.kernels.cpu import mhc_kernel
+    from engine.kernels.select import select_mhc_path
+
+    if mhc_kernel() is None:
+        pytest.skip("the CPU kernel library is not built here")
+    assert select_mhc_path("cpu") == "kernel" and select_mhc_path("cpu", grad=True) == "torch"
+    gen = torch.Generator().manual_seed(t + 100 * iters)
+    fn, base, scale = mhc_params(64, (2 + HC) * HC, gen)
+    h = state(t, 64, 1.0, torch.float32, gen)
+    fast = hc_pre(h, fn, base, scale, HC_EPS, NORM_EPS, iters)
+    monkeypatch.setattr(mhc, "select_mhc_path", lambda device, grad=False: "torch")
+    plain = hc_pre(h, fn, base, scale, HC_EPS, NORM_EPS, iters)
+    for a, b in zip(fast, plain, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_mhc_kernel_rejects_bad_input():
+    from engine.kernels.cpu import mhc_kernel
+
+    k = mhc_kernel()
+    if k is None:
+        pytest.skip("the CPU kernel library is not built here")
+    with pytest.raises(ValueError, match="mixes must be float32"):
+        k.mix(torch.zeros(2, 23), torch.zeros(24), torch.zeros(3), 4, 20, 1e-6)
+    with pytest.raises(ValueError, match="hc = 20"):
+        k.mix(torch.zeros(1, 440), torch.zeros(440), torch.zeros(3), 20, 20, 1e-6)

@@ -12,6 +12,9 @@ Routed experts (`select_expert_path`), rows already grouped by local expert slot
                                                                               weights dequantized one expert
                                                                               at a time into scratch)
 
+mHC's mixing step (`select_mhc_path`): "kernel" (one C call for the sigmoids, softmax and Sinkhorn of all
+tokens: CPU, C library built, no autograd), else "torch" (engine.model.mhc, the reference).
+
 Linear layers with quantized weights (`select_linear_path`): "kernel" (C, reads the bytes; up to
 LINEAR_KERNEL_MAX_ROWS rows), "tiles" (C dequantizes TILE_ROWS weight rows at a time into scratch, then the
 BLAS), "triton" (CUDA, FP8 block-scaled GEMM when engine.kernels.triton has it), "torch" (dequantize whole,
@@ -27,7 +30,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.cpu import quant_kernels
+from engine.kernels.cpu import mhc_kernel, quant_kernels
 from engine.weights.formats import dequantize_fp4, dequantize_fp8_block
 
 KERNEL_MAX_ROWS = 32  # crossover of the C expert kernel vs MKL (engine.model.moe.RoutedExperts)
@@ -121,3 +124,10 @@ def _linear_tiles(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, 
         tile = qk.dequant(w[r0:r1], sc, fmt, scratch[: r1 - r0])
         y[:, r0:r1] = x @ tile.t()
     return y
+
+
+def select_mhc_path(device: str, grad: bool = False) -> str:
+    """The mHC mixing path (module docstring)."""
+    if device == "cpu" and not grad and mhc_kernel() is not None:
+        return "kernel"
+    return "torch"

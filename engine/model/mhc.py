@@ -16,6 +16,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from engine.kernels.cpu import mhc_kernel
+from engine.kernels.select import select_mhc_path
 from engine.model.layers import rsqrt_mean_square
 
 
@@ -80,6 +82,10 @@ def hc_pre(
     """h [T, hc, D] -> (y [T, D] sub-layer input, post [T, hc] f32, comb [T, hc, hc] f32)."""
     t, hc = h.shape[0], h.shape[1]
     mixes, hf = _mixes(h, fn, norm_eps)  # [T, (2+hc)*hc]: hc pre, hc post, hc*hc comb logits
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (h, fn, base, scale))
+    if select_mhc_path(mixes.device.type, grad) == "kernel":  # the same math below, one C call
+        pre, post, comb = mhc_kernel().mix(mixes, base.float().reshape(-1), scale.float(), hc, sinkhorn_iters, hc_eps)
+        return _collapse(pre, hf, h.dtype), post, comb
     # 2+hc groups of hc columns (pre, post, the hc rows of comb); group k's logits are mixes * scale + base
     # with scale[0] for pre, scale[1] for post, scale[2] for comb: one addcmul for all of them.
     group_scale = scale.float().index_select(0, _group_scale_index(hc, scale.device)).view(2 + hc, 1)

@@ -6,7 +6,7 @@ False when env MEGASERVE_CPU_KERNELS=0, or there is no compiler, or compiling/lo
 says why); callers then use their torch path.
 
 `quant_kernels()`: the same library's entry points over FP4/FP8/BF16 weight bytes (`engine.kernels.cpu.quant`),
-None when the kernel is unavailable.
+None when the kernel is unavailable. `mhc_kernel()`: its mHC mixing step (`engine.kernels.cpu.mhc`), likewise.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import os
 import torch
 
 from engine.kernels.cpu.build import KernelBuildError
+from engine.kernels.cpu.mhc import MhcKernel
 from engine.kernels.cpu.moe_mlp import MoeMlpKernel, check_args
 from engine.kernels.cpu.quant import QuantKernels
 
-__all__ = ["moe_mlp", "moe_mlp_available", "quant_kernels", "MoeMlpKernel", "QuantKernels", "KernelBuildError",
-           "check_args"]
+__all__ = ["moe_mlp", "moe_mlp_available", "quant_kernels", "mhc_kernel", "MoeMlpKernel", "QuantKernels",
+           "MhcKernel", "KernelBuildError", "check_args"]
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +71,10 @@ def quant_kernels() -> QuantKernels | None:
     """The quantized-weight entry points (expert MLP, linear, dequantize), or None without the kernel."""
     kernel = _default_kernel()
     return None if kernel is None else QuantKernels(kernel)
+
+
+@functools.cache
+def mhc_kernel() -> MhcKernel | None:
+    """The mHC mixing step (`engine.kernels.cpu.mhc`), or None without the kernel."""
+    kernel = _default_kernel()
+    return None if kernel is None else MhcKernel(kernel)

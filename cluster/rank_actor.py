@@ -160,13 +160,12 @@ def cache_budget_bytes(topo: Topology, device: str, n_local_experts: int | None)
         return None
     import torch
 
-    from engine.weights.resident import uniform_rank_bytes
+    from engine.weights.resident import rank_builds_mtp, uniform_rank_bytes
 
     cfg = topo.model_config()
     n_local = cfg.n_routed_experts if n_local_experts is None else n_local_experts
-    # as the rank builds its model: EP ranks place the main MoE layers only (no MTP block)
     weights = uniform_rank_bytes(cfg, topo.model.weights, getattr(torch, topo.model.dtype), n_local,
-                                 with_mtp=topo.world_size == 1).total
+                                 with_mtp=rank_builds_mtp(topo.world_size)).total
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     budget = int(total * kv.memory_fraction) - weights - _SAFETY_BYTES
     if budget <= 0:

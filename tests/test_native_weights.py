@@ -202,8 +202,9 @@ def test_native_experts_reference_and_paths_agree(small_pair):
 
 # ---- one accounting: plan, meta-device models, up --------------------------------------------------------
 def test_plan_per_rank_bytes_equal_a_meta_load():
-    """`megaserve plan --json` per-rank weight bytes == a V4-Pro model built on the meta device holding one rank's
-    (E + redundant) / world = 25 expert slots in every MoE layer, MTP block included (the planner's layout)."""
+    """`megaserve plan --json` per-rank weight bytes == a V4-Pro model built on the meta device as an EP rank of
+    the topology builds it: (E + redundant) / world = 25 expert slots in every main MoE layer of a static
+    placement over the main layers, hence no MTP block (engine/core/ep/engine.py)."""
     from engine.model.model import Transformer
     from engine.model.weight_format import WeightFormats
 
@@ -211,11 +212,14 @@ def test_plan_per_rank_bytes_equal_a_meta_load():
     cfg = topo.model_config()
     plan = make_plan(from_topology(topo), isl=1024, osl=256, concurrency=64)
     per_rank = json.loads(json.dumps(plan.to_dict()))["ranks"]
-    slots = (cfg.n_routed_experts + topo.parallel.placement.redundant_experts) // topo.world_size
+    redundant = topo.parallel.placement.redundant_experts
+    slots = (cfg.n_routed_experts + redundant) // topo.world_size
+    # An EP rank's Transformer gets a placement over the main layers and then builds no MTP block (model.py);
+    # building it with ep= needs a process group, so the same layout is built with local_experts here.
     with torch.device("meta"):
-        model = Transformer(cfg, torch.bfloat16, local_experts=range(3, 3 + slots),
+        model = Transformer(cfg, torch.bfloat16, local_experts=range(3, 3 + slots), with_mtp=False,
                             weights=WeightFormats.native_for("fp4"))
-    assert len(model.mtp) == 1 and len(model.layers[5].ffn.experts.local_experts) == slots == 25
+    assert len(model.mtp) == 0 and len(model.layers[5].ffn.experts.local_experts) == slots == 25
     assert all(row["weight_bytes"] == model_resident_bytes(model) for row in per_rank)
     assert per_rank[0]["weights_mode"] == "native"
 
@@ -246,7 +250,8 @@ def test_up_refuses_a_layout_that_does_not_fit(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("cluster.launcher.connect_ray", lambda *a, **k: started.append(1))
     assert service.up(path) == 2
     err = capsys.readouterr().err
-    need = uniform_rank_bytes(get_preset("v4-pro"), "native", torch.bfloat16, 192).total
+    # an EP rank of 2: half the experts in each main MoE layer, no MTP block (resident.rank_builds_mtp)
+    need = uniform_rank_bytes(get_preset("v4-pro"), "native", torch.bfloat16, 192, with_mtp=False).total
     assert f"rank 0 (node g) does not fit: its weights (native) need {need:,} bytes" in err
     assert "180,000,000,000 bytes available (HBM of a b200)" in err and not started
 

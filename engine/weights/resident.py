@@ -97,14 +97,22 @@ def uniform_rank_bytes(cfg: ModelConfig, weights: str, dtype: torch.dtype, slots
 
 def topology_rank_bytes(cfg: ModelConfig, weights: str, dtype: torch.dtype, world_size: int,
                         redundant_experts: int = 0) -> RankWeights:
-    """A rank of an EP group of `world_size` as the planner lays it out: (E + redundant) / world_size slots in
-    every MoE layer, the MTP block(s) included. `megaserve plan` prints it and `megaserve up` checks it."""
+    """A rank of an EP group of `world_size` as the planner lays it out and the rank builds it: (E + redundant) /
+    world_size slots in every MoE layer; the MTP block(s) only on a single rank (`rank_builds_mtp`). `megaserve
+    plan` prints it, `megaserve up` checks it, and a rank's KV budget subtracts it."""
     slots, rem = divmod(cfg.n_routed_experts + redundant_experts, world_size)
     if rem:
         raise ValueError(f"{cfg.n_routed_experts} routed experts + {redundant_experts} redundant = "
                          f"{cfg.n_routed_experts + redundant_experts} slots is not a multiple of the EP size "
                          f"{world_size}")
-    return uniform_rank_bytes(cfg, weights, dtype, slots)
+    return uniform_rank_bytes(cfg, weights, dtype, slots, with_mtp=rank_builds_mtp(world_size))
+
+
+def rank_builds_mtp(world_size: int) -> bool:
+    """Whether a rank of a group of `world_size` builds the MTP block(s): a single rank loads the whole model
+    (LLMEngine); an EP rank's placement covers the main MoE layers only (engine/core/ep/engine.py), so it builds
+    no MTP block and loads none of its tensors."""
+    return world_size == 1
 
 
 def model_resident_bytes(model: nn.Module) -> int:

@@ -14,9 +14,17 @@ import torch
 pytest.importorskip("triton")
 
 from engine.kernels.select import select_mhc_path  # noqa: E402
-from engine.kernels.triton import TileConfig, available, fp8_block_linear, mhc_gates, moe_grouped_gemm  # noqa: E402
+from engine.kernels.triton import (  # noqa: E402
+    TileConfig,
+    available,
+    fp8_block_linear,
+    mhc_gates,
+    mhc_post,
+    moe_grouped_gemm,
+)
 from engine.kernels.triton.moe import ExpertWeights, routed_experts, sort_by_expert  # noqa: E402
 from engine.kernels.triton.reference import fp8_block_linear_ref, moe_grouped_gemm_ref  # noqa: E402
+from engine.model.mhc import hc_post as hc_post_ref  # noqa: E402
 from engine.model.mhc import mhc_gates as mhc_gates_ref  # noqa: E402
 from engine.weights.formats import dequantize_fp4, quantize_fp4, quantize_fp8_block  # noqa: E402
 
@@ -270,9 +278,9 @@ def test_mhc_gates_rejects_bad_arguments():
         mhc_gates(mixes, base, scale, 4, 1e-6, 20, block_t=3)
 
 
-def test_hc_pre_through_the_kernel_equals_the_torch_path(monkeypatch):
-    """hc_pre with the kernel's gates (forced here: select_mhc_path picks it on CUDA only) against hc_pre's
-    torch path; with autograd on, hc_pre keeps the torch path (the kernel has no backward)."""
+def test_hc_pre_and_hc_post_through_the_kernels_equal_the_torch_path(monkeypatch):
+    """hc_pre / hc_post with the kernels (forced here: select_mhc_path picks them on CUDA only) against their
+    torch paths; with autograd on, both keep the torch path (the kernels have no backward)."""
     import engine.model.mhc as mhc
 
     g = torch.Generator().manual_seed(3)
@@ -280,17 +288,64 @@ def test_hc_pre_through_the_kernel_equals_the_torch_path(monkeypatch):
     h = torch.randn(t, hc, d, generator=g)
     fn = torch.randn((2 + hc) * hc, hc * d, generator=g) * 0.05
     base, scale = torch.randn((2 + hc) * hc, generator=g), torch.rand(3, generator=g)
+    out = torch.randn(t, d, generator=g)
     assert select_mhc_path("cpu") != "triton" and select_mhc_path("cuda", grad=True) == "torch"
     monkeypatch.setattr(mhc, "select_mhc_path", lambda device, grad=False: "torch")
-    with torch.no_grad():  # the torch path (the reference)
+    with torch.no_grad():  # the torch paths (the references)
         want = mhc.hc_pre(h, fn, base, scale, 1e-6, 1e-6, 20)
+        want_new = mhc.hc_post(h, out, want[1], want[2])
     calls = []
     monkeypatch.setattr(mhc, "select_mhc_path", lambda device, grad=False: calls.append(grad) or
                         ("torch" if grad else "triton"))
     with torch.no_grad():
         got = mhc.hc_pre(*_dev(h, fn, base, scale), 1e-6, 1e-6, 20)
-    for a, b in zip(got, want, strict=True):
-        _close_fp32(a, b)
+        for a, b in zip(got, want, strict=True):
+            _close_fp32(a, b)
+        _close_fp32(mhc.hc_post(*_dev(h, out), got[1], got[2]), want_new)
     fn.requires_grad_(True)
-    y, _, _ = mhc.hc_pre(*_dev(h, fn, base, scale), 1e-6, 1e-6, 20)
-    assert calls == [False, True] and y.requires_grad
+    y, post, comb = mhc.hc_pre(*_dev(h, fn, base, scale), 1e-6, 1e-6, 20)
+    new = mhc.hc_post(*_dev(h), y, post, comb)
+    assert calls == [False, False, True, True] and new.requires_grad
+
+
+def _post_inputs(t: int, hc: int, d: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(t, hc, d, generator=g).to(dtype)
+    out = torch.randn(t, d, generator=g).to(dtype)
+    post = torch.rand(t, hc, generator=g) * 2
+    comb = torch.softmax(torch.randn(t, hc, hc, generator=g), -1)
+    return h, out, post, comb
+
+
+@pytest.mark.parametrize("hc", [4, 3])
+@pytest.mark.parametrize("t,d,block_d", [(1, 32, None), (7, 100, 32), (33, 64, None)])  # 100: a partial D block
+def test_mhc_post_matches_hc_post_reference(t, d, block_d, hc):
+    h, out, post, comb = _post_inputs(t, hc, d, torch.float32, seed=t + d)
+    want = hc_post_ref(h, out, post, comb)  # on CPU: the torch ops
+    got = mhc_post(*_dev(h, out, post, comb), block_d=block_d)
+    assert got.shape == (t, hc, d) and got.dtype == torch.float32
+    _close_fp32(got, want)
+    # any strides: h streams-last, out transposed
+    hs = h.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    os_ = out.t().contiguous().t()
+    _close_fp32(mhc_post(*_dev(hs, os_, post, comb), block_d=block_d), want)
+
+
+@pytest.mark.skipif(DEV == "cpu", reason="the interpreter runs fp32 only")
+def test_mhc_post_bf16_within_one_rounding():
+    h, out, post, comb = _post_inputs(9, 4, 512, torch.bfloat16, seed=0)
+    exact = post.double()[..., None] * out.double()[:, None] + comb.double().transpose(-1, -2) @ h.double()
+    got = mhc_post(*_dev(h, out, post, comb)).cpu().double()
+    assert ((got - exact).abs() <= 2 ** -8 * exact.abs() + 1e-5).all()  # fp32 math, one bf16 rounding
+
+
+def test_mhc_post_rejects_bad_arguments():
+    h, out, post, comb = _dev(*_post_inputs(3, 4, 16, torch.float32, seed=0))
+    with pytest.raises(ValueError, match="out must be"):
+        mhc_post(h, out[:, :8], post, comb)
+    with pytest.raises(ValueError, match="in h's dtype"):
+        mhc_post(h, out.double(), post, comb)
+    with pytest.raises(ValueError, match="post and comb must be float32"):
+        mhc_post(h, out, post.double(), comb)
+    with pytest.raises(ValueError, match="block_d must be a power of two"):
+        mhc_post(h, out, post, comb, block_d=24)

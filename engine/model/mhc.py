@@ -111,8 +111,15 @@ def hc_pre(
 
 
 def hc_post(h: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """h [T, hc, D], out [T, D] -> [T, hc, D]: post_j * out + sum_i comb[i, j] * h_i."""
+    """h [T, hc, D], out [T, D] -> [T, hc, D]: post_j * out + sum_i comb[i, j] * h_i.
+
+    On CUDA without autograd (`select_mhc_path`), `out` in h's dtype and float32 post/comb (as hc_pre gives):
+    one Triton launch (fp32 math, one rounding); else these torch ops, the reference."""
     dtype = h.dtype
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, out, post, comb))
+    if out.dtype == dtype and post.dtype == comb.dtype == torch.float32 \
+            and select_mhc_path(h.device.type, grad) == "triton":
+        return triton_kernels().mhc_post(h, out, post, comb)
     res = post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2)  # the one new [T, hc, D] tensor
     comb_t = comb.to(dtype).transpose(-1, -2)  # [T, hc(j), hc(i)]
     if res.dtype != dtype:  # `out` of another dtype: keep torch's type promotion of the plain formula

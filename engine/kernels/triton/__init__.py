@@ -11,6 +11,8 @@ Plain-torch references with the same contracts: `engine.kernels.triton.reference
     one launch over rows sorted by expert; static grid, no host read of the offsets (CUDA-graph capturable).
 `mhc_gates(mixes, base, scale, hc, hc_eps, sinkhorn_iters)`  (fp32)
     mHC's pre/post sigmoids and comb's softmax + Sinkhorn, one launch (engine.model.mhc.hc_pre's gates).
+`mhc_post(h, out, post, comb)`  (fp32 / bf16 / fp16)
+    mHC's write-back post_j * out + sum_i comb[i, j] * h_i, one launch (engine.model.mhc.hc_post).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["available", "fp8_block_linear", "moe_grouped_gemm", "mhc_gates", "TileConfig", "FP8_SCALE_BLOCK",
-           "FP4_GROUP"]
+__all__ = ["available", "fp8_block_linear", "moe_grouped_gemm", "mhc_gates", "mhc_post", "TileConfig",
+           "FP8_SCALE_BLOCK", "FP4_GROUP"]
 
 FP8_SCALE_BLOCK = 128  # FP8 weights: one scale per 128 x 128 block
 FP4_GROUP = 32  # MXFP4: one E8M0 scale per 32 values along K
@@ -327,3 +329,39 @@ def mhc_gates(mixes: Tensor, base: Tensor, scale: Tensor, hc: int, hc_eps: float
         int(sinkhorn_iters), HC=hc, HC_P=hc_p, BLOCK_T=block, num_warps=4 if block * hc_p * hc_p >= 1024 else 1,
     )
     return pre, post, comb
+
+
+def mhc_post(h: Tensor, out: Tensor, post: Tensor, comb: Tensor, *, block_d: int | None = None) -> Tensor:
+    """mHC's write-back in one launch: the contract of `engine.model.mhc.hc_post` (the reference) when `out` has
+    h's dtype.
+
+      h     [T, hc, D] float32 / bfloat16 / float16, any strides;  out [T, D] of h's dtype, any strides.
+      post  [T, hc], comb [T, hc, hc]: float32 (made contiguous).
+      returns y [T, hc, D] in h's dtype, contiguous: y_j = post_j * out + sum_i comb[i, j] * h_i, fp32 math.
+    Grid: (T, cdiv(D, block_d)) (fixed by the shapes: CUDA-graph capturable); `block_d` a power of two (None:
+    up to 256, from D).
+    """
+    if h.dim() != 3 or h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"mhc_post: h must be float32/bfloat16/float16 [T, hc, D], got {h.dtype} {list(h.shape)}")
+    t, hc, d = h.shape
+    if tuple(out.shape) != (t, d) or out.dtype != h.dtype:
+        raise ValueError(f"mhc_post: out must be [T, D] = {[t, d]} in h's dtype {h.dtype}, got {out.dtype} "
+                         f"{list(out.shape)}")
+    if tuple(post.shape) != (t, hc) or tuple(comb.shape) != (t, hc, hc) or post.dtype != torch.float32 \
+            or comb.dtype != torch.float32:
+        raise ValueError(f"mhc_post: post and comb must be float32 [T, hc] = {[t, hc]} and [T, hc, hc], got "
+                         f"{post.dtype} {list(post.shape)} and {comb.dtype} {list(comb.shape)}")
+    if block_d is not None and (block_d < 1 or block_d & (block_d - 1)):
+        raise ValueError(f"mhc_post: block_d must be a power of two, got {block_d}")
+    post, comb = post.contiguous(), comb.contiguous()
+    _check_device(h, out, post, comb)
+    y = torch.empty(t, hc, d, dtype=h.dtype, device=h.device)
+    if t == 0 or d == 0:
+        return y
+    block = block_d or _pow2_block(d, 16, 256)
+    _mhc_kernels().mhc_post_kernel[(t, -(-d // block))](
+        h, out, post, comb, y, d, h.stride(0), h.stride(1), h.stride(2), out.stride(0), out.stride(1),
+        y.stride(0), y.stride(1), y.stride(2), HC=hc, HC_P=1 << (hc - 1).bit_length(), BLOCK_D=block,
+        num_warps=4 if block >= 256 else 2,
+    )
+    return y

@@ -11,6 +11,9 @@ projection of the hc streams) before the collapse:
 Each program takes BLOCK_T tokens; a token's hc x hc matrix lives in registers through every Sinkhorn pass
 (HC_P = hc rounded up to a power of two; padded entries are held at 0, so they add nothing to any sum). The
 divisions are IEEE round-to-nearest (`div_rn`), as torch's.
+
+`mhc_post_kernel` is `hc_post`'s write-back, y_j = post_j * out + sum_i comb[i, j] * h_i, one launch over
+(token, BLOCK_D columns): the hc streams of h in registers, fp32 math, one rounding to y's dtype.
 """
 
 from __future__ import annotations
@@ -63,3 +66,27 @@ def mhc_gates_kernel(
         comb = tl.math.div_rn(comb, tl.sum(comb, axis=2)[:, :, None] + hc_eps)  # rows
         comb = tl.math.div_rn(comb, tl.sum(comb, axis=1)[:, None, :] + hc_eps)  # columns
     tl.store(comb_ptr + rows[:, None, None] * (HC * HC) + i * HC + j, comb, mask=ok3)
+
+
+@triton.jit
+def mhc_post_kernel(
+    h_ptr, out_ptr, post_ptr, comb_ptr, y_ptr,
+    D, stride_ht, stride_hs, stride_hd, stride_ot, stride_od, stride_yt, stride_ys, stride_yd,
+    HC: tl.constexpr, HC_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    s = tl.arange(0, HC_P)
+    s_ok = s < HC
+    # h_i: [HC_P (i), BLOCK_D]; comb^T: [HC_P (j), HC_P (i)]
+    h = tl.load(h_ptr + t * stride_ht + s[:, None] * stride_hs + cols[None, :] * stride_hd,
+                mask=s_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + t * stride_ot + cols * stride_od, mask=col_ok, other=0.0).to(tl.float32)
+    post = tl.load(post_ptr + t * HC + s, mask=s_ok, other=0.0)
+    comb_t = tl.load(comb_ptr + t * (HC * HC) + s[None, :] * HC + s[:, None], mask=s_ok[:, None] & s_ok[None, :],
+                     other=0.0)
+    mixed = tl.sum(comb_t[:, :, None] * h[None, :, :], axis=1)  # [HC_P (j), BLOCK_D]
+    y = post[:, None] * o[None, :] + mixed
+    tl.store(y_ptr + t * stride_yt + s[:, None] * stride_ys + cols[None, :] * stride_yd,
+             y.to(y_ptr.dtype.element_ty), mask=s_ok[:, None] & col_ok[None, :])

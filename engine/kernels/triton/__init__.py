@@ -326,7 +326,7 @@ def mhc_gates(mixes: Tensor, base: Tensor, scale: Tensor, hc: int, hc_eps: float
     hc_p = 1 << (hc - 1).bit_length()
     _mhc_kernels().mhc_gates_kernel[(-(-t // block),)](
         mixes, base, scale, pre, post, comb, t, mixes.stride(0), mixes.stride(1), float(hc_eps),
-        int(sinkhorn_iters), HC=hc, HC_P=hc_p, BLOCK_T=block, num_warps=4 if block * hc_p * hc_p >= 1024 else 1,
+        ITERS=int(sinkhorn_iters), HC=hc, HC_P=hc_p, BLOCK_T=block, num_warps=4 if block * hc_p * hc_p >= 1024 else 1,
     )
     return pre, post, comb
 

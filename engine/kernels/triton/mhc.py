@@ -25,8 +25,8 @@ import triton.language as tl
 @triton.jit
 def mhc_gates_kernel(
     mix_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr,
-    T, stride_mt, stride_mc, hc_eps, iters,
-    HC: tl.constexpr, HC_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    T, stride_mt, stride_mc, hc_eps,
+    ITERS: tl.constexpr, HC: tl.constexpr, HC_P: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.arange(0, HC_P)
@@ -62,7 +62,7 @@ def mhc_gates_kernel(
     comb = tl.math.div_rn(e, tl.sum(e, axis=2)[:, :, None]) + hc_eps
     comb = tl.where(in_mat, comb, 0.0)
     comb = tl.math.div_rn(comb, tl.sum(comb, axis=1)[:, None, :] + hc_eps)  # columns first
-    for _ in range(iters - 1):
+    for _ in tl.static_range(ITERS - 1):  # unrolled (a config constant: one compile)
         comb = tl.math.div_rn(comb, tl.sum(comb, axis=2)[:, :, None] + hc_eps)  # rows
         comb = tl.math.div_rn(comb, tl.sum(comb, axis=1)[:, None, :] + hc_eps)  # columns
     tl.store(comb_ptr + rows[:, None, None] * (HC * HC) + i * HC + j, comb, mask=ok3)

@@ -24,9 +24,13 @@ class ExpertLoadWindow:
     """Counts tokens routed to each logical expert, per MoE layer, over the last `window_steps` steps.
 
     Per step: `record(layer, topk_idx)` for each MoE layer (any number of calls; counts add up), then
-    `end_step()`. Counting is one `bincount` per call on the device of `topk_idx`; the per-step counts stay
-    on that device in a ring of `window_steps` entries, so nothing is copied to the host until `load()`.
-    Entries of -1 in `topk_idx` (padding, dropped tokens) are not counted.
+    `end_step()`. `record` runs on the device of `topk_idx` with no host read and no data-dependent shape (it
+    runs inside the static decode step): one `scatter_add_` into a fixed [L, num_experts + 2] counter (bin 0
+    takes -1, bins 1..E the experts, bin E + 1 any id outside [-1, E)) and one `aminmax` into the step's id
+    range. `end_step()` checks that range once per step (one host read) and raises ValueError naming an
+    out-of-range id; else the step's counts enter a ring of `window_steps` entries on the device, so nothing
+    else is copied to the host until `load()`. Entries of -1 in `topk_idx` (padding, dropped tokens) are not
+    counted.
     """
 
     def __init__(self, num_layers: int, num_experts: int, window_steps: int) -> None:
@@ -37,36 +41,50 @@ class ExpertLoadWindow:
         self.num_experts = num_experts
         self.window_steps = window_steps
         self._ring: Tensor | None = None  # [window_steps, L, E] int64, allocated on the first record's device
-        self._current: Tensor | None = None  # [L, E] counts of the step in progress
+        self._current: Tensor | None = None  # [L, E + 2] counts of the step in progress (bins: -1, experts, bad)
+        self._range: Tensor | None = None  # [2] int64: smallest and largest id recorded in the step in progress
         self._steps = 0  # completed steps, ever
 
     def record(self, layer: int, topk_idx: Tensor) -> None:
-        """Add the tokens of one MoE layer call: `topk_idx` holds logical expert ids, any shape, -1 = none."""
+        """Add the tokens of one MoE layer call: `topk_idx` holds logical expert ids, any shape, -1 = none.
+
+        Ids outside [-1, num_experts) are counted apart and make the next `end_step()` raise."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"ExpertLoadWindow.record: layer {layer} is outside [0, {self.num_layers})")
         if topk_idx.dtype.is_floating_point or topk_idx.is_complex() or topk_idx.dtype == torch.bool:
             raise ValueError(f"ExpertLoadWindow.record: topk_idx must hold integer expert ids, got {topk_idx.dtype}")
         if self._current is None:
-            self._current = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64, device=topk_idx.device)
+            dev = topk_idx.device
+            self._current = torch.zeros(self.num_layers, self.num_experts + 2, dtype=torch.int64, device=dev)
             self._ring = torch.zeros(self.window_steps, self.num_layers, self.num_experts, dtype=torch.int64,
-                                     device=topk_idx.device)
+                                     device=dev)
+            self._range = torch.full((2,), -1, dtype=torch.int64, device=dev)  # -1 is a valid id: neutral
         if topk_idx.numel() == 0:
             return
-        flat = topk_idx.reshape(-1).to(device=self._current.device, dtype=torch.int64) + 1  # -1 -> bin 0
-        if int(flat.min()) < 0:
-            raise ValueError(f"ExpertLoadWindow.record: expert id {int(flat.min()) - 1} < -1 in topk_idx")
-        counts = torch.bincount(flat, minlength=self.num_experts + 1)
-        if counts.numel() > self.num_experts + 1:
-            raise ValueError(f"ExpertLoadWindow.record: expert id {counts.numel() - 2} >= num_experts "
-                             f"{self.num_experts} in topk_idx")
-        self._current[layer] += counts[1:]
+        assert self._range is not None
+        flat = topk_idx.reshape(-1).to(device=self._current.device, dtype=torch.int64)
+        lo, hi = torch.aminmax(flat)
+        torch.minimum(self._range[0], lo, out=self._range[0])
+        torch.maximum(self._range[1], hi, out=self._range[1])
+        bins = flat + 1  # -1 -> bin 0
+        bins = torch.where((bins < 0) | (bins > self.num_experts), self.num_experts + 1, bins)
+        self._current[layer].scatter_add_(0, bins, torch.ones_like(bins))
 
     def end_step(self) -> None:
-        """Close the current step: its counts enter the window, the oldest step leaves it."""
-        if self._ring is None or self._current is None:
+        """Close the current step: its counts enter the window, the oldest step leaves it.
+
+        Raises ValueError if the step recorded an id outside [-1, num_experts); that step's counts are then
+        dropped (the window keeps the steps before it) and the step does not count."""
+        if self._ring is None or self._current is None or self._range is None:
             self._steps += 1  # nothing recorded yet: the window is all zeros anyway
             return
-        self._ring[self._steps % self.window_steps].copy_(self._current)
+        lo, hi = self._range.tolist()  # the step's one host read
+        if lo < -1 or hi >= self.num_experts:
+            self._current.zero_()
+            self._range.fill_(-1)
+            bad = f"expert id {lo} < -1" if lo < -1 else f"expert id {hi} >= num_experts {self.num_experts}"
+            raise ValueError(f"ExpertLoadWindow.end_step: {bad} in a topk_idx recorded this step")
+        self._ring[self._steps % self.window_steps].copy_(self._current[:, 1:-1])
         self._current.zero_()
         self._steps += 1
 

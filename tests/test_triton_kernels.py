@@ -13,9 +13,19 @@ import torch
 
 pytest.importorskip("triton")
 
-from engine.kernels.triton import TileConfig, available, fp8_block_linear, moe_grouped_gemm  # noqa: E402
+from engine.kernels.select import select_mhc_path  # noqa: E402
+from engine.kernels.triton import (  # noqa: E402
+    TileConfig,
+    available,
+    fp8_block_linear,
+    mhc_gates,
+    mhc_post,
+    moe_grouped_gemm,
+)
 from engine.kernels.triton.moe import ExpertWeights, routed_experts, sort_by_expert  # noqa: E402
 from engine.kernels.triton.reference import fp8_block_linear_ref, moe_grouped_gemm_ref  # noqa: E402
+from engine.model.mhc import hc_post as hc_post_ref  # noqa: E402
+from engine.model.mhc import mhc_gates as mhc_gates_ref  # noqa: E402
 from engine.weights.formats import dequantize_fp4, quantize_fp4, quantize_fp8_block  # noqa: E402
 
 IEEE = {"input_precision": "ieee"}
@@ -213,3 +223,129 @@ def test_routed_experts_match_the_model_reference(fmt):
             getattr(ref_part, name).copy_(t[:4])
     local = ref_part.g2l[topk_idx].flatten()
     _close(part, ref_part._forward_loop(x, topk_w, local, torch.bincount(local[local >= 0], minlength=4)))
+
+
+# ---- mHC gates (pre / post sigmoids, comb's softmax + Sinkhorn) -------------------------------------------------
+def _mhc_inputs(t: int, hc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = (2 + hc) * hc
+    # mixes of a few units and scales around 1: logits of either sign, comb's softmax far from uniform
+    return torch.randn(t, n, generator=g) * 3, torch.randn(n, generator=g), torch.rand(3, generator=g) * 2
+
+
+def _close_fp32(got: torch.Tensor, want: torch.Tensor) -> None:
+    # fp32 math on values of order 1 (post up to 2): only the rounding of each op differs (1-2 ulp seen)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("hc", [4, 3])  # 3: the padded lanes (HC_P = 4) must add nothing
+@pytest.mark.parametrize("t", [1, 7, 33])
+def test_mhc_gates_match_torch_reference(t, hc):
+    mixes, base, scale = _mhc_inputs(t, hc, seed=t + hc)
+    want = mhc_gates_ref(mixes, base, scale, hc, 1e-6, 20)
+    got = mhc_gates(*_dev(mixes, base, scale), hc, 1e-6, 20)
+    for name, a, b in zip(("pre", "post", "comb"), got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == torch.float32, name
+        _close_fp32(a, b)
+    comb = got[2].cpu().double()  # Sinkhorn's output: columns sum to 1 (the last pass), rows nearly
+    assert (comb.sum(-2) - 1).abs().max() < 1e-5 and (comb.sum(-1) - 1).abs().max() < 1e-3
+
+
+def test_mhc_gates_strided_mixes_small_blocks_and_one_iteration():
+    mixes, base, scale = _mhc_inputs(33, 4, seed=5)
+    wide = torch.zeros(33, 2 * mixes.shape[1])
+    wide[:, ::2] = mixes  # column stride 2
+    for iters, block_t in ((20, 4), (1, 8), (3, None)):  # several programs, the last one partly past T
+        want = mhc_gates_ref(mixes, base, scale.double(), 4, 1e-6, iters)
+        got = mhc_gates(*_dev(wide[:, ::2], base.view(6, 4), scale.double()), 4, 1e-6, iters, block_t=block_t)
+        for a, b in zip(got, want, strict=True):
+            _close_fp32(a, b)
+    pre, post, comb = mhc_gates(*_dev(torch.empty(0, 24), base, scale), 4, 1e-6, 20)
+    assert pre.shape == post.shape == (0, 4) and comb.shape == (0, 4, 4)
+
+
+def test_mhc_gates_rejects_bad_arguments():
+    mixes, base, scale = _dev(*_mhc_inputs(3, 4, seed=0))
+    with pytest.raises(ValueError, match=r"mixes must be float32 \[T, \(2\+hc\)\*hc\] = \[T, 24\]"):
+        mhc_gates(mixes[:, :20], base, scale, 4, 1e-6, 20)
+    with pytest.raises(ValueError, match="mixes must be float32"):
+        mhc_gates(mixes.double(), base, scale, 4, 1e-6, 20)
+    with pytest.raises(ValueError, match="scale 3"):
+        mhc_gates(mixes, base, scale[:2], 4, 1e-6, 20)
+    with pytest.raises(ValueError, match="sinkhorn_iters must be at least 1"):
+        mhc_gates(mixes, base, scale, 4, 1e-6, 0)
+    with pytest.raises(ValueError, match="block_t must be a power of two"):
+        mhc_gates(mixes, base, scale, 4, 1e-6, 20, block_t=3)
+
+
+def test_hc_pre_and_hc_post_through_the_kernels_equal_the_torch_path(monkeypatch):
+    """hc_pre / hc_post with the kernels (forced here: select_mhc_path picks them on CUDA only) against their
+    torch paths; with autograd on, both keep the torch path (the kernels have no backward)."""
+    import engine.model.mhc as mhc
+
+    g = torch.Generator().manual_seed(3)
+    t, hc, d = 7, 4, 32
+    h = torch.randn(t, hc, d, generator=g)
+    fn = torch.randn((2 + hc) * hc, hc * d, generator=g) * 0.05
+    base, scale = torch.randn((2 + hc) * hc, generator=g), torch.rand(3, generator=g)
+    out = torch.randn(t, d, generator=g)
+    assert select_mhc_path("cpu") != "triton" and select_mhc_path("cuda", grad=True) == "torch"
+    monkeypatch.setattr(mhc, "select_mhc_path", lambda device, grad=False: "torch")
+    with torch.no_grad():  # the torch paths (the references)
+        want = mhc.hc_pre(h, fn, base, scale, 1e-6, 1e-6, 20)
+        want_new = mhc.hc_post(h, out, want[1], want[2])
+    calls = []
+    monkeypatch.setattr(mhc, "select_mhc_path", lambda device, grad=False: calls.append(grad) or
+                        ("torch" if grad else "triton"))
+    with torch.no_grad():
+        got = mhc.hc_pre(*_dev(h, fn, base, scale), 1e-6, 1e-6, 20)
+        for a, b in zip(got, want, strict=True):
+            _close_fp32(a, b)
+        _close_fp32(mhc.hc_post(*_dev(h, out), got[1], got[2]), want_new)
+    fn.requires_grad_(True)
+    y, post, comb = mhc.hc_pre(*_dev(h, fn, base, scale), 1e-6, 1e-6, 20)
+    new = mhc.hc_post(*_dev(h), y, post, comb)
+    assert calls == [False, False, True, True] and new.requires_grad
+
+
+def _post_inputs(t: int, hc: int, d: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(t, hc, d, generator=g).to(dtype)
+    out = torch.randn(t, d, generator=g).to(dtype)
+    post = torch.rand(t, hc, generator=g) * 2
+    comb = torch.softmax(torch.randn(t, hc, hc, generator=g), -1)
+    return h, out, post, comb
+
+
+@pytest.mark.parametrize("hc", [4, 3])
+@pytest.mark.parametrize("t,d,block_d", [(1, 32, None), (7, 100, 32), (33, 64, None)])  # 100: a partial D block
+def test_mhc_post_matches_hc_post_reference(t, d, block_d, hc):
+    h, out, post, comb = _post_inputs(t, hc, d, torch.float32, seed=t + d)
+    want = hc_post_ref(h, out, post, comb)  # on CPU: the torch ops
+    got = mhc_post(*_dev(h, out, post, comb), block_d=block_d)
+    assert got.shape == (t, hc, d) and got.dtype == torch.float32
+    _close_fp32(got, want)
+    # any strides: h streams-last, out transposed
+    hs = h.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    os_ = out.t().contiguous().t()
+    _close_fp32(mhc_post(*_dev(hs, os_, post, comb), block_d=block_d), want)
+
+
+@pytest.mark.skipif(DEV == "cpu", reason="the interpreter runs fp32 only")
+def test_mhc_post_bf16_within_one_rounding():
+    h, out, post, comb = _post_inputs(9, 4, 512, torch.bfloat16, seed=0)
+    exact = post.double()[..., None] * out.double()[:, None] + comb.double().transpose(-1, -2) @ h.double()
+    got = mhc_post(*_dev(h, out, post, comb)).cpu().double()
+    assert ((got - exact).abs() <= 2 ** -8 * exact.abs() + 1e-5).all()  # fp32 math, one bf16 rounding
+
+
+def test_mhc_post_rejects_bad_arguments():
+    h, out, post, comb = _dev(*_post_inputs(3, 4, 16, torch.float32, seed=0))
+    with pytest.raises(ValueError, match="out must be"):
+        mhc_post(h, out[:, :8], post, comb)
+    with pytest.raises(ValueError, match="in h's dtype"):
+        mhc_post(h, out.double(), post, comb)
+    with pytest.raises(ValueError, match="post and comb must be float32"):
+        mhc_post(h, out, post.double(), comb)
+    with pytest.raises(ValueError, match="block_d must be a power of two"):
+        mhc_post(h, out, post, comb, block_d=24)

@@ -13,7 +13,8 @@ Routed experts (`select_expert_path`), rows already grouped by local expert slot
                                                                               at a time into scratch)
 
 mHC's mixing step (`select_mhc_path`): "kernel" (one C call for the sigmoids, softmax and Sinkhorn of all
-tokens: CPU, C library built, no autograd), else "torch" (engine.model.mhc, the reference).
+tokens: CPU, C library built, no autograd), "triton" (CUDA, no autograd: engine.kernels.triton's `mhc_gates` for
+those, one launch, and `mhc_post` for the write-back), else "torch" (engine.model.mhc, the reference).
 
 Linear layers with quantized weights (`select_linear_path`): "kernel" (C, reads the bytes; up to
 LINEAR_KERNEL_MAX_ROWS rows), "tiles" (C dequantizes TILE_ROWS weight rows at a time into scratch, then the
@@ -128,6 +129,10 @@ def _linear_tiles(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, 
 
 def select_mhc_path(device: str, grad: bool = False) -> str:
     """The mHC mixing path (module docstring)."""
-    if device == "cpu" and not grad and mhc_kernel() is not None:
+    if grad:
+        return "torch"
+    if device == "cpu" and mhc_kernel() is not None:
         return "kernel"
+    if device == "cuda" and triton_has("mhc_gates") and triton_has("mhc_post"):
+        return "triton"
     return "torch"

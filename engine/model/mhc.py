@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels.cpu import mhc_kernel
-from engine.kernels.select import select_mhc_path
+from engine.kernels.select import select_mhc_path, triton_kernels
 from engine.model.layers import rsqrt_mean_square
 
 
@@ -75,17 +75,12 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return mat.permute(2, 0, 1).contiguous()
 
 
-def hc_pre(
-    h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
-    hc_eps: float, norm_eps: float, sinkhorn_iters: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h [T, hc, D] -> (y [T, D] sub-layer input, post [T, hc] f32, comb [T, hc, hc] f32)."""
-    t, hc = h.shape[0], h.shape[1]
-    mixes, hf = _mixes(h, fn, norm_eps)  # [T, (2+hc)*hc]: hc pre, hc post, hc*hc comb logits
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (h, fn, base, scale))
-    if select_mhc_path(mixes.device.type, grad) == "kernel":  # the same math below, one C call
-        pre, post, comb = mhc_kernel().mix(mixes, base.float().reshape(-1), scale.float(), hc, sinkhorn_iters, hc_eps)
-        return _collapse(pre, hf, h.dtype), post, comb
+def mhc_gates(mixes: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int, hc_eps: float,
+              sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mixes [T, (2+hc)*hc] f32 -> (pre [T, hc], post [T, hc], comb [T, hc, hc]), all f32: the plain-torch
+    reference of the C kernel (`engine.kernels.cpu.mhc_kernel`, CPU) and `engine.kernels.triton.mhc_gates` (one
+    launch, CUDA); `select_mhc_path` picks."""
+    t = mixes.shape[0]
     # 2+hc groups of hc columns (pre, post, the hc rows of comb); group k's logits are mixes * scale + base
     # with scale[0] for pre, scale[1] for post, scale[2] for comb: one addcmul for all of them.
     group_scale = scale.float().index_select(0, _group_scale_index(hc, scale.device)).view(2 + hc, 1)
@@ -94,13 +89,37 @@ def hc_pre(
     pre = gates[:, 0] + hc_eps
     post = gates[:, 1] * 2
     comb = torch.softmax(logits[:, 2:], dim=-1) + hc_eps  # not add_: softmax's backward reads its output
-    comb = sinkhorn(comb, sinkhorn_iters, hc_eps)
+    return pre, post, sinkhorn(comb, sinkhorn_iters, hc_eps)
+
+
+def hc_pre(
+    h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+    hc_eps: float, norm_eps: float, sinkhorn_iters: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h [T, hc, D] -> (y [T, D] sub-layer input, post [T, hc] f32, comb [T, hc, hc] f32)."""
+    hc = h.shape[1]
+    mixes, hf = _mixes(h, fn, norm_eps)  # [T, (2+hc)*hc]: hc pre, hc post, hc*hc comb logits
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (mixes, base, scale))
+    path = select_mhc_path(mixes.device.type, grad)
+    if path == "kernel":  # CPU: the same math, one C call
+        pre, post, comb = mhc_kernel().mix(mixes, base.float().reshape(-1), scale.float(), hc, sinkhorn_iters, hc_eps)
+    elif path == "triton":  # CUDA: one launch
+        pre, post, comb = triton_kernels().mhc_gates(mixes, base, scale, hc, hc_eps, sinkhorn_iters)
+    else:
+        pre, post, comb = mhc_gates(mixes, base, scale, hc, hc_eps, sinkhorn_iters)
     return _collapse(pre, hf, h.dtype), post, comb
 
 
 def hc_post(h: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """h [T, hc, D], out [T, D] -> [T, hc, D]: post_j * out + sum_i comb[i, j] * h_i."""
+    """h [T, hc, D], out [T, D] -> [T, hc, D]: post_j * out + sum_i comb[i, j] * h_i.
+
+    On CUDA without autograd (`select_mhc_path`), `out` in h's dtype and float32 post/comb (as hc_pre gives):
+    one Triton launch (fp32 math, one rounding); else these torch ops, the reference."""
     dtype = h.dtype
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, out, post, comb))
+    if out.dtype == dtype and post.dtype == comb.dtype == torch.float32 \
+            and select_mhc_path(h.device.type, grad) == "triton":
+        return triton_kernels().mhc_post(h, out, post, comb)
     res = post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2)  # the one new [T, hc, D] tensor
     comb_t = comb.to(dtype).transpose(-1, -2)  # [T, hc(j), hc(i)]
     if res.dtype != dtype:  # `out` of another dtype: keep torch's type promotion of the plain formula

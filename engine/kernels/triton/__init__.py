@@ -9,6 +9,10 @@ Plain-torch references with the same contracts: `engine.kernels.triton.reference
     y [..., N] = x [..., K] @ (w_fp8 [N, K] * block scales [ceil(N/128), ceil(K/128)])^T.
 `moe_grouped_gemm(x_sorted, w, expert_offsets, ...)`  (W16A16 or MXFP4 W4A16; optional fused SwiGLU)
     one launch over rows sorted by expert; static grid, no host read of the offsets (CUDA-graph capturable).
+`mhc_gates(mixes, base, scale, hc, hc_eps, sinkhorn_iters)`  (fp32)
+    mHC's pre/post sigmoids and comb's softmax + Sinkhorn, one launch (engine.model.mhc.hc_pre's gates).
+`mhc_post(h, out, post, comb)`  (fp32 / bf16 / fp16)
+    mHC's write-back post_j * out + sum_i comb[i, j] * h_i, one launch (engine.model.mhc.hc_post).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["available", "fp8_block_linear", "moe_grouped_gemm", "TileConfig", "FP8_SCALE_BLOCK", "FP4_GROUP"]
+__all__ = ["available", "fp8_block_linear", "moe_grouped_gemm", "mhc_gates", "mhc_post", "TileConfig",
+           "FP8_SCALE_BLOCK", "FP4_GROUP"]
 
 FP8_SCALE_BLOCK = 128  # FP8 weights: one scale per 128 x 128 block
 FP4_GROUP = 32  # MXFP4: one E8M0 scale per 32 values along K
@@ -58,6 +63,14 @@ def _kernels():
     from engine.kernels.triton import kernels
 
     return kernels
+
+
+def _mhc_kernels():
+    if not _triton_importable():
+        raise RuntimeError("engine.kernels.triton needs the `triton` package (pip install 'megaserve[gpu]')")
+    from engine.kernels.triton import mhc
+
+    return mhc
 
 
 def _check_device(*tensors: Tensor) -> None:
@@ -277,3 +290,78 @@ def _check_fp4(name: str, w: Tensor, scale: Tensor | None, e: int, n: int, k: in
         raise ValueError(f"moe_grouped_gemm: {name} scale must be [E, N, K/32] = {[e, n, k // FP4_GROUP]}, got "
                          f"{list(scale.shape)}")
     return w, scale.view(torch.uint8)
+
+
+def mhc_gates(mixes: Tensor, base: Tensor, scale: Tensor, hc: int, hc_eps: float, sinkhorn_iters: int,
+              *, block_t: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """mHC's gates from its mixes, in one launch: the contract of `engine.model.mhc.mhc_gates` (the reference).
+
+      mixes   [T, (2+hc)*hc] float32, any strides: columns pre (hc), post (hc), then comb's hc rows of hc.
+      base    [(2+hc)*hc] (any shape of that many elements), scale [3]: float (read as float32).
+      returns pre [T, hc] (sigmoid + hc_eps), post [T, hc] (2 * sigmoid), comb [T, hc, hc] (row softmax
+              + hc_eps, then `sinkhorn_iters` Sinkhorn passes: columns first); float32, contiguous.
+    Grid: cdiv(T, block_t) programs (fixed by T: CUDA-graph capturable); `block_t` tokens each (a power of two;
+    None: 4 to 64, from T).
+    """
+    if mixes.dim() != 2 or mixes.shape[1] != (2 + hc) * hc or mixes.dtype != torch.float32:
+        raise ValueError(f"mhc_gates: mixes must be float32 [T, (2+hc)*hc] = [T, {(2 + hc) * hc}], got "
+                         f"{mixes.dtype} {list(mixes.shape)}")
+    if base.numel() != (2 + hc) * hc or scale.numel() != 3:
+        raise ValueError(f"mhc_gates: base must have {(2 + hc) * hc} elements and scale 3, got {base.numel()} and "
+                         f"{scale.numel()}")
+    if sinkhorn_iters < 1:
+        raise ValueError(f"mhc_gates: sinkhorn_iters must be at least 1, got {sinkhorn_iters}")
+    if block_t is not None and (block_t < 1 or block_t & (block_t - 1)):
+        raise ValueError(f"mhc_gates: block_t must be a power of two, got {block_t}")
+    base = base.reshape(-1).float().contiguous()
+    scale = scale.reshape(-1).float().contiguous()
+    _check_device(mixes, base, scale)
+    t = mixes.shape[0]
+    pre = torch.empty(t, hc, dtype=torch.float32, device=mixes.device)
+    post = torch.empty(t, hc, dtype=torch.float32, device=mixes.device)
+    comb = torch.empty(t, hc, hc, dtype=torch.float32, device=mixes.device)
+    if t == 0:
+        return pre, post, comb
+    block = block_t or _pow2_block(t, 4, 64)
+    hc_p = 1 << (hc - 1).bit_length()
+    _mhc_kernels().mhc_gates_kernel[(-(-t // block),)](
+        mixes, base, scale, pre, post, comb, t, mixes.stride(0), mixes.stride(1), float(hc_eps),
+        ITERS=int(sinkhorn_iters), HC=hc, HC_P=hc_p, BLOCK_T=block, num_warps=4 if block * hc_p * hc_p >= 1024 else 1,
+    )
+    return pre, post, comb
+
+
+def mhc_post(h: Tensor, out: Tensor, post: Tensor, comb: Tensor, *, block_d: int | None = None) -> Tensor:
+    """mHC's write-back in one launch: the contract of `engine.model.mhc.hc_post` (the reference) when `out` has
+    h's dtype.
+
+      h     [T, hc, D] float32 / bfloat16 / float16, any strides;  out [T, D] of h's dtype, any strides.
+      post  [T, hc], comb [T, hc, hc]: float32 (made contiguous).
+      returns y [T, hc, D] in h's dtype, contiguous: y_j = post_j * out + sum_i comb[i, j] * h_i, fp32 math.
+    Grid: (T, cdiv(D, block_d)) (fixed by the shapes: CUDA-graph capturable); `block_d` a power of two (None:
+    up to 256, from D).
+    """
+    if h.dim() != 3 or h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"mhc_post: h must be float32/bfloat16/float16 [T, hc, D], got {h.dtype} {list(h.shape)}")
+    t, hc, d = h.shape
+    if tuple(out.shape) != (t, d) or out.dtype != h.dtype:
+        raise ValueError(f"mhc_post: out must be [T, D] = {[t, d]} in h's dtype {h.dtype}, got {out.dtype} "
+                         f"{list(out.shape)}")
+    if tuple(post.shape) != (t, hc) or tuple(comb.shape) != (t, hc, hc) or post.dtype != torch.float32 \
+            or comb.dtype != torch.float32:
+        raise ValueError(f"mhc_post: post and comb must be float32 [T, hc] = {[t, hc]} and [T, hc, hc], got "
+                         f"{post.dtype} {list(post.shape)} and {comb.dtype} {list(comb.shape)}")
+    if block_d is not None and (block_d < 1 or block_d & (block_d - 1)):
+        raise ValueError(f"mhc_post: block_d must be a power of two, got {block_d}")
+    post, comb = post.contiguous(), comb.contiguous()
+    _check_device(h, out, post, comb)
+    y = torch.empty(t, hc, d, dtype=h.dtype, device=h.device)
+    if t == 0 or d == 0:
+        return y
+    block = block_d or _pow2_block(d, 16, 256)
+    _mhc_kernels().mhc_post_kernel[(t, -(-d // block))](
+        h, out, post, comb, y, d, h.stride(0), h.stride(1), h.stride(2), out.stride(0), out.stride(1),
+        y.stride(0), y.stride(1), y.stride(2), HC=hc, HC_P=1 << (hc - 1).bit_length(), BLOCK_D=block,
+        num_warps=4 if block >= 256 else 2,
+    )
+    return y

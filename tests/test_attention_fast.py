@@ -1,5 +1,5 @@
-"""The batched attention path (`_attend_batch`: decode steps and short prefill chunks of many sequences at once)
-equals the per-sequence path (`_attend`).
+"""The batched attention path (`_attend_batch`: decode steps and prefill chunks of many sequences at once, long
+chunks in rounds of QUERY_BLOCK-token pieces, cut at snapshot boundaries) equals the per-sequence path (`_attend`).
 
 Mixed context lengths around the window (127/128/129), the 4:1 and 128:1 compression boundaries, paged
 stores sharing one pool and dense stores; the batched compressor against the per-sequence one; the
@@ -19,12 +19,12 @@ LENS = [1, 3, 4, 7, 126, 127, 128, 129, 131, 252, 255, 256]  # contexts before t
 PAGE_TOKENS = 128
 
 
-def _fresh(attn: Attention, paged: bool) -> list[LayerState]:
-    """One state per sequence of LENS; paged: all in one pool per store kind, pages assigned in a shuffled order."""
+def _fresh(attn: Attention, paged: bool, per_seq: int = 4) -> list[LayerState]:
+    """One state per sequence of LENS; paged: all in one pool per store kind, pages assigned in a shuffled order,
+    per_seq pages each (4: enough for 256 + decode steps)."""
     if not paged:
         return [attn.new_state("cpu") for _ in LENS]
     r = attn.ratio
-    per_seq = 4  # pages: enough for 256 + decode steps
     order = torch.randperm(per_seq * len(LENS), generator=torch.Generator().manual_seed(0)).tolist()
     cfg = attn.cfg
     comp = torch.zeros(len(order), PAGE_TOKENS // r, cfg.head_dim) if r else None
@@ -127,7 +127,7 @@ def test_sequences_left_out_stop_pinning_batch_tensors(tiny_model):
 
 @torch.inference_mode()
 def test_long_chunk_left_out_stops_pinning_its_chunk(tiny_model):
-    """A chunk that ran alone (`_attend`) leaves a window viewing window + chunk; left out of later calls, it is
+    """A long chunk's last piece leaves a window viewing that round's padded tensor; left out of later calls, it is
     copied out too."""
     from engine.model.attention import VIEW_AGE
 
@@ -143,9 +143,104 @@ def test_long_chunk_left_out_stops_pinning_its_chunk(tiny_model):
     assert not _pins_batch_tensor(sts[0]) and torch.equal(sts[0].window, window)
 
 
+def _assert_same_snapshots(fast: list[LayerState], slow: list[LayerState]) -> None:
+    """Snapshots taken after a batched piece equal the reference's bit for bit (copies of the same rows)."""
+    for f, s in zip(fast, slow, strict=True):
+        assert f.snapshots.keys() == s.snapshots.keys()
+        assert not f.snapshot_at and not s.snapshot_at
+        for b, sf in f.snapshots.items():
+            ss = s.snapshots[b]
+            assert torch.equal(sf.window, ss.window), b
+            for pf, ps in ((sf.comp_prev, ss.comp_prev), (sf.index_prev, ss.index_prev)):
+                assert (pf is None) == (ps is None), b
+                if pf is not None:
+                    assert torch.equal(pf[0], ps[0]) and torch.equal(pf[1], ps[1]), b
+
+
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "dense"])
+@pytest.mark.parametrize("layer", [0, 1, 2], ids=["swa", "csa", "hca"])
 @torch.inference_mode()
-def test_mixed_batch_long_chunk_and_snapshot_go_alone(tiny_model):
-    """A chunk longer than QUERY_BLOCK and a sequence with a pending snapshot run per sequence in the same call."""
+def test_long_chunks_and_snapshots_run_batched_in_rounds(tiny_model, layer, paged):
+    """Long chunks (several QUERY_BLOCK rounds, uneven last pieces), short chunks, decode tokens and snapshot
+    boundaries (inside a chunk, at a round's cut, at a chunk's end, several in one chunk) in the same calls: the
+    outputs, the states and the snapshots equal the per-sequence path."""
+    from engine.model.attention import QUERY_BLOCK
+
+    attn = tiny_model.layers[layer].attn
+    d = tiny_model.cfg.hidden_size
+    g = torch.Generator().manual_seed(20 + layer)
+    fast, slow = _fresh(attn, paged, per_seq=12), _fresh(attn, paged, per_seq=12)
+    steps = [  # (new tokens per sequence, {sequence: snapshot boundaries})
+        ([600, 1, 300, 5, 129, 1, 513, 1, 2, 256, 3, 1], {2: [128, 256], 6: [384, 512], 9: [256]}),
+        ([1, 700, 1, 260, 1, 1, 1, 3, 1, 1, 2 * QUERY_BLOCK + 1, 7], {1: [128, 640], 3: [256], 10: [256, 512]}),
+        ([257, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], {0: [640, 768]}),
+        ([1] * len(LENS), {}),
+    ]
+    for i, (lens, snaps) in enumerate(steps):
+        for sts in (fast, slow):
+            for k, bs in snaps.items():
+                sts[k].snapshot_at.extend(bs)
+        xs = [torch.randn(n, d, generator=g) for n in lens]
+        want = _step(attn, slow, xs, batched=False)
+        got = _step(attn, fast, xs, batched=True)
+        assert _close(got, want), f"step {i}"
+        _assert_same_states(fast, slow)
+        _assert_same_snapshots(fast, slow)
+    assert sum(len(st.snapshots) for st in fast) == 12
+
+
+@torch.inference_mode()
+def test_slices_of_one_state_continue_each_other(tiny_model):
+    """Two slices of one sequence in one call run in order (the second sees the first in the cache), as the
+    per-sequence path runs them."""
+    attn = tiny_model.layers[1].attn
+    d = tiny_model.cfg.hidden_size
+    g = torch.Generator().manual_seed(12)
+    fast, slow = _fresh(attn, True)[:2], _fresh(attn, True)[:2]
+    x = torch.randn(300 + 5 + 40, d, generator=g)
+    pos = torch.cat([torch.arange(300), torch.arange(5), torch.arange(300, 340)])
+    outs = []
+    for sts, batched in ((slow, False), (fast, True)):
+        seqs = [SeqSlice(0, 300, sts[0]), SeqSlice(300, 5, sts[1]), SeqSlice(305, 40, sts[0])]
+        sts[0].snapshot_at.append(256)
+        attn.batched = batched
+        try:
+            outs.append(attn(x, pos, seqs))
+        finally:
+            attn.batched = True
+    assert _close(outs[1], outs[0])
+    _assert_same_states(fast, slow)
+    _assert_same_snapshots(fast, slow)
+    assert fast[0].num_tokens == 340
+
+
+def test_groups_batch_by_queries_and_context(tiny_model):
+    """A round's single tokens run as one group; the other pieces by context length, within BATCH_QUERIES padded
+    queries and padded context of twice their own plus PAD_SLACK."""
+    from engine.model.attention import BATCH_QUERIES, PAD_SLACK
+
+    attn = tiny_model.layers[0].attn
+
+    def piece(p0: int, n: int) -> SeqSlice:
+        st = attn.new_state("cpu")
+        st.num_tokens = p0
+        return SeqSlice(0, n, st)
+
+    def ids(groups: list[list[SeqSlice]]) -> list[list[int]]:
+        return [[id(s) for s in grp] for grp in groups]
+
+    short = [piece(0, 256) for _ in range(BATCH_QUERIES // 256 + 1)]
+    dec = [piece(5, 1), piece(10**6, 1)]
+    assert ids(attn._groups([dec[0], *short, dec[1]])) == ids([dec, short[:-1], short[-1:]])
+    far = piece(4 * PAD_SLACK, 100)
+    near = [piece(100, 100), piece(0, 200)]
+    assert ids(attn._groups([far, *near])) == ids([near, [far]])
+    assert len(attn._groups([piece(PAD_SLACK, 100), piece(PAD_SLACK // 2, 2)])) == 1
+
+
+@torch.inference_mode()
+def test_mixed_batch_long_chunk_and_snapshot(tiny_model):
+    """A chunk longer than QUERY_BLOCK and a sequence with a pending snapshot in the same call as short ones."""
     attn = tiny_model.layers[1].attn
     d = tiny_model.cfg.hidden_size
     g = torch.Generator().manual_seed(11)

@@ -96,3 +96,56 @@ def test_bfloat16_runs_close_to_float32(tiny_ckpt, tiny_model):
     p, q = ref.softmax(-1), got.softmax(-1)
     assert (p - q).abs().sum(-1).max().item() < 0.15
     assert (ref.argmax(-1) == got.argmax(-1)).float().mean().item() > 0.9
+
+
+def _set_batched(model: Transformer, batched: bool) -> None:
+    for block in model.layers:
+        block.attn.batched = batched
+
+
+@torch.inference_mode()
+def test_batched_attention_equals_reference_in_the_model(tiny_model):
+    """The production attention path (`batched`: long chunks in rounds of QUERY_BLOCK pieces, snapshot boundaries
+    cut, short chunks and decode tokens batched) equals the per-sequence reference through the whole model:
+    logits within 1e-5, every layer's prefix-cache snapshot equal."""
+    cfg = tiny_model.cfg
+    steps = [  # (new tokens per sequence, {sequence: snapshot boundaries}); boundaries at 128-token pages
+        ([700, 1, 300, 9, 513], {0: [128, 512, 640], 2: [256], 4: [512]}),
+        ([1, 600, 1, 260, 2], {1: [128, 384], 3: [256]}),
+        ([1, 1, 1, 1, 1], {}),
+    ]
+    ids = [[_ids(n, 100 + 10 * i + k, cfg.vocab_size) for k, n in enumerate(lens)] for i, (lens, _) in enumerate(steps)]
+    runs = {}
+    try:
+        for batched in (False, True):
+            _set_batched(tiny_model, batched)
+            states = [tiny_model.new_state() for _ in steps[0][0]]
+            logits = []
+            for (lens, snaps), x in zip(steps, ids, strict=True):
+                for k, bs in snaps.items():
+                    for layer in states[k].layers[:cfg.num_hidden_layers]:
+                        layer.snapshot_at.extend(bs)
+                logits.append(tiny_model.compute_logits(tiny_model(torch.cat(x), states, lens)))
+            runs[batched] = torch.cat(logits), states
+    finally:
+        _set_batched(tiny_model, True)
+    (want, slow), (got, fast) = runs[False], runs[True]
+    assert torch.isfinite(want).all() and (got - want).abs().max().item() <= TOL
+    n_snaps = 0
+    for f, s in zip(fast, slow, strict=True):
+        for i, (lf, ls) in enumerate(zip(f.layers[:cfg.num_hidden_layers], s.layers, strict=False)):
+            # the first layer sees the same inputs: copies of the same rows; later ones inputs within rounding
+            same = torch.equal if i == 0 else _close
+            assert lf.snapshots.keys() == ls.snapshots.keys()
+            for b, sf in lf.snapshots.items():
+                ss = ls.snapshots[b]
+                assert same(sf.window, ss.window), (i, b)
+                for pf, ps in ((sf.comp_prev, ss.comp_prev), (sf.index_prev, ss.index_prev)):
+                    assert (pf is None) == (ps is None)
+                    assert pf is None or (same(pf[0], ps[0]) and same(pf[1], ps[1])), (i, b)
+                n_snaps += 1
+    assert n_snaps == 8 * cfg.num_hidden_layers
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and (a - b).abs().max().item() <= TOL

@@ -3,12 +3,14 @@
 Follows v4-model.md §2 in the order of the math. The projections run on the packed tokens
 of the whole batch. Prefill, chunked prefill and decode are all the same call: a sequence
 contributes `n >= 1` new tokens at positions `p0 .. p0+n-1`, carrying its own `LayerState`.
-Decode tokens, and chunks of at most QUERY_BLOCK tokens, of all sequences run together
-(`_attend_batch`: one padded pass for windows, compressors, entry reads, indexer and core);
-longer chunks and chunks with a pending prefix-cache snapshot run one by one (`_attend`, the
-reference the batched path is tested against). Sequences decoding from decode slots (the engine's
-decode step) run `engine.model.attention_decode.attend_decode`: static shapes, sparse top-k reads.
-The compressors and the indexer are in engine.model.compressor.
+All sequences run through one batched path (`_attend_batch`: one padded pass for windows, compressors,
+entry reads, indexer and core). A chunk longer than QUERY_BLOCK, or with pending prefix-cache snapshots,
+is cut into pieces of at most QUERY_BLOCK tokens ending at each snapshot boundary (`_rounds`): round r
+runs the r-th piece of every sequence, so later pieces see earlier ones in the cache (chunked prefill),
+and a snapshot is the state right after the piece ending at its boundary. `_attend` runs one sequence
+whole: the plain reference the batched path is tested against (`batched = False`). Sequences decoding
+from decode slots (the engine's decode step) run `engine.model.attention_decode.attend_decode`: static
+shapes, sparse top-k reads. The compressors and the indexer are in engine.model.compressor.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from engine.cache.decode_slots import DecodeBatch, LayerSlots
-from engine.cache.seq_state import LayerSnapshot, LayerState, read_padded
+from engine.cache.seq_state import CompressorState, EntryStore, LayerSnapshot, LayerState, read_padded
 from engine.model.attention_decode import attend_decode
 from engine.model.compressor import Compressor, Indexer, _Batch, _concat_rows, _row_views
 from engine.model.config import ModelConfig
@@ -28,6 +30,7 @@ from engine.model.rope import apply_rope, inv_freq, rope_cos_sin
 
 QUERY_BLOCK = 256  # queries per attention block in prefill
 BATCH_QUERIES = 4096  # padded queries per batched group of prefill chunks
+PAD_SLACK = 1 << 16  # context tokens a group of prefill pieces may pad beyond twice their own (`_groups`)
 CORE_SCORES = 1 << 18  # attention scores per piece of the core (1 MiB in float32)
 VIEW_AGE = 4  # forward calls a sequence may sit out before its views into a call's tensors are copied out
 
@@ -63,7 +66,7 @@ class Attention(nn.Module):
         self.indexer = Indexer(cfg, dtype) if self.ratio == 4 else None
         # All RoPE in a compressed layer uses the YaRN'd compress schedule (§2.1).
         self.register_buffer("freqs", inv_freq(cfg, compressed=self.ratio > 0), persistent=False)
-        self.batched = True  # sequences run batched where they can (`_groups`); False: all through `_attend` (tests)
+        self.batched = True  # all sequences through `_attend_batch`; False: one by one through `_attend` (tests)
         # States of recent calls, holding views into that call's tensors (a batched call's padded tensors, or
         # `_attend`'s window + chunk): id -> (state, call number). One left out for more than VIEW_AGE calls is
         # compacted, so unscheduled sequences (chunked prefill, token budget, tbo halves) pin at most a few
@@ -119,18 +122,23 @@ class Attention(nn.Module):
                 o = out
             else:
                 o[:nd] = out
-        alone, groups = self._groups(seqs)
         self._age_views([s.state for s in seqs])
-        for group in groups:
-            rows, out = self._attend_batch(q, kv, positions, proj, group)
-            if rows is None:
-                o = out
-            else:
-                o[rows] = out
-        for s in alone:
-            rows = slice(s.start, s.start + s.n)
-            o[rows] = self._attend(q[rows], kv[rows], positions[rows],
-                                   {k: (a[rows], b[rows]) for k, (a, b) in proj.items()}, s.state)
+        if not self.batched:
+            for s in seqs:
+                rows = slice(s.start, s.start + s.n)
+                o[rows] = self._attend(q[rows], kv[rows], positions[rows],
+                                       {k: (a[rows], b[rows]) for k, (a, b) in proj.items()}, s.state)
+        else:
+            for pieces in self._rounds(seqs, positions):
+                for group in self._groups(pieces):
+                    rows, out = self._attend_batch(q, kv, positions, proj, group)
+                    if rows is None:
+                        o = out
+                    else:
+                        o[rows] = out
+                    self._take_snapshots([s.state for s in group])
+            for s in seqs:
+                s.state.snapshot_at = []
         o = apply_rope(o, cos, sin, inverse=True)  # undo the rotation V carried (§2.2)
         g = self.cfg.o_groups
         o = self.wo_a.forward_grouped(o.view(T, g, -1), g)  # [T, G, R]: group g's rows of wo_a
@@ -199,32 +207,69 @@ class Attention(nn.Module):
         st.snapshot_at = []
         return o
 
-    def _groups(self, seqs: list[SeqSlice]) -> tuple[list[SeqSlice], list[list[SeqSlice]]]:
-        """Which sequences run batched (`_attend_batch`): decode tokens in one group; other chunks of at most
-        QUERY_BLOCK tokens in groups of at most BATCH_QUERIES padded queries. The rest (long chunks, pending
-        snapshots) run one by one through `_attend`."""
-        if not self.batched or len({id(s.state) for s in seqs}) < len(seqs):
-            return seqs, []
-        alone = [s for s in seqs if s.n > QUERY_BLOCK or s.state.snapshot_at]
-        decode = [s for s in seqs if s.n == 1 and not s.state.snapshot_at]
-        groups = [decode] if decode else []
-        group, n_max = [], 0
+    def _rounds(self, seqs: list[SeqSlice], pos: torch.Tensor) -> list[list[SeqSlice]]:
+        """The pieces `_attend_batch` runs, round by round: each sequence's new tokens cut at its pending snapshot
+        boundaries, then into pieces of at most QUERY_BLOCK tokens; round r holds the r-th piece of every sequence
+        that has one. Slices of one state (in `seqs` order) continue each other."""
+        pieces: dict[int, list[SeqSlice]] = {}
+        p_end: dict[int, int] = {}
+        starts, want = [], []  # each piece's first packed row, and the position it must hold
         for s in seqs:
-            if 1 < s.n <= QUERY_BLOCK and not s.state.snapshot_at:
-                if group and (len(group) + 1) * max(n_max, s.n) > BATCH_QUERIES:
-                    groups.append(group)
-                    group, n_max = [], 0
-                group.append(s)
-                n_max = max(n_max, s.n)
+            st = s.state
+            p0 = p_end.get(id(st), st.num_tokens)
+            p_end[id(st)] = p1 = p0 + s.n
+            cuts = sorted({p0, p1, *(b for b in st.snapshot_at if p0 < b < p1)})
+            for a, b in zip(cuts, cuts[1:]):
+                for c in range(a, b, QUERY_BLOCK):
+                    pieces.setdefault(id(st), []).append(SeqSlice(s.start + c - p0, min(QUERY_BLOCK, b - c), st))
+                    starts.append(s.start + c - p0)
+                    want.append(c)
+        m = max(self.ratio, 1)
+        for s in seqs:
+            for b in s.state.snapshot_at:
+                assert s.state.num_tokens < b <= p_end[id(s.state)] and b % m == 0, f"bad snapshot boundary {b}"
+        if pos.device.type == "cpu":  # free on CPU; elsewhere it would sync every layer
+            got = pos.tolist()
+            got = [got[r] for r in starts]
+            assert got == want, f"positions {got}, caches hold {want} tokens"
+        n_rounds = max(map(len, pieces.values()), default=0)
+        return [[ps[r] for ps in pieces.values() if r < len(ps)] for r in range(n_rounds)]
+
+    @staticmethod
+    def _groups(pieces: list[SeqSlice]) -> list[list[SeqSlice]]:
+        """One round's pieces in the groups `_attend_batch` runs: single tokens (decode) in one group; the others,
+        by context length, in groups of at most BATCH_QUERIES padded queries whose padded context (entries read,
+        scored and masked for every piece) stays within twice their own plus PAD_SLACK."""
+        decode = [s for s in pieces if s.n == 1]
+        groups = [decode] if decode else []
+        group, n_max, ctx_sum = [], 0, 0
+        for s in sorted((s for s in pieces if s.n > 1), key=lambda s: s.state.num_tokens + s.n):
+            ctx = s.state.num_tokens + s.n
+            k = len(group) + 1
+            if group and (k * max(n_max, s.n) > BATCH_QUERIES or k * ctx > 2 * (ctx_sum + ctx) + PAD_SLACK):
+                groups.append(group)
+                group, n_max, ctx_sum = [], 0, 0
+            group.append(s)
+            n_max, ctx_sum = max(n_max, s.n), ctx_sum + ctx
         if group:
             groups.append(group)
-        return alone, groups
+        return groups
+
+    def _take_snapshots(self, states: list[LayerState]) -> None:
+        """After a batched piece: a state that just reached one of its snapshot boundaries b is the state at b (the
+        window's last w-1 rows; for CSA the compressors' last window, which the overlap continues from)."""
+        for st in states:
+            b = st.num_tokens
+            if b in st.snapshot_at:
+                st.snapshots[b] = LayerSnapshot(st.window.clone(), _prev(st.comp) if self.ratio == 4 else None,
+                                                _prev(st.index))
 
     def _attend_batch(self, q: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor,
                       proj: dict[str, tuple[torch.Tensor, torch.Tensor]],
                       seqs: list[SeqSlice]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """`_attend` for several sequences at once (each at most QUERY_BLOCK new tokens, no snapshot): q, kv, pos
-        and `proj` are the whole packed batch. Returns (the packed rows, or None for all rows in order; their o).
+        """`_attend` for several sequences at once (each at most QUERY_BLOCK new tokens: `_rounds` cuts longer
+        chunks, and at snapshot boundaries): q, kv, pos and `proj` are the whole packed batch. Returns (the packed
+        rows, or None for all rows in order; their o).
 
         Same math as `_attend`, with no per-sequence tensor work beyond views: each sequence's window and new
         tokens are laid out in one padded tensor (each keeps a view of its row as its window), the compressors
@@ -235,10 +280,6 @@ class Attention(nn.Module):
         states = [s.state for s in seqs]
         batch = _Batch([s.start for s in seqs], [s.n for s in seqs], [st.num_tokens for st in states])
         dev, B, n_max = kv.device, len(seqs), max(batch.lens)
-        if pos.device.type == "cpu":  # free on CPU; elsewhere it would sync every layer
-            got = pos.tolist()
-            got = [got[s] for s in batch.starts]
-            assert got == batch.p0, f"positions {got}, caches hold {batch.p0} tokens"
         if batch.uniform:
             s0, n = batch.starts[0], n_max
             rows, padded = slice(s0, s0 + B * n), None
@@ -269,13 +310,13 @@ class Attention(nn.Module):
             comps = [st.comp for st in states]
             self.compressor.forward_batch(*proj["comp"], batch, comps, self.freqs)
             counts = [cs.store.n for cs in comps]
-            entries = read_padded([cs.store for cs in comps], counts)  # [B, N, hd]
+            entries = _read_entries([cs.store for cs in comps], counts)  # [B, N, hd]
             chosen = torch.arange(entries.shape[1], device=dev) < ((qpos + 1) // self.ratio)[:, :, None]
             if self.indexer is not None:  # CSA: the indexer's top-k among the visible entries
                 idx_states = [st.index for st in states]
                 self.indexer.compressor.forward_batch(*proj["index"], batch, idx_states, self.freqs)
                 if entries.shape[1]:
-                    ikeys = read_padded([cs.store for cs in idx_states], counts)
+                    ikeys = _read_entries([cs.store for cs in idx_states], counts)
                     iq, iw = proj["iq"]
                     chosen = self.indexer.select_padded(take(iq), take(iw), ikeys, chosen)
             if entries.shape[1]:
@@ -319,3 +360,13 @@ class Attention(nn.Module):
             o = part if o is None else o + part
             at += k.shape[1]
         return o.view(b, n, h, d).to(q.dtype)
+
+
+def _read_entries(stores: list[EntryStore], counts: list[int]) -> torch.Tensor:
+    """`read_padded`; one store is read as it is (a dense store: a view, no copy per round of a long chunk)."""
+    return stores[0].read(counts[0])[None] if len(stores) == 1 else read_padded(stores, counts)
+
+
+def _prev(cs: CompressorState | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A copy of a CSA compressor's last finished window (raw kv, gate with ape), or None."""
+    return None if cs is None else (cs.prev_kv.clone(), cs.prev_gate.clone())

@@ -211,6 +211,8 @@ class Attention(nn.Module):
         """The pieces `_attend_batch` runs, round by round: each sequence's new tokens cut at its pending snapshot
         boundaries, then into pieces of at most QUERY_BLOCK tokens; round r holds the r-th piece of every sequence
         that has one. Slices of one state (in `seqs` order) continue each other."""
+        if not seqs:  # the decode step: nothing to read from the host
+            return []
         pieces: dict[int, list[SeqSlice]] = {}
         p_end: dict[int, int] = {}
         starts, want = [], []  # each piece's first packed row, and the position it must hold
@@ -231,7 +233,7 @@ class Attention(nn.Module):
         if pos.device.type == "cpu":  # free on CPU; elsewhere it would sync every layer
             got = pos.tolist()
             got = [got[r] for r in starts]
-            assert got == want, f"positions {got}, caches hold {want} tokens"
+            assert got == want, f"pieces start at positions {got}, the caches at {want}"
         n_rounds = max(map(len, pieces.values()), default=0)
         return [[ps[r] for ps in pieces.values() if r < len(ps)] for r in range(n_rounds)]
 

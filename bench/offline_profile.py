@@ -37,8 +37,6 @@ PARTS = [  # (owner, attribute, label)
     (model.Transformer, "forward", "model.forward"),
     (attention.Attention, "forward", "attention"),
     (attention.Attention, "_attend_batch", "attention.batch_core"),
-    (attention.Attention, "_attend", "attention.per_sequence_core"),
-    (attention.Compressor, "forward", "attention.compressor"),
     (attention.Compressor, "forward_batch", "attention.compressor_batched"),
     (model.Block, "_hc", "mhc.pre"),
     (model, "hc_post", "mhc.post"),

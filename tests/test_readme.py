@@ -97,6 +97,22 @@ def test_readme_commands_are_found():
     assert [c.text for c in loop] == ["for i in 1 2; do\n  echo $i\ndone > x  # a comment", "ls \\\n  -l"]
 
 
+def test_the_readmes_pytest_commands_find_their_tests():
+    """`pytest tests/x.py` as the README writes it (the console script, not `python -m pytest`, which would put
+    the working directory on sys.path for it) imports the `tests.*` helpers: collection only, no PYTHONPATH."""
+    text = (REPO / "README.md").read_text()
+    commands = sorted({m.strip() for m in re.findall(r"(?:^|`)(pytest [^`\n]*)", text, re.M)})
+    assert "pytest tests/test_fuzz.py" in commands
+    script = Path(sys.executable).parent / "pytest"
+    if not script.exists():
+        pytest.skip("no pytest console script beside this python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_ADDOPTS")}
+    files = sorted({a for c in commands for a in c.split()[1:] if a.startswith("tests/")})  # one run for all
+    r = subprocess.run([str(script), *files, "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and " collected" in r.stdout, f"{commands}:\n{r.stdout[-3000:]}{r.stderr[-2000:]}"
+
+
 @pytest.mark.slow
 def test_readme_commands_run_as_written(tmp_path):
     """Every README command but the set-up and the minutes-long benchmarks, in a copy of this checkout: the

@@ -97,6 +97,18 @@ class _Conn:
             self.writer.write(data)
 
 
+def build_cpu_kernels(engine: Any) -> None:
+    """Compile the C routed-expert kernel now when the engine computes on the CPU. Its first use on a machine
+    compiles it (seconds; a minute or more on a loaded CPU); inside the first step that time would count
+    against the launcher's step watchdog (`health.step_timeout_s`), whose restart kills the compile, so every
+    new generation would start it afresh and none would finish (cached afterwards: a no-op)."""
+    if getattr(getattr(engine, "config", None), "device", None) != "cpu":
+        return
+    from engine.kernels.cpu import moe_mlp_available
+
+    moe_mlp_available()
+
+
 class RankWorker:
     def __init__(self, engine: Any, host: str = "127.0.0.1", port: int = 0, rank: int = 0,
                  max_frame_bytes: int = wire.MAX_FRAME_BYTES, idle_wait_s: float = IDLE_WAIT_S,
@@ -134,6 +146,7 @@ class RankWorker:
 
     # ---------------- lifecycle ----------------
     def start(self) -> RankWorker:
+        build_cpu_kernels(self.engine)
         self._refresh_stats(force=True)
         server = threading.Thread(target=self._serve, name=f"rank{self.rank}-server", daemon=True)
         server.start()

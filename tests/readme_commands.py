@@ -10,7 +10,8 @@ script (so a missing `if __name__ == "__main__":` guard matters as it would for 
 
 --fast skips the set-up (`make ...`: the caller provides .venv and out/demo/tiny, e.g. `make demo` once, or
 `megaserve make-checkpoint --preset tiny --out out/demo/tiny`) and the commands that take minutes (the
-benchmarks under bench/, `bench offline`, `bench sweep`). Everything else runs exactly as written.
+benchmarks under bench/, `bench offline`, `bench sweep`, `pytest ...`). Everything else runs exactly as written.
+Each command's wall time is printed after it (`<<< line N: S s`).
 --from LINE starts at the first command on or after that README line (to go on after a failure).
 Exit status 0 when every command exited 0; otherwise the output ends with the failing command.
 """
@@ -27,8 +28,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 _FENCE = re.compile(r"^```(\w*)\s*$")
-# Commands --fast leaves out: the set-up, and what takes minutes on a 2-core CPU.
-SLOW = (re.compile(r"^make\b"), re.compile(r"^python bench/"), re.compile(r"^megaserve bench (offline|sweep)\b"))
+# Commands --fast leaves out: the set-up, and what takes minutes on a 2-core CPU (the benchmarks, and test
+# suites the README names: pytest runs those itself).
+SLOW = (re.compile(r"^make\b"), re.compile(r"^python (bench/|-m bench\.)"),
+        re.compile(r"^megaserve bench (offline|sweep)\b"), re.compile(r"^pytest\b"))
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ def shell_script(commands: list[Command], repo: Path) -> str:
     parts = ["set -eo pipefail", f"cd {shlex.quote(str(repo))}"]
     for c in commands:
         parts.append(f"echo {shlex.quote(f'>>> README line {c.line}:')}")
+        parts.append("_t0=${EPOCHREALTIME/./}")
         if c.kind == "bash":
             parts.append(f"echo {shlex.quote(c.text)}")
             parts.append(c.text)
@@ -110,6 +114,8 @@ def shell_script(commands: list[Command], repo: Path) -> str:
             rel = path.relative_to(repo)
             parts.append(f"echo {shlex.quote(f'python {rel}')}")
             parts.append(f"python {shlex.quote(str(rel))}")
+        parts.append(f"_ms=$(( (${{EPOCHREALTIME/./}} - _t0) / 1000 )); "
+                     f"printf '\\n<<< line {c.line}: %d.%03d s\\n' $((_ms / 1000)) $((_ms % 1000))")
     parts.append("echo '>>> every README command ran'")
     return "\n".join(parts) + "\n"
 

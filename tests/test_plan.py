@@ -479,6 +479,20 @@ def test_cli_plan_prints_a_table(capsys):
     assert "backend tbo" in out and "Everything fits." in out  # tbo: 16 B200s span two NVLink domains
 
 
+def test_v4_pro_example_runs_tbo_because_wave_stays_in_one_nvlink_domain():
+    """The README's planner example: examples/v4-pro-blackwell.yaml runs tbo; set wave there and the plan says
+    MegaMoE works only inside one NVLink domain (16 ranks span two 8-GPU boards) and models sync."""
+    import dataclasses
+
+    inp = from_topology(load_topology(ROOT / "examples" / "v4-pro-blackwell.yaml"))
+    assert inp.ep_backend == "tbo" and inp.world_size == 16
+    plan = make_plan(inp)
+    assert not plan.problems and plan.perf.layout["ep_backend"] == "tbo"
+    wave = make_plan(dataclasses.replace(inp, ep_backend="wave"))
+    assert any("works only inside one NVLink domain; 16 ranks span 2 domains of 8" in p for p in wave.problems)
+    assert wave.perf.layout["ep_backend"] == "sync"
+
+
 def test_cli_plan_json(capsys):
     path = ROOT / "examples" / "v4-flash-blackwell.yaml"
     assert main(["plan", str(path), "--isl", "2048", "--osl", "256", "--concurrency", "128", "--json"]) == 0

@@ -36,10 +36,11 @@ def swiglu_(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
     return g.mul_(u.clamp_(min=-limit, max=limit))
 
 
-def grouped_mm_runs(x: torch.Tensor, w_dtype: torch.dtype, w_shape: torch.Size) -> bool:
-    """torch._grouped_mm takes these operands: CPU float32/bfloat16, CUDA bfloat16; 16-byte aligned rows."""
+def grouped_mm_runs(x: torch.Tensor, w_dtype: torch.dtype, dims: tuple[int, ...]) -> bool:
+    """torch._grouped_mm takes these operands: CPU float32/bfloat16, CUDA bfloat16; weights of `w_dtype` whose
+    rows (`dims`: the logical I and D) are 16-byte aligned."""
     ok_dtype = w_dtype in (torch.float32, torch.bfloat16) if x.device.type == "cpu" else w_dtype == torch.bfloat16
-    return hasattr(torch, "_grouped_mm") and ok_dtype and all(s * w_dtype.itemsize % 16 == 0 for s in w_shape[1:])
+    return hasattr(torch, "_grouped_mm") and ok_dtype and all(s * w_dtype.itemsize % 16 == 0 for s in dims)
 
 
 class RoutedExperts(nn.Module):
@@ -177,7 +178,7 @@ class RoutedExperts(nn.Module):
             x_sorted.device.type, self.fmt, x_sorted.dtype,
             None if counts is None else max(counts), None if counts is None else sum(c > 0 for c in counts),
             self.w1.shape[0], cpu_kernel=self._kernel_usable(x_sorted), grad=grad,
-            grouped_mm=grouped_mm_runs(x_sorted, self.weight_dtype, self.w1.shape))
+            grouped_mm=grouped_mm_runs(x_sorted, self.weight_dtype, (self.w1.shape[1], self.w2.shape[1])))
         if path == "reference":
             cnt = (offsets[1:] - offsets[:-1]) if counts is None else torch.tensor(counts, device=x_sorted.device)
             row_slot = torch.repeat_interleave(torch.arange(cnt.numel(), device=cnt.device), cnt,

@@ -179,6 +179,11 @@ def test_path_table_sync_free():
     f32 = torch.float32
     assert select.select_expert_path("cpu", "dense", f32, None, None, 32, cpu_kernel=True) == "kernel"
     assert select.select_expert_path("cpu", "fp4", f32, 40, 30, 32, cpu_kernel=True) == "kernel+sorted"
+    # sync-free with slots averaging KERNEL_MAX_ROWS rows or more: MKL's grouped GEMM for dense weights
+    big = dict(cpu_kernel=True, grouped_mm=True, rows=KERNEL_MAX_ROWS * 32)
+    assert select.select_expert_path("cpu", "dense", f32, None, None, 32, **big) == "grouped_mm"
+    assert select.select_expert_path("cpu", "fp4", f32, None, None, 32, **big) == "kernel"
+    assert select.select_expert_path("cpu", "dense", f32, None, None, 32, **{**big, "rows": 6}) == "kernel"
     assert select.select_expert_path("cpu", "dense", f32, None, None, 32, cpu_kernel=False, grouped_mm=True) \
         == "grouped_mm"
     assert select.select_expert_path("cuda", "fp8", torch.bfloat16, None, None, 32, cpu_kernel=False) == "padded"

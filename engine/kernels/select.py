@@ -9,6 +9,8 @@ on the device are picked.
     autograd needs gradients                                     "reference"     (RoutedExperts._forward_loop)
     CUDA, dense/MXFP4, engine.kernels.triton's moe_grouped_gemm  "triton"        (one Triton grouped GEMM launch
                                                                                    per projection pair)
+    CPU, C kernel, counts not on the host, dense weights, rows   "grouped_mm"    (torch._grouped_mm per projection)
+      >= KERNEL_MAX_ROWS x slots, torch._grouped_mm takes them
     CPU, C kernel takes the tensors, counts not on the host or   "kernel"        (one C call over all slots; it
       every slot under KERNEL_MAX_ROWS rows                                        reads the offsets itself)
     CPU, C kernel takes the tensors, a slot >= KERNEL_MAX_ROWS   "kernel+sorted" (slots under KERNEL_MAX_ROWS in
@@ -71,16 +73,19 @@ def triton_has(name: str) -> bool:
 
 def select_expert_path(device: str, weight_format: str, act_dtype: torch.dtype, max_rows: int | None,
                        busy_slots: int | None, slots: int, cpu_kernel: bool, grad: bool = False,
-                       grouped_mm: bool = False) -> str:
+                       grouped_mm: bool = False, rows: int = 0) -> str:
     """The routed-expert path (module docstring). weight_format: "dense", "fp4" or "fp8"; max_rows: the most
     rows any slot has and busy_slots: slots with rows, of `slots` (both None: the counts are not read on the
     host, sync-free); cpu_kernel: the C kernel takes these tensors (built here, float32 CPU activations,
-    contiguous weights: RoutedExperts._kernel_usable); grouped_mm: torch._grouped_mm takes the operands."""
+    contiguous weights: RoutedExperts._kernel_usable); grouped_mm: torch._grouped_mm takes the operands; rows: the
+    rows of the call (a shape: known on the host even when the counts are not)."""
     if grad:
         return "reference"
     if device == "cuda" and weight_format in ("dense", "fp4") and triton_has("moe_grouped_gemm"):
         return "triton"
     if device == "cpu" and cpu_kernel:
+        if max_rows is None and weight_format == "dense" and grouped_mm and rows >= KERNEL_MAX_ROWS * slots:
+            return "grouped_mm"  # sync-free, slots average KERNEL_MAX_ROWS rows or more: MKL's grouped GEMM
         return "kernel" if max_rows is None or max_rows < KERNEL_MAX_ROWS else "kernel+sorted"
     if max_rows is None or busy_slots is None:
         return "grouped_mm" if grouped_mm else "padded"

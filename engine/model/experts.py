@@ -178,7 +178,8 @@ class RoutedExperts(nn.Module):
             x_sorted.device.type, self.fmt, x_sorted.dtype,
             None if counts is None else max(counts), None if counts is None else sum(c > 0 for c in counts),
             self.w1.shape[0], cpu_kernel=self._kernel_usable(x_sorted), grad=grad,
-            grouped_mm=grouped_mm_runs(x_sorted, self.weight_dtype, (self.w1.shape[1], self.w2.shape[1])))
+            grouped_mm=grouped_mm_runs(x_sorted, self.weight_dtype, (self.w1.shape[1], self.w2.shape[1])),
+            rows=x_sorted.shape[0])
         if path == "reference":
             cnt = (offsets[1:] - offsets[:-1]) if counts is None else torch.tensor(counts, device=x_sorted.device)
             row_slot = torch.repeat_interleave(torch.arange(cnt.numel(), device=cnt.device), cnt,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine.model.moe
+import engine.model.experts
 from engine.kernels.cpu import moe_mlp_available
 from engine.model.config import TINY, get_preset
 from engine.model.moe import Expert, Gate, RoutedExperts, swiglu
@@ -46,19 +46,19 @@ def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def _kernel(monkeypatch, on: bool) -> list[int]:
-    """Kernel availability on/off for engine.model.moe; returns a list that grows by one per kernel call."""
+    """Kernel availability on/off for engine.model.experts; returns a list that grows by one per kernel call."""
     calls: list[int] = []
     if on:
         if not moe_mlp_available():
             pytest.skip("the CPU moe_mlp kernel did not build here")
-        real = engine.model.moe.moe_mlp
+        real = engine.model.experts.moe_mlp
 
         def counted(x, offsets, *rest):
             calls.append(x.shape[0])
             return real(x, offsets, *rest)
-        monkeypatch.setattr(engine.model.moe, "moe_mlp", counted)
+        monkeypatch.setattr(engine.model.experts, "moe_mlp", counted)
     else:
-        monkeypatch.setattr(engine.model.moe, "moe_mlp_available", lambda: False)
+        monkeypatch.setattr(engine.model.experts, "moe_mlp_available", lambda: False)
     return calls
 
 

@@ -185,7 +185,7 @@ def test_sort_by_expert_offsets():
 
 @pytest.mark.parametrize("fmt", ["fp32", "mxfp4"])
 def test_routed_experts_match_the_model_reference(fmt):
-    """Against the engine's own routed-expert loop (engine.model.moe) on the same (dequantized) weights."""
+    """Against the engine's own routed-expert loop (engine.model.experts) on the same (dequantized) weights."""
     from engine.model.config import TINY
     from engine.model.moe import RoutedExperts
 

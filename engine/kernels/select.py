@@ -1,16 +1,30 @@
 """Which fast path runs a routed-expert group or a linear layer: the one place that decides.
 
-Routed experts (`select_expert_path`), rows already grouped by local expert slot:
+Routed experts (`select_expert_path`): rows already sorted by local expert slot, with offsets
+(engine.model.experts.RoutedExperts.run_sorted). "counts on the host": the caller may read the rows per slot
+(eager forward, prefill); the static decode step (`sync_free`) may not, and then only paths that read the offsets
+on the device are picked.
 
-    condition (first match)                                     path
-    autograd needs gradients                                    "reference"  (RoutedExperts._forward_loop)
-    CUDA, dense/MXFP4, engine.kernels.triton's moe_grouped_gemm "triton"     (one Triton grouped GEMM launch)
-    CPU, C kernel built, float32 activations                   "kernel"     (slots under KERNEL_MAX_ROWS rows in
-                                                                              the C kernel, the rest "sorted")
-    dense weights, every slot under KERNEL_MAX_ROWS, >= 3/4 busy "padded"     (three bmm's over all slots)
-    otherwise                                                   "sorted"     (torch mm per slot; quantized
-                                                                              weights dequantized one expert
-                                                                              at a time into scratch)
+    condition (first match)                                      path
+    autograd needs gradients                                     "reference"     (RoutedExperts._forward_loop)
+    CUDA, dense/MXFP4, engine.kernels.triton's moe_grouped_gemm  "triton"        (one Triton grouped GEMM launch
+                                                                                   per projection pair)
+    CPU, C kernel, counts not on the host, dense weights, rows   "grouped_mm"    (torch._grouped_mm per projection)
+      >= KERNEL_MAX_ROWS x slots, torch._grouped_mm takes them
+    CPU, C kernel takes the tensors, counts not on the host or   "kernel"        (one C call over all slots; it
+      every slot under KERNEL_MAX_ROWS rows                                        reads the offsets itself)
+    CPU, C kernel takes the tensors, a slot >= KERNEL_MAX_ROWS   "kernel+sorted" (slots under KERNEL_MAX_ROWS in
+                                                                                   the C kernel, the rest "sorted")
+    counts not on the host, torch._grouped_mm takes the operands "grouped_mm"    (torch._grouped_mm per projection)
+    counts not on the host                                       "padded"        (fixed capacity: every slot
+                                                                                   padded to N rows, three bmm's)
+    dense weights, every slot under KERNEL_MAX_ROWS, >= 3/4 busy "padded"        (slots padded to the most rows,
+                                                                                   three bmm's over all slots)
+    otherwise                                                    "sorted"        (torch mm per slot; quantized
+                                                                                   weights dequantized one expert
+                                                                                   at a time into scratch)
+
+Quantized weights on "grouped_mm"/"padded" are dequantized whole (torch) into the compute dtype.
 
 mHC's mixing step (`select_mhc_path`): "kernel" (one C call for the sigmoids, softmax and Sinkhorn of all
 tokens: CPU, C library built, no autograd), "triton" (CUDA, no autograd: engine.kernels.triton's `mhc_gates` for
@@ -34,7 +48,7 @@ import torch.nn.functional as F
 from engine.kernels.cpu import mhc_kernel, quant_kernels
 from engine.weights.formats import dequantize_fp4, dequantize_fp8_block
 
-KERNEL_MAX_ROWS = 32  # crossover of the C expert kernel vs MKL (engine.model.moe.RoutedExperts)
+KERNEL_MAX_ROWS = 32  # crossover of the C expert kernel vs MKL (engine.model.experts.RoutedExperts)
 LINEAR_KERNEL_MAX_ROWS = 32  # the same crossover for the quantized linear
 TILE_ROWS = 1024  # weight rows dequantized at a time for the BLAS (a multiple of the FP8 block, 128)
 
@@ -57,17 +71,24 @@ def triton_has(name: str) -> bool:
     return bool(available("cuda")) if callable(available) else True
 
 
-def select_expert_path(device: str, weight_format: str, act_dtype: torch.dtype, max_rows: int, busy_slots: int,
-                       slots: int, cpu_kernel: bool, grad: bool = False) -> str:
+def select_expert_path(device: str, weight_format: str, act_dtype: torch.dtype, max_rows: int | None,
+                       busy_slots: int | None, slots: int, cpu_kernel: bool, grad: bool = False,
+                       grouped_mm: bool = False, rows: int = 0) -> str:
     """The routed-expert path (module docstring). weight_format: "dense", "fp4" or "fp8"; max_rows: the most
-    rows any slot has; busy_slots: slots with rows, of `slots`; cpu_kernel: the C kernel takes these tensors
-    (built here, float32 CPU activations, contiguous weights: RoutedExperts._kernel_usable)."""
+    rows any slot has and busy_slots: slots with rows, of `slots` (both None: the counts are not read on the
+    host, sync-free); cpu_kernel: the C kernel takes these tensors (built here, float32 CPU activations,
+    contiguous weights: RoutedExperts._kernel_usable); grouped_mm: torch._grouped_mm takes the operands; rows: the
+    rows of the call (a shape: known on the host even when the counts are not)."""
     if grad:
         return "reference"
     if device == "cuda" and weight_format in ("dense", "fp4") and triton_has("moe_grouped_gemm"):
         return "triton"
     if device == "cpu" and cpu_kernel:
-        return "kernel"
+        if max_rows is None and weight_format == "dense" and grouped_mm and rows >= KERNEL_MAX_ROWS * slots:
+            return "grouped_mm"  # sync-free, slots average KERNEL_MAX_ROWS rows or more: MKL's grouped GEMM
+        return "kernel" if max_rows is None or max_rows < KERNEL_MAX_ROWS else "kernel+sorted"
+    if max_rows is None or busy_slots is None:
+        return "grouped_mm" if grouped_mm else "padded"
     if weight_format == "dense" and max_rows < KERNEL_MAX_ROWS and 4 * busy_slots >= 3 * slots:
         return "padded"
     return "sorted"

@@ -55,7 +55,7 @@ def routed_experts(x: Tensor, topk_weights: Tensor, topk_idx: Tensor, weights: E
 
     `topk_idx` holds local expert ids (rows of the stacked weights); -1 marks an assignment to an expert this rank
     does not hold (it contributes nothing), e.g. `RoutedExperts.g2l[topk_idx]`. Same math as
-    `engine.model.moe.RoutedExperts.forward`: the routing weight multiplies the SwiGLU output before w2; fp32
+    `engine.model.experts.RoutedExperts.forward`: the routing weight multiplies the SwiGLU output before w2; fp32
     accumulation, the SwiGLU in fp32, h stored in x's dtype between the GEMMs. For EP rows that each carry one
     slot (`forward_slots(x, slot, weight)`), pass topk_idx = slot[:, None] and topk_weights = weight[:, None].
     """

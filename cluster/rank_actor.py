@@ -147,7 +147,8 @@ def engine_config(topo: Topology, device: str, n_local_experts: int | None = Non
     s = topo.scheduler
     return EngineConfig(dtype=topo.model.dtype, device=device, weights=topo.model.weights, max_num_seqs=s.max_num_seqs,
                         max_num_batched_tokens=s.max_num_batched_tokens, page_tokens=s.page_tokens,
-                        max_model_len=s.max_model_len, disk_cache=topo.kv_cache.disk, **kw)
+                        max_model_len=s.max_model_len, disk_cache=topo.kv_cache.disk,
+                        kv_cache_dtype=topo.kv_cache.dtype, **kw)
 
 
 def cache_budget_bytes(topo: Topology, device: str, n_local_experts: int | None) -> int | None:

@@ -237,8 +237,8 @@ def port_in_use(host: str, port: int) -> str | None:
 def preflight(topo: Topology, port: int | None = None) -> str | None:
     """What would make `up` fail after Ray and the ranks started (or silently differ from the file), found
     before: the checkpoint (the driver reads its tokenizer; the ranks read the same path), a KV cache dtype
-    the ranks do not serve, the API key variable, the HTTP port (`port` overrides server.port), and ranks whose
-    weights do not fit their memory (cluster.fit)."""
+    the ranks do not serve (they serve the model dtype and fp8), the API key variable, the HTTP port (`port`
+    overrides server.port), and ranks whose weights do not fit their memory (cluster.fit)."""
     from cluster.server.settings import ServerSettings
 
     path = topo.model.path
@@ -248,9 +248,10 @@ def preflight(topo: Topology, port: int | None = None) -> str | None:
         hint = " (`make demo` writes it)" if path.parts[-3:] == ("out", "demo", "tiny") else ""
         return f"{topo.source}: field 'model.path': {path} holds no checkpoint (no config.json){hint}"
     kv_dtype = topo.kv_cache.dtype
-    if kv_dtype is not None and kv_dtype != topo.model.dtype:
+    if kv_dtype not in (None, "fp8", topo.model.dtype):
         return (f"{topo.source}: field 'kv_cache.dtype': {kv_dtype!r}: ranks cache in the model dtype "
-                f"({topo.model.dtype!r}); another cache dtype is only planned (`megaserve plan`), not served yet")
+                f"({topo.model.dtype!r}) or in fp8; another cache dtype is only planned (`megaserve plan`), "
+                f"not served")
     try:
         ServerSettings.from_topology(topo).api_key()
     except ValueError as e:

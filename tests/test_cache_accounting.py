@@ -9,6 +9,7 @@ import pytest
 from engine.cache.accounting import (
     CacheBreakdown,
     bytes_per_token,
+    indexer_entry_bytes,
     kv_entry_bytes,
     page_bytes,
     plan_cache,
@@ -57,11 +58,13 @@ def test_include_mtp_only_changes_the_mtp_window():
 def test_fp8_ds_mla_pro():
     assert kv_entry_bytes(V4_PRO, "fp8_ds_mla") == 584
     b = sequence_cache_bytes(V4_PRO, ONE_M, "fp8_ds_mla")
-    assert b.csa_indexer == 30 * 64 * MiB  # indexer keys stay bf16
+    assert b.csa_indexer == 30 * (ONE_M // 4) * (128 + 8)  # indexer keys in FP8: 128 e4m3 + 2 scales padded to 8
     assert b.attention_kv == b.kv - b.csa_indexer
     assert round(b.attention_kv / GiB, 2) == 4.42
     # fp8 for other head dims: 48 FP8 + 16 BF16 RoPE + 1 scale padded to 8.
     assert kv_entry_bytes(TINY, "fp8_ds_mla") == 48 + 32 + 8
+    assert indexer_entry_bytes(TINY, "fp8_ds_mla") == 32 + 8
+    assert indexer_entry_bytes(V4_PRO, "fp8_ds_mla") == 136
 
 
 def test_float32_doubles_bf16():

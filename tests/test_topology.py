@@ -300,7 +300,13 @@ def test_kv_fraction_out_of_range(tmp_path: Path) -> None:
 
 
 def test_kv_dtype(tmp_path: Path) -> None:
+    from cluster.rank_actor import engine_config
+
     _bad(tmp_path, _with("kv_cache.dtype", "int8"), "'kv_cache.dtype'", "bfloat16, float32, fp8")
+    topo = load_topology(_write(tmp_path, _with("kv_cache.dtype", "fp8")))
+    assert topo.kv_cache.dtype == "fp8"
+    assert engine_config(topo, "cpu").kv_cache_dtype == "fp8"  # what each rank's engine gets
+    assert engine_config(load_topology(_write(tmp_path, GOOD)), "cpu").kv_cache_dtype is None
 
 
 def test_kv_disk(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from cluster.plan.memory import KVSettings, RankMemory, rank_memory
 from cluster.plan.model_spec import PlanModel, from_v4
 from cluster.plan.perf import Efficiency, Layout, decode, prefill
 from cluster.plan.v3 import V3Config, from_v3
-from engine.cache.accounting import KV_CACHE_DTYPES
+from engine.cache.accounting import KV_CACHE_DTYPES, bytes_per_token, indexer_entry_bytes, kv_entry_bytes
 from engine.model.config import ModelConfig
 from engine.weights.resident import topology_rank_bytes
 
@@ -115,6 +115,17 @@ def rank_weight_bytes(inp: PlanInput) -> int | None:
         return None
     return topology_rank_bytes(inp.model, inp.weights, getattr(torch, inp.weight_dtype), inp.world_size,
                                inp.redundant_experts).total
+
+
+def kv_note(inp: PlanInput) -> str | None:
+    """The KV cache's sizes for the plan's notes (V4; None for V3): bytes per entry, per indexer key, per token."""
+    if isinstance(inp.model, V3Config):
+        return None
+    cfg, cache_dtype = inp.model, KV_CACHE_DTYPES[inp.kv_dtype]
+    bpt = bytes_per_token(cfg, cache_dtype)
+    return (f"KV cache {inp.kv_dtype} ({cache_dtype}): {kv_entry_bytes(cfg, cache_dtype)} B per {cfg.head_dim}-value "
+            f"entry, {indexer_entry_bytes(cfg, cache_dtype)} B per indexer key, {bpt['compressed']:.1f} B per context "
+            f"token in compressed entries (engine.cache.accounting: what the engine's page pools hold)")
 
 
 def build_model(inp: PlanInput, hw: Hardware) -> tuple[PlanModel, list[str]]:
@@ -218,6 +229,8 @@ def make_plan(inp: PlanInput, isl: int = 1024, osl: int = 1024, concurrency: int
         raise ValueError(f"--concurrency must be a positive integer, got {concurrency!r}")
     problems: list[str] = []
     notes: list[str] = list(inp.notes)
+    if kv_note(inp) is not None:
+        notes.append(kv_note(inp))
     context = isl + osl
     if inp.max_model_len is not None and context > inp.max_model_len:
         problems.append(f"isl + osl = {context} tokens exceeds scheduler.max_model_len {inp.max_model_len}")

@@ -77,6 +77,7 @@ def apply_topology(args: argparse.Namespace, argv: list[str] | None) -> ServerSe
         args.kv_cache_bytes = topo.kv_cache.budget_bytes
     args.ep_backend = topo.parallel.ep_backend
     args.kv_disk = topo.kv_cache.disk
+    args.kv_dtype = topo.kv_cache.dtype
     flags = (("host", "--host"), ("port", "--port"), ("state_dir", "--state-dir"), ("api_key_env", "--api-key-env"),
              ("max_body_bytes", "--max-body-bytes"))
     overrides = {k: getattr(args, k) for k, flag in flags if _explicit(argv, flag)}
@@ -96,7 +97,8 @@ async def run(args: argparse.Namespace, settings: ServerSettings) -> int:
     engine_args = EngineArgs(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                              max_num_batched_tokens=args.max_num_batched_tokens, page_tokens=args.page_tokens,
                              cache_budget_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
-                             ep_backend=args.ep_backend, disk_cache=getattr(args, "kv_disk", None))
+                             ep_backend=args.ep_backend, disk_cache=getattr(args, "kv_disk", None),
+                             kv_cache_dtype=getattr(args, "kv_dtype", None))
     info = ModelInfo.from_checkpoint(args.model, settings.model_name or args.model.resolve().name, args.max_model_len)
     tokenizer = load_tokenizer(args.model)
     # Local ranks listen on loopback only, whatever interface the HTTP server is exposed on.

@@ -38,6 +38,7 @@ class EngineArgs:
     max_model_len: int | None = None
     ep_backend: str = "sync"
     disk_cache: DiskCacheConfig | None = None  # kv_cache.disk of the topology
+    kv_cache_dtype: str | None = None  # kv_cache.dtype of the topology (None: the model dtype)
 
     def engine_config(self) -> Any:
         from engine.core.engine import EngineConfig

@@ -23,9 +23,10 @@ Cache dtypes (`cache_dtype`), for the window and the compressed entries:
 - "fp8_ds_mla": vLLM's layout. A 512-dim entry is 584 B = 448 FP8 no-RoPE values + 64 BF16 RoPE values
   (128 B) + 8 B of scales. Our reading for any head_dim: (head_dim - rope) FP8 bytes + rope * 2 bytes
   + one UE8M0 scale byte per 64 no-RoPE values (the reference's QAT block), the scales padded to a
-  multiple of 8 bytes (7 scales -> 8 B at 512). The indexer keys are not part of this layout: they stay
-  bfloat16 (`csa_indexer`), so the §2.7 figure "≈4.42 GiB without the indexer keys" for Pro at 1M tokens
-  is `kv - csa_indexer` (`attention_kv`).
+  multiple of 8 bytes (7 scales -> 8 B at 512). The indexer keys are in FP8 too: all `index_head_dim`
+  values in e4m3 with the same block-64 UE8M0 scales, padded the same way (136 B at 128). The §2.7 figure
+  "≈4.42 GiB without the indexer keys" for Pro at 1M tokens is `kv - csa_indexer` (`attention_kv`).
+  engine.cache.fp8 packs and unpacks this layout; the engine's pools hold exactly these bytes per entry.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ CACHE_DTYPES = ("bfloat16", "float32", "fp8_ds_mla")
 KV_CACHE_DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "fp8": "fp8_ds_mla"}
 _STATE_BYTES = 4  # compressor state and prefix-cache compressor snapshots: float32
 _CSA, _HCA = 4, 128
-_FP8_SCALE_BLOCK = 64  # no-RoPE values per UE8M0 scale in fp8_ds_mla
+FP8_SCALE_BLOCK = 64  # no-RoPE values per UE8M0 scale in fp8_ds_mla
 _FP8_SCALE_ALIGN = 8  # scale bytes are padded to this
 
 
@@ -105,15 +106,25 @@ def kv_entry_bytes(cfg: ModelConfig, cache_dtype: str = "bfloat16") -> int:
         return 2 * cfg.head_dim
     if cache_dtype == "float32":
         return 4 * cfg.head_dim
-    nope, rope = cfg.head_dim - cfg.qk_rope_head_dim, cfg.qk_rope_head_dim
-    n_scales = -(-nope // _FP8_SCALE_BLOCK)
-    scale_bytes = -(-n_scales // _FP8_SCALE_ALIGN) * _FP8_SCALE_ALIGN
-    return nope + 2 * rope + scale_bytes
+    return fp8_entry_bytes(cfg.head_dim, cfg.qk_rope_head_dim)
+
+
+def fp8_entry_bytes(dim: int, rope: int) -> int:
+    """Bytes of one fp8_ds_mla entry of `dim` values whose last `rope` stay bfloat16 (584 at 512 / 64): the
+    layout engine.cache.fp8 packs."""
+    if not 0 <= rope < dim:
+        raise ValueError(f"rope must be in [0, dim={dim}), got {rope}")
+    nope = dim - rope
+    n_scales = -(-nope // FP8_SCALE_BLOCK)
+    return nope + -(-n_scales // _FP8_SCALE_ALIGN) * _FP8_SCALE_ALIGN + 2 * rope
 
 
 def indexer_entry_bytes(cfg: ModelConfig, cache_dtype: str = "bfloat16") -> int:
-    """Bytes of one indexer key (`index_head_dim` values): float32 if the cache is float32, else bfloat16."""
+    """Bytes of one indexer key (`index_head_dim` values): 2 per value in bfloat16, 4 in float32; in fp8_ds_mla
+    all values in FP8 with their scales (the layout with no RoPE part: 136 B at 128)."""
     _check_dtype(cache_dtype)
+    if cache_dtype == "fp8_ds_mla":
+        return fp8_entry_bytes(cfg.index_head_dim, 0)
     return (4 if cache_dtype == "float32" else 2) * cfg.index_head_dim
 
 

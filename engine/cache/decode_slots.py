@@ -12,7 +12,8 @@ batch size, never on the data:
   the last finished window, ape added; gate -inf before the first entry).
 
 Slot S is scratch: padding rows of a bucket read and write there. Finished entries go to the paged pools of
-`PagedKVCache` (its last page is scratch too: an unfinished entry is written there).
+`PagedKVCache` (its last page is scratch too: an unfinished entry is written there), packed by its codecs when
+the cache is FP8.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class LayerSlots:
     comp_pool: torch.Tensor | None  # [num_pages+1, per_page, head_dim]
     index_pool: torch.Tensor | None  # [num_pages+1, per_page, index_head_dim]
     workspace: dict[str, torch.Tensor] = field(default_factory=dict)  # CPU: per-step buffers kept (attention_decode)
+    comp_codec: object = None  # the pools' entry codecs (PagedKVCache.kv_codec / index_codec): None = plain entries
+    index_codec: object = None
 
     def load(self, slot: int, st: LayerState) -> None:
         """Copy one sequence's eager state into `slot` (its last min(p, W-1) window rows go to their ring places)."""
@@ -114,7 +117,8 @@ class DecodeSlots:
             if attn.indexer is not None:
                 ic = attn.indexer.compressor
                 index = CompressorSlots.empty(n, ic.ratio, ic.ape.shape[1], device)
-            self.layers.append(LayerSlots(window, comp, index, cache.comp_pools.get(i), cache.index_pools.get(i)))
+            self.layers.append(LayerSlots(window, comp, index, cache.comp_pools.get(i), cache.index_pools.get(i),
+                                          comp_codec=cache.kv_codec, index_codec=cache.index_codec))
         self._free = list(range(max_seqs - 1, -1, -1))
 
     @property

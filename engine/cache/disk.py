@@ -21,7 +21,9 @@ go first (file mtimes carry the order across restarts). A failed write (full dis
 turns the tier off: the engine goes on with the memory cache alone, after one warning.
 
 Files live under `<path>/<fingerprint>/` where the fingerprint names the model (config, cache dtype,
-page size, a sample of the non-expert weights): another model's pages can never match.
+page size, a sample of the non-expert weights): another model's pages can never match. An FP8 cache
+(engine.cache.fp8) writes its pages' packed bytes as they are: uint8 rows of the fp8_ds_mla layout, so a page
+costs on disk what it costs in memory (engine.cache.accounting's bytes per entry).
 """
 
 from __future__ import annotations
@@ -169,21 +171,21 @@ class SkipEntries(EntryStore):
     """A layer's entries during a none-mode recompute: entries below `limit` are already in the pages (from
     disk) and are not written again; once `n` reaches `limit` it puts an ordinary PagedEntries in its place."""
 
-    def __init__(self, pool: torch.Tensor, page_ids: list[int], n: int, limit: int) -> None:
-        self.pool, self.page_ids, self.n, self.limit = pool, page_ids, n, limit
+    def __init__(self, pool: torch.Tensor, page_ids: list[int], n: int, limit: int, codec=None) -> None:
+        self.pool, self.page_ids, self.n, self.limit, self.codec = pool, page_ids, n, limit, codec
         self.owner = None  # the CompressorState holding this store
 
     def append(self, entries: torch.Tensor) -> None:
         k = entries.shape[0]
         keep = max(0, self.n + k - max(self.n, self.limit))  # rows at or past limit are new
         if keep:
-            PagedEntries(self.pool, self.page_ids, self.n + k - keep).append(entries[k - keep:])
+            PagedEntries(self.pool, self.page_ids, self.n + k - keep, self.codec).append(entries[k - keep:])
         self.n += k
         if self.n >= self.limit and self.owner is not None:
-            self.owner.store = PagedEntries(self.pool, self.page_ids, self.n)
+            self.owner.store = PagedEntries(self.pool, self.page_ids, self.n, self.codec)
 
     def read(self, n: int) -> torch.Tensor:
-        return PagedEntries(self.pool, self.page_ids, self.n).read(n)
+        return PagedEntries(self.pool, self.page_ids, self.n, self.codec).read(n)
 
 
 class DiskTier:
@@ -284,11 +286,11 @@ class DiskTier:
         return page
 
     def _check_shapes(self, page: PageFile) -> None:
-        want = {f"comp.{i}": pool.shape[1:] for i, pool in self.cache.comp_pools.items()}
-        want |= {f"index.{i}": pool.shape[1:] for i, pool in self.cache.index_pools.items()}
-        got = {k: v.shape for k, v in page.entries.items()}
+        want = {f"comp.{i}": (pool.shape[1:], pool.dtype) for i, pool in self.cache.comp_pools.items()}
+        want |= {f"index.{i}": (pool.shape[1:], pool.dtype) for i, pool in self.cache.index_pools.items()}
+        got = {k: (v.shape, v.dtype) for k, v in page.entries.items()}
         if got != want:
-            raise CorruptPage(f"entry shapes {got} do not match this cache's {want}")
+            raise CorruptPage(f"entry shapes/dtypes {got} do not match this cache's {want}")
         if page.state is not None and len(page.state) != self.num_layers:
             raise CorruptPage(f"state of {len(page.state)} layers, the model has {self.num_layers}")
 
@@ -435,10 +437,10 @@ class DiskTier:
         ratios = model.cfg.compress_ratios
         for i, block in enumerate(model.layers):
             ratio = ratios[i]
-            comp = SkipEntries(cache.comp_pools[i], page_ids, num_computed // ratio, dl.exact_from // ratio) \
-                if ratio else None
-            index = SkipEntries(cache.index_pools[i], page_ids, num_computed // 4, dl.exact_from // 4) \
-                if ratio == 4 else None
+            comp = SkipEntries(cache.comp_pools[i], page_ids, num_computed // ratio, dl.exact_from // ratio,
+                               cache.kv_codec) if ratio else None
+            index = SkipEntries(cache.index_pools[i], page_ids, num_computed // 4, dl.exact_from // 4,
+                                cache.index_codec) if ratio == 4 else None
             st = block.attn.new_state(self.device, comp, index)
             st.num_tokens = num_computed
             for cs, store in ((st.comp, comp), (st.index, index)):

@@ -5,12 +5,18 @@ indexer keys); a page holds the entries of `page_tokens` consecutive tokens, so 
 addresses the same token range in every layer. The scheduler hands out the page ids. Windows and
 the compressors' partial windows are per-sequence tensors (the "slots"). For prefix caching, the
 state at the end of a full page is stored with the page (`snapshots`), so a hit restores it exactly.
+
+`kv_dtype` "fp8" (the topology's `kv_cache.dtype`): the pools hold packed uint8 entries in the fp8_ds_mla
+layout (engine.cache.fp8; `kv_codec` for the main entries, `index_codec` for the indexer keys), exactly
+engine.cache.accounting's bytes per entry; the attention layers quantize their window KV the same way
+(`bind`). Otherwise the pools hold the entries in the model dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
+from engine.cache.fp8 import FP8EntryCodec
 from engine.cache.seq_state import LayerSnapshot, PagedEntries
 from engine.model.config import ModelConfig
 from engine.model.model import SequenceState, Transformer
@@ -18,27 +24,42 @@ from engine.model.model import SequenceState, Transformer
 
 class PagedKVCache:
     def __init__(self, cfg: ModelConfig, num_pages: int, page_tokens: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, kv_dtype: str | None = None) -> None:
         ratios = {r for r in cfg.compress_ratios[:cfg.num_hidden_layers] if r}
         bad = [r for r in ratios if page_tokens % r]
         if page_tokens <= 0 or bad:
             raise ValueError(f"page_tokens={page_tokens} must be a positive multiple of every compress ratio "
                              f"in use {sorted(ratios)}")
         self.cfg, self.num_pages, self.page_tokens = cfg, num_pages, page_tokens
+        if kv_dtype not in (None, "fp8"):
+            raise ValueError(f"kv_dtype must be None (the model dtype) or 'fp8', got {kv_dtype!r}")
+        self.kv_codec = self.index_codec = None
+        kv_width, index_width, pool_dtype = cfg.head_dim, cfg.index_head_dim, dtype
+        if kv_dtype == "fp8":
+            self.kv_codec = FP8EntryCodec(cfg.head_dim, cfg.qk_rope_head_dim, dtype)
+            self.index_codec = FP8EntryCodec(cfg.index_head_dim, 0, dtype)
+            kv_width, index_width, pool_dtype = self.kv_codec.entry_bytes, self.index_codec.entry_bytes, torch.uint8
         # One page past the scheduler's: the decode step writes an entry that is not finished yet there, and
         # pads page tables with it (engine.cache.decode_slots); no sequence ever owns it.
         self.scratch_page = num_pages
-        self.comp_pools: dict[int, torch.Tensor] = {}  # layer -> [num_pages + 1 (scratch), page_tokens/m, head_dim]
-        self.index_pools: dict[int, torch.Tensor] = {}  # CSA layer -> [num_pages, page_tokens/4, index_head_dim]
+        # layer -> [num_pages + 1 (scratch), page_tokens/m, head_dim (fp8: kv_codec.entry_bytes)]
+        self.comp_pools: dict[int, torch.Tensor] = {}
+        # CSA layer -> [num_pages + 1, page_tokens/4, index_head_dim (fp8: index_codec.entry_bytes)]
+        self.index_pools: dict[int, torch.Tensor] = {}
         for layer, ratio in enumerate(cfg.compress_ratios[:cfg.num_hidden_layers]):
             if ratio:
-                self.comp_pools[layer] = torch.zeros(num_pages + 1, page_tokens // ratio, cfg.head_dim,
-                                                     dtype=dtype, device=device)
+                self.comp_pools[layer] = torch.zeros(num_pages + 1, page_tokens // ratio, kv_width,
+                                                     dtype=pool_dtype, device=device)
             if ratio == 4:
-                self.index_pools[layer] = torch.zeros(num_pages + 1, page_tokens // 4, cfg.index_head_dim,
-                                                      dtype=dtype, device=device)
+                self.index_pools[layer] = torch.zeros(num_pages + 1, page_tokens // 4, index_width,
+                                                      dtype=pool_dtype, device=device)
         # page id -> the state of every main layer at the end of that page (prefix caching)
         self.snapshots: dict[int, list[LayerSnapshot]] = {}
+
+    def bind(self, model: Transformer) -> None:
+        """Make the model's attention layers quantize their window KV as this cache stores entries (fp8), or not."""
+        for block in [*model.layers, *(m.block for m in model.mtp)]:
+            block.attn.kv_codec = self.kv_codec
 
     def pool_bytes(self) -> int:
         pools = [*self.comp_pools.values(), *self.index_pools.values()]
@@ -46,8 +67,9 @@ class PagedKVCache:
 
     def _stores(self, layer: int, page_ids: list[int], num_tokens: int) -> tuple[PagedEntries | None, ...]:
         ratio = self.cfg.compress_ratios[layer]
-        comp = PagedEntries(self.comp_pools[layer], page_ids, num_tokens // ratio) if ratio else None
-        index = PagedEntries(self.index_pools[layer], page_ids, num_tokens // 4) if ratio == 4 else None
+        comp = PagedEntries(self.comp_pools[layer], page_ids, num_tokens // ratio, self.kv_codec) if ratio else None
+        index = PagedEntries(self.index_pools[layer], page_ids, num_tokens // 4, self.index_codec) \
+            if ratio == 4 else None
         return comp, index
 
     def new_sequence(self, model: Transformer, page_ids: list[int], num_computed: int) -> SequenceState:

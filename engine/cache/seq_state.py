@@ -44,10 +44,12 @@ class PagedEntries(EntryStore):
 
     `page_ids` is the request's page table (shared list, extended by the runner as pages arrive).
     `n` starts at the number of entries already in the pages (a prefix-cache hit).
+    `codec` (an engine.cache.fp8.FP8EntryCodec): the pool holds packed bytes [.., entry_bytes]; entries are
+    encoded on write and decoded on read. None: the pool holds the entries in its dtype.
     """
 
-    def __init__(self, pool: torch.Tensor, page_ids: list[int], n: int = 0) -> None:
-        self.pool, self.page_ids, self.n = pool, page_ids, n
+    def __init__(self, pool: torch.Tensor, page_ids: list[int], n: int = 0, codec=None) -> None:
+        self.pool, self.page_ids, self.n, self.codec = pool, page_ids, n, codec
         self.per_page = pool.shape[1]
 
     def _slots(self, first: int, k: int) -> list[int]:
@@ -64,17 +66,27 @@ class PagedEntries(EntryStore):
         if k == 0:
             return
         rows = torch.tensor(self._slots(self.n, k), dtype=torch.long, device=self.pool.device)
-        self.pool.view(-1, self.pool.shape[2])[rows] = entries.to(self.pool.dtype)
+        self.pool.view(-1, self.pool.shape[2])[rows] = pool_rows(entries, self.pool, self.codec)
         self.n += k
 
     def read(self, n: int) -> torch.Tensor:
         if n == 0:
-            return self.pool.new_zeros(0, self.pool.shape[2])
+            return pool_entries(self.pool.new_zeros(0, self.pool.shape[2]), self.codec)
         n_pages = (n - 1) // self.per_page + 1
         if n_pages > len(self.page_ids):
             raise RuntimeError(f"reading {n} entries needs {n_pages} pages; only {len(self.page_ids)} allocated")
         pages = torch.tensor(self.page_ids[:n_pages], dtype=torch.long, device=self.pool.device)
-        return self.pool[pages].flatten(0, 1)[:n]
+        return pool_entries(self.pool[pages].flatten(0, 1)[:n], self.codec)
+
+
+def pool_rows(entries: torch.Tensor, pool: torch.Tensor, codec=None) -> torch.Tensor:
+    """Entries [.., d] as the pool stores them: packed by `codec`, else in the pool's dtype."""
+    return entries.to(pool.dtype) if codec is None else codec.encode(entries)
+
+
+def pool_entries(rows: torch.Tensor, codec=None) -> torch.Tensor:
+    """Rows read from a pool [.., pool width] -> the entries [.., d] (`codec` unpacks them)."""
+    return rows if codec is None else codec.decode(rows)
 
 
 def _shared_pool(stores: list[EntryStore]) -> torch.Tensor | None:
@@ -98,7 +110,8 @@ def append_rows(stores: list[EntryStore], entries: torch.Tensor, counts: list[in
             s.append(e)
         return
     rows = [r for s, c in zip(stores, counts, strict=True) if c for r in s._slots(s.n, c)]
-    pool.view(-1, pool.shape[2])[torch.tensor(rows, dtype=torch.long, device=pool.device)] = entries.to(pool.dtype)
+    pool.view(-1, pool.shape[2])[torch.tensor(rows, dtype=torch.long, device=pool.device)] = \
+        pool_rows(entries, pool, stores[0].codec)
     for s, c in zip(stores, counts, strict=True):
         s.n += c
 
@@ -123,7 +136,7 @@ def read_padded(stores: list[EntryStore], counts: list[int]) -> torch.Tensor:
         ids = s.page_ids[:n_pages]
         table.append(ids + [ids[0] if ids else 0] * (n_pages - len(ids)))  # padding pages are masked out
     table_t = torch.tensor(table, dtype=torch.long, device=pool.device)
-    return pool[table_t].view(len(stores), n_pages * pp, d)[:, :n_max]
+    return pool_entries(pool[table_t].view(len(stores), n_pages * pp, d)[:, :n_max], stores[0].codec)
 
 
 def _own(t: torch.Tensor | None) -> torch.Tensor | None:

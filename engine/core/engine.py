@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine.cache.accounting import plan_cache
+from engine.cache.accounting import KV_CACHE_DTYPES, plan_cache
 from engine.cache.decode_slots import DecodeSlots
 from engine.cache.disk import DiskCacheConfig, DiskTier
 from engine.cache.kv_cache import PagedKVCache
@@ -42,6 +42,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0  # for requests without their own seed
     disk_cache: DiskCacheConfig | None = None  # a disk tier under the prefix cache (engine.cache.disk)
+    # The KV cache's dtype, a topology `kv_cache.dtype` name: None or the model dtype (entries in the model dtype),
+    # or "fp8" (the fp8_ds_mla layout: engine.cache.fp8; sized by engine.cache.accounting as "fp8_ds_mla").
+    kv_cache_dtype: str | None = None
     weights: str = "native"  # "native": checkpoint precision in memory; "dequantized": every weight in `dtype`
     # The decode step: False runs decode tokens in decode slots at padded batch buckets with static buffers
     # (engine.core.graph_runner); True runs every step through the eager per-sequence paths (the reference).
@@ -60,6 +63,9 @@ class EngineConfig:
             raise ValueError(f"disk_cache must be a DiskCacheConfig or None, got {self.disk_cache!r}")
         if self.disk_cache is not None and not self.enable_prefix_caching:
             raise ValueError("disk_cache needs enable_prefix_caching: the disk tier sits under the prefix cache")
+        if self.kv_cache_dtype not in (None, self.dtype, "fp8"):
+            raise ValueError(f"kv_cache_dtype must be None, the model dtype {self.dtype!r} or 'fp8', "
+                             f"got {self.kv_cache_dtype!r}")
         check_mode(self.weights)
 
 
@@ -79,11 +85,14 @@ class LLMEngine:
         cfg = self.model.cfg
         self.model_config = cfg
         num_pages = c.num_pages
+        fp8 = c.kv_cache_dtype == "fp8"
         if num_pages is None:
             plan = plan_cache(cfg, c.cache_budget_bytes, c.page_tokens, c.max_num_seqs,
-                              cache_dtype=c.dtype, with_snapshot=c.enable_prefix_caching)
+                              cache_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype or c.dtype],
+                              with_snapshot=c.enable_prefix_caching)
             num_pages = plan.num_pages
-        self.cache = PagedKVCache(cfg, num_pages, c.page_tokens, dtype, c.device)
+        self.cache = PagedKVCache(cfg, num_pages, c.page_tokens, dtype, c.device, kv_dtype="fp8" if fp8 else None)
+        self.cache.bind(self.model)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
             page_tokens=c.page_tokens, num_pages=num_pages, enable_prefix_caching=c.enable_prefix_caching,

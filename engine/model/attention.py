@@ -66,6 +66,9 @@ class Attention(nn.Module):
         self.indexer = Indexer(cfg, dtype) if self.ratio == 4 else None
         # All RoPE in a compressed layer uses the YaRN'd compress schedule (§2.1).
         self.register_buffer("freqs", inv_freq(cfg, compressed=self.ratio > 0), persistent=False)
+        # The cache's entry codec when it stores FP8 (engine.cache.kv_cache.PagedKVCache.bind): the window KV is
+        # quantized as the cached entries are (§2.8 fp8_qdq). None: kept in the compute dtype.
+        self.kv_codec = None
         self.batched = True  # all sequences through `_attend_batch`; False: one by one through `_attend` (tests)
         # States of recent calls, holding views into that call's tensors (a batched call's padded tensors, or
         # `_attend`'s window + chunk): id -> (state, call number). One left out for more than VIEW_AGE calls is
@@ -106,6 +109,8 @@ class Attention(nn.Module):
         q = rms_normalize(self.wq_b(qr).view(T, h, hd), self.cfg.rms_norm_eps)  # per-head norm, no weight
         q = apply_rope(q, cos, sin)  # [T, H, hd]
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, hd]: K = V
+        if self.kv_codec is not None:
+            kv = self.kv_codec.qdq(kv)
         # Projections of the compressors and the indexer run once for all packed tokens.
         proj = {}
         if self.compressor is not None:

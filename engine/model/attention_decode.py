@@ -18,14 +18,16 @@ from __future__ import annotations
 import torch
 
 from engine.cache.decode_slots import CompressorSlots, DecodeBatch, LayerSlots
+from engine.cache.seq_state import pool_entries, pool_rows
 from engine.model.rope import apply_rope, rope_cos_sin
 
 SCORE_CHUNK_ENTRIES = 16384  # CPU: indexer entries scored per piece (keys 2 MiB, head scores 1 MiB at di 32, 16 heads)
 
 
 def compress_decode(comp, kv: torch.Tensor, gate: torch.Tensor, batch: DecodeBatch, cs: CompressorSlots,
-                    pool: torch.Tensor, freqs: torch.Tensor) -> None:
-    """`Compressor.forward` for one token per sequence: kv, gate [B, c*d] = `comp.project` of the new tokens."""
+                    pool: torch.Tensor, freqs: torch.Tensor, codec=None) -> None:
+    """`Compressor.forward` for one token per sequence: kv, gate [B, c*d] = `comp.project` of the new tokens.
+    `codec`: the pool's entry codec (FP8 cache: the entry is packed before it is written), or None."""
     m, d = comp.ratio, comp.head_dim
     slot, pos = batch.slot, batch.pos
     at = pos % m
@@ -53,7 +55,7 @@ def compress_decode(comp, kv: torch.Tensor, gate: torch.Tensor, batch: DecodeBat
     page = batch.pages.gather(1, (idx // per_page)[:, None])[:, 0]
     scratch_row = (pool.shape[0] - 1) * per_page
     row = torch.where(done, page * per_page + idx % per_page, scratch_row)
-    pool.view(-1, pool.shape[2]).index_put_((row,), entry.to(pool.dtype))
+    pool.view(-1, pool.shape[2]).index_put_((row,), pool_rows(entry, pool, codec))
 
 
 def _workspace(ls: LayerSlots, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
@@ -67,19 +69,22 @@ def _workspace(ls: LayerSlots, name: str, shape: tuple[int, ...], like: torch.Te
     return buf
 
 
-def read_pages(pool: torch.Tensor, pages: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """pool [num_pages+1, per_page, d], pages [B, P] -> the entries of each page table: [B, P*per_page, d]."""
+def read_pages(pool: torch.Tensor, pages: torch.Tensor, out: torch.Tensor | None = None, codec=None) -> torch.Tensor:
+    """pool [num_pages+1, per_page, w], pages [B, P] -> the entries of each page table: [B, P*per_page, d]
+    (`codec`: the pool holds packed entries of w bytes, unpacked to d values; else d = w). `out`: a buffer for
+    the raw rows."""
     flat = pages.flatten()
     if out is not None:
-        return torch.index_select(pool, 0, flat, out=out.view(-1, *pool.shape[1:])).view(pages.shape[0], -1,
-                                                                                          pool.shape[2])
-    return pool.index_select(0, flat).view(pages.shape[0], -1, pool.shape[2])
+        rows = torch.index_select(pool, 0, flat, out=out.view(-1, *pool.shape[1:]))
+    else:
+        rows = pool.index_select(0, flat)
+    return pool_entries(rows.view(pages.shape[0], -1, pool.shape[2]), codec)
 
 
 def index_scores(indexer, q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, pages: torch.Tensor,
-                 ls: LayerSlots) -> torch.Tensor:
+                 ls: LayerSlots, codec=None) -> torch.Tensor:
     """The lightning indexer's score of every entry the page tables hold: q [B, Hi, di], w [B, Hi] (one query
-    per sequence), pool [pages+1, per_page, di], pages [B, P] -> [B, P*per_page],
+    per sequence), pool [pages+1, per_page, di] (`codec`: packed keys), pages [B, P] -> [B, P*per_page],
     score[i] = sum_h w[h] * ReLU(q[h] . K[i]) * di^-0.5 (`Indexer.select`'s formula).
 
     On the CPU the entries go in pieces of SCORE_CHUNK_ENTRIES (their keys and per-head scores stay in cache,
@@ -95,7 +100,7 @@ def index_scores(indexer, q: torch.Tensor, w: torch.Tensor, pool: torch.Tensor, 
     for c in range(0, p, step):
         n = min(step, p - c)
         keys_out = None if keys_buf is None else keys_buf[:b * n * per_page * di].view(b * n, per_page, di)
-        keys = read_pages(pool, pages[:, c:c + n], keys_out).float().transpose(1, 2)  # [B, di, n*per_page]
+        keys = read_pages(pool, pages[:, c:c + n], keys_out, codec).float().transpose(1, 2)  # [B, di, n*per_page]
         if heads_buf is None:
             heads = torch.bmm(q, keys)
         else:
@@ -126,20 +131,22 @@ def attend_decode(attn, q: torch.Tensor, kv: torch.Tensor, proj: dict[str, tuple
     blocks = [(keys, (key_pos >= 0)[:, None, :])]
     if attn.ratio:  # compress the new token first: an entry is visible from its window's last token on
         m = attn.ratio
-        compress_decode(attn.compressor, *proj["comp"], batch, ls.comp, ls.comp_pool, attn.freqs)
+        compress_decode(attn.compressor, *proj["comp"], batch, ls.comp, ls.comp_pool, attn.freqs, ls.comp_codec)
         n_visible = (pos + 1) // m
         if attn.indexer is not None:  # CSA: gather the indexer's top-k entries only
-            compress_decode(attn.indexer.compressor, *proj["index"], batch, ls.index, ls.index_pool, attn.freqs)
+            compress_decode(attn.indexer.compressor, *proj["index"], batch, ls.index, ls.index_pool, attn.freqs,
+                            ls.index_codec)
             iq, iw = proj["iq"]
-            score = index_scores(attn.indexer, iq, iw, ls.index_pool, batch.pages, ls)
+            score = index_scores(attn.indexer, iq, iw, ls.index_pool, batch.pages, ls, ls.index_codec)
             idx, chosen = select_topk(attn.indexer, score, n_visible)
             per_page = ls.comp_pool.shape[1]
             rows = batch.pages.gather(1, idx // per_page) * per_page + idx % per_page  # [B, k]
             pool = ls.comp_pool.view(-1, ls.comp_pool.shape[2])
-            entries = pool.index_select(0, rows.flatten()).view(rows.shape[0], rows.shape[1], -1)
+            entries = pool_entries(pool.index_select(0, rows.flatten()).view(rows.shape[0], rows.shape[1], -1),
+                                   ls.comp_codec)
             blocks.append((entries, chosen[:, None, :]))
         else:  # HCA: all visible entries
-            entries = read_pages(ls.comp_pool, batch.pages)
+            entries = read_pages(ls.comp_pool, batch.pages, codec=ls.comp_codec)
             visible = torch.arange(entries.shape[1], device=dev)[None, :] < n_visible[:, None]
             blocks.append((entries, visible[:, None, :]))
     return attn._core(q[:, None], blocks)[:, 0]

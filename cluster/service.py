@@ -236,9 +236,9 @@ def port_in_use(host: str, port: int) -> str | None:
 
 def preflight(topo: Topology, port: int | None = None) -> str | None:
     """What would make `up` fail after Ray and the ranks started (or silently differ from the file), found
-    before: the checkpoint (the driver reads its tokenizer; the ranks read the same path), a KV cache dtype
-    the ranks do not serve (they serve the model dtype and fp8), the API key variable, the HTTP port (`port`
-    overrides server.port), and ranks whose weights do not fit their memory (cluster.fit)."""
+    before: the checkpoint (the driver reads its tokenizer; the ranks read the same path), the API key
+    variable, the HTTP port (`port` overrides server.port), and ranks whose weights do not fit their memory
+    (cluster.fit). Every `kv_cache.dtype` is served (bfloat16, float32, fp8: engine.cache.kv_cache)."""
     from cluster.server.settings import ServerSettings
 
     path = topo.model.path
@@ -247,11 +247,6 @@ def preflight(topo: Topology, port: int | None = None) -> str | None:
     if not (path / "config.json").is_file():
         hint = " (`make demo` writes it)" if path.parts[-3:] == ("out", "demo", "tiny") else ""
         return f"{topo.source}: field 'model.path': {path} holds no checkpoint (no config.json){hint}"
-    kv_dtype = topo.kv_cache.dtype
-    if kv_dtype not in (None, "fp8", topo.model.dtype):
-        return (f"{topo.source}: field 'kv_cache.dtype': {kv_dtype!r}: ranks cache in the model dtype "
-                f"({topo.model.dtype!r}) or in fp8; another cache dtype is only planned (`megaserve plan`), "
-                f"not served")
     try:
         ServerSettings.from_topology(topo).api_key()
     except ValueError as e:

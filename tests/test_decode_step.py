@@ -114,24 +114,27 @@ def _run(ckpt, config: EngineConfig, prompts, params=GREEDY):
     return [out[f"r{i}"] for i in range(len(prompts))], logits, engine
 
 
-def test_static_decode_equals_eager_reference(tiny_ckpt):
-    """Greedy tokens equal; logits of every sampled row within 1e-5; the decode step ran, in buckets."""
+@pytest.mark.parametrize("kv_dtype", [None, "fp8"])
+def test_static_decode_equals_eager_reference(tiny_ckpt, kv_dtype):
+    """Greedy tokens equal; logits of every sampled row within 1e-5; the decode step ran, in buckets. With the FP8
+    cache both paths read the same packed entries."""
     prompts = _prompts(6)
-    ref, ref_logits, _ = _run(tiny_ckpt, EngineConfig(**{**CONFIG.__dict__, "enforce_eager": True}), prompts)
-    got, got_logits, engine = _run(tiny_ckpt, CONFIG, prompts)
+    config = EngineConfig(**{**CONFIG.__dict__, "kv_cache_dtype": kv_dtype})
+    ref, ref_logits, _ = _run(tiny_ckpt, EngineConfig(**{**config.__dict__, "enforce_eager": True}), prompts)
+    got, got_logits, engine = _run(tiny_ckpt, config, prompts)
     assert got == ref
     assert got_logits.keys() == ref_logits.keys()
     worst = max((got_logits[k] - ref_logits[k]).abs().max().item() for k in ref_logits)
     assert worst <= TOL, worst
     made = engine.runner.decode.captured()
-    assert made and all(b in buckets(CONFIG.max_num_seqs) for b, _ in made)
+    assert made and all(b in buckets(config.max_num_seqs) for b, _ in made)
     assert engine.runner.decode.slots.num_free == CONFIG.max_num_seqs  # every slot released
 
 
-def _decoding_engine(ckpt, lengths: list[int]) -> LLMEngine:
+def _decoding_engine(ckpt, lengths: list[int], config: EngineConfig = CONFIG) -> LLMEngine:
     """An engine whose requests (prompts of these lengths) are all past prefill (the next step is a pure
     decode step)."""
-    engine = LLMEngine(ckpt, CONFIG)
+    engine = LLMEngine(ckpt, config)
     rng = random.Random(2)
     n = len(lengths)
     for i, p in enumerate([[rng.randrange(2, 512) for _ in range(k)] for k in lengths]):
@@ -143,10 +146,13 @@ def _decoding_engine(ckpt, lengths: list[int]) -> LLMEngine:
     raise AssertionError("requests never all reached the decode step")
 
 
-def test_decode_step_has_no_host_sync_and_static_buffers(tiny_ckpt):
+@pytest.mark.parametrize("kv_dtype", [None, "fp8"])
+def test_decode_step_has_no_host_sync_and_static_buffers(tiny_ckpt, kv_dtype):
     """Under a dispatch mode: no scalar read, no data-dependent shape in the decode forward (metadata upload,
-    every layer, logits); the bucket's input buffers keep their addresses from step to step."""
-    engine = _decoding_engine(tiny_ckpt, [1, 3, 4, 7, 60])  # one page each for a while
+    every layer, logits); the bucket's input buffers keep their addresses from step to step. Also with the FP8
+    cache (its packing and unpacking inside the step)."""
+    config = EngineConfig(**{**CONFIG.__dict__, "kv_cache_dtype": kv_dtype})
+    engine = _decoding_engine(tiny_ckpt, [1, 3, 4, 7, 60], config)  # one page each for a while
     runner = engine.runner
     size = runner.decode.bucket_for(5, 1)[0]
     assert size == 6  # max_num_seqs 6: buckets 1, 2, 4, 6; one padding row

@@ -354,10 +354,9 @@ def test_up_refuses_a_missing_checkpoint_or_api_key(tmp_path: Path, tiny_ckpt: P
     server = {"state_dir": "st", "api_key_env": "D_TEST_UNSET_KEY"}
     assert service.up(_topology(tmp_path, tiny_ckpt, server=server)) == 2
     assert "field 'server.api_key_env'" in capsys.readouterr().err
-    assert service.up(_topology(tmp_path, tiny_ckpt, kv_cache={"dtype": "bfloat16"})) == 2  # model is float32
-    assert "field 'kv_cache.dtype': 'bfloat16'" in capsys.readouterr().err
-    # the FP8 cache is served: preflight passes it (issue 15)
-    assert service.preflight(load_topology(_topology(tmp_path, tiny_ckpt, kv_cache={"dtype": "fp8"})), port=0) is None
+    # every cache dtype is served, FP8 included (issue 15): preflight passes them
+    for kv in ("fp8", "bfloat16"):
+        assert service.preflight(load_topology(_topology(tmp_path, tiny_ckpt, kv_cache={"dtype": kv})), port=0) is None
 
 
 def test_a_busy_port_fails_before_ray_and_a_detached_log_starts_afresh(tmp_path: Path, tiny_ckpt: Path,

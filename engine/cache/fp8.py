@@ -102,3 +102,26 @@ class FP8EntryCodec:
         q, scale = quantize_blocks(x[..., :self.nope])
         nope = dequantize_blocks(q, scale).to(x.dtype)
         return torch.cat([nope, x[..., self.nope:].to(torch.bfloat16).to(x.dtype)], dim=-1)
+
+
+@dataclass(frozen=True)
+class CastEntryCodec:
+    """The codec interface for a cache kept in another float dtype than the model computes in (a bfloat16
+    cache under a float32 model): entries are cast to `store` on write and back to `dtype` on read."""
+
+    dim: int
+    store: torch.dtype
+    dtype: torch.dtype
+
+    @property
+    def entry_bytes(self) -> int:
+        return self.dim * self.store.itemsize
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.store)
+
+    def decode(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.to(self.dtype)
+
+    def qdq(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.store).to(x.dtype)

@@ -6,17 +6,18 @@ addresses the same token range in every layer. The scheduler hands out the page 
 the compressors' partial windows are per-sequence tensors (the "slots"). For prefix caching, the
 state at the end of a full page is stored with the page (`snapshots`), so a hit restores it exactly.
 
-`kv_dtype` "fp8" (the topology's `kv_cache.dtype`): the pools hold packed uint8 entries in the fp8_ds_mla
+`kv_dtype` (the topology's `kv_cache.dtype`): "fp8": the pools hold packed uint8 entries in the fp8_ds_mla
 layout (engine.cache.fp8; `kv_codec` for the main entries, `index_codec` for the indexer keys), exactly
-engine.cache.accounting's bytes per entry; the attention layers quantize their window KV the same way
-(`bind`). Otherwise the pools hold the entries in the model dtype.
+engine.cache.accounting's bytes per entry; "bfloat16"/"float32" other than the model dtype: the pools hold
+the entries cast to it. Either way the attention layers round their window KV the same way (`bind`). None
+or the model dtype: the pools hold the entries as computed.
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine.cache.fp8 import FP8EntryCodec
+from engine.cache.fp8 import CastEntryCodec, FP8EntryCodec
 from engine.cache.seq_state import LayerSnapshot, PagedEntries
 from engine.model.config import ModelConfig
 from engine.model.model import SequenceState, Transformer
@@ -31,11 +32,16 @@ class PagedKVCache:
             raise ValueError(f"page_tokens={page_tokens} must be a positive multiple of every compress ratio "
                              f"in use {sorted(ratios)}")
         self.cfg, self.num_pages, self.page_tokens = cfg, num_pages, page_tokens
-        if kv_dtype not in (None, "fp8"):
-            raise ValueError(f"kv_dtype must be None (the model dtype) or 'fp8', got {kv_dtype!r}")
+        if kv_dtype not in (None, "fp8", "bfloat16", "float32"):
+            raise ValueError(f"kv_dtype must be None (the model dtype), 'fp8', 'bfloat16' or 'float32', "
+                             f"got {kv_dtype!r}")
         self.kv_codec = self.index_codec = None
         kv_width, index_width, pool_dtype = cfg.head_dim, cfg.index_head_dim, dtype
-        if kv_dtype == "fp8":
+        if kv_dtype in ("bfloat16", "float32") and getattr(torch, kv_dtype) != dtype:
+            pool_dtype = getattr(torch, kv_dtype)
+            self.kv_codec = CastEntryCodec(cfg.head_dim, pool_dtype, dtype)
+            self.index_codec = CastEntryCodec(cfg.index_head_dim, pool_dtype, dtype)
+        elif kv_dtype == "fp8":
             self.kv_codec = FP8EntryCodec(cfg.head_dim, cfg.qk_rope_head_dim, dtype)
             self.index_codec = FP8EntryCodec(cfg.index_head_dim, 0, dtype)
             kv_width, index_width, pool_dtype = self.kv_codec.entry_bytes, self.index_codec.entry_bytes, torch.uint8

@@ -42,8 +42,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0  # for requests without their own seed
     disk_cache: DiskCacheConfig | None = None  # a disk tier under the prefix cache (engine.cache.disk)
-    # The KV cache's dtype, a topology `kv_cache.dtype` name: None or the model dtype (entries in the model dtype),
-    # or "fp8" (the fp8_ds_mla layout: engine.cache.fp8; sized by engine.cache.accounting as "fp8_ds_mla").
+    # The KV cache's dtype, a topology `kv_cache.dtype` name (engine.cache.accounting.KV_CACHE_DTYPES): None (the
+    # model dtype), "bfloat16"/"float32" (entries cast to it), or "fp8" (the fp8_ds_mla layout, engine.cache.fp8).
     kv_cache_dtype: str | None = None
     weights: str = "native"  # "native": checkpoint precision in memory; "dequantized": every weight in `dtype`
     # The decode step: False runs decode tokens in decode slots at padded batch buckets with static buffers
@@ -63,8 +63,8 @@ class EngineConfig:
             raise ValueError(f"disk_cache must be a DiskCacheConfig or None, got {self.disk_cache!r}")
         if self.disk_cache is not None and not self.enable_prefix_caching:
             raise ValueError("disk_cache needs enable_prefix_caching: the disk tier sits under the prefix cache")
-        if self.kv_cache_dtype not in (None, self.dtype, "fp8"):
-            raise ValueError(f"kv_cache_dtype must be None, the model dtype {self.dtype!r} or 'fp8', "
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be None or one of {sorted(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
         check_mode(self.weights)
 
@@ -85,13 +85,12 @@ class LLMEngine:
         cfg = self.model.cfg
         self.model_config = cfg
         num_pages = c.num_pages
-        fp8 = c.kv_cache_dtype == "fp8"
         if num_pages is None:
             plan = plan_cache(cfg, c.cache_budget_bytes, c.page_tokens, c.max_num_seqs,
                               cache_dtype=KV_CACHE_DTYPES[c.kv_cache_dtype or c.dtype],
                               with_snapshot=c.enable_prefix_caching)
             num_pages = plan.num_pages
-        self.cache = PagedKVCache(cfg, num_pages, c.page_tokens, dtype, c.device, kv_dtype="fp8" if fp8 else None)
+        self.cache = PagedKVCache(cfg, num_pages, c.page_tokens, dtype, c.device, kv_dtype=c.kv_cache_dtype)
         self.cache.bind(self.model)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,

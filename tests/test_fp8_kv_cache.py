@@ -1,0 +1,146 @@
+"""The FP8 KV cache (issue 15 point 3; engine.cache.fp8): the quantizer against a plain per-block reference and
+its error bound, the packed layout (584 B at 512 / 64), the pools' bytes against engine.cache.accounting, the
+stores and the disk tier with packed pages, and greedy agreement with the unquantized cache over the standard
+32-prompt workload (cluster.loadtest.offline) on the tiny model."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from engine import SamplingParams
+from engine.cache.accounting import bytes_per_token, fp8_entry_bytes, indexer_entry_bytes, kv_entry_bytes, page_bytes
+from engine.cache.disk import DiskCacheConfig, decode_page, prefix_hashes
+from engine.cache.fp8 import FP8EntryCodec, dequantize_blocks, quantize_blocks
+from engine.cache.kv_cache import PagedKVCache
+from engine.cache.seq_state import PagedEntries, append_rows, read_padded
+from engine.core.engine import EngineConfig, LLMEngine
+from engine.model.config import SMALL, TINY, V4_FLASH, V4_PRO
+
+
+def _reference_qdq(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """The reference's fp8 quant-dequant, one block at a time in plain Python control flow: scale = the power of
+    two at or above amax / 448 (amax floored at 1e-4), values rounded to e4m3fn."""
+    out = torch.empty_like(x, dtype=torch.float32)
+    for row in range(x.shape[0]):
+        for b0 in range(0, x.shape[1], block):
+            v = x[row, b0:b0 + block].float()
+            amax = max(v.abs().max().item(), 1e-4)
+            scale = 2.0 ** math.ceil(math.log2(amax / 448.0))
+            out[row, b0:b0 + block] = (v / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
+    return out
+
+
+@pytest.mark.parametrize("n", [64, 48, 130])
+def test_quantizer_matches_reference_and_error_bound(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(16, n, generator=g) * torch.logspace(-3, 2, 16)[:, None]  # magnitudes over 5 decades
+    x[3, :5] = 0  # zeros and a tiny block
+    x[4] = 1e-6
+    q, scale = quantize_blocks(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.uint8 and scale.shape == (16, -(-n // 64))
+    got = dequantize_blocks(q, scale)
+    assert torch.equal(got, _reference_qdq(x))
+    # e4m3 keeps 3 mantissa bits: a normal value is off by at most 2^-4 of itself, a subnormal by half the
+    # smallest step (2^-10 of the block scale)
+    s = torch.exp2(scale.float() - 127).repeat_interleave(64, dim=1)[:, :n]
+    bound = torch.maximum(x.abs() * 2**-4, s * 2**-10)
+    assert ((got - x).abs() <= bound).all()
+    rel = ((got - x).abs() / x.abs().clamp(min=1e-30))[x.abs() > s * 2**-6]
+    print(f"\n[fp8 quantizer n={n}] max relative error of normal values {rel.max():.4f} (bound 0.0625)")
+
+
+def test_packed_layout():
+    assert fp8_entry_bytes(512, 64) == 584  # v4-model.md §2.7: vLLM's fp8_ds_mla
+    assert kv_entry_bytes(V4_PRO, "fp8_ds_mla") == kv_entry_bytes(V4_FLASH, "fp8_ds_mla") == 584
+    assert indexer_entry_bytes(V4_PRO, "fp8_ds_mla") == 128 + 8
+    codec = FP8EntryCodec(512, 64, torch.float32)
+    x = torch.randn(3, 5, 512) * 4
+    packed = codec.encode(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 584)
+    q, scale = quantize_blocks(x[..., :448])
+    assert torch.equal(packed[..., :448], q.view(torch.uint8))
+    assert torch.equal(packed[..., 448:455], scale) and (packed[..., 455:456] == 0).all()  # 7 scales, 1 pad
+    assert torch.equal(packed[..., 456:].contiguous().view(torch.bfloat16), x[..., 448:].to(torch.bfloat16))
+    back = codec.decode(packed)
+    assert torch.equal(back, codec.qdq(x))
+    assert torch.equal(back[..., 448:], x[..., 448:].to(torch.bfloat16).float())  # RoPE dims: bf16 only
+    index = FP8EntryCodec(128, 0, torch.bfloat16)
+    k = torch.randn(7, 128)
+    assert index.encode(k).shape == (7, 136) and index.decode(index.encode(k)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("cfg", [TINY, SMALL], ids=["tiny", "small"])
+def test_pool_bytes_equal_accounting(cfg):
+    pages, pt = 5, 256
+    fp8 = PagedKVCache(cfg, pages, pt, torch.float32, "cpu", kv_dtype="fp8")
+    plain = PagedKVCache(cfg, pages, pt, torch.bfloat16, "cpu")
+    for cache, name in ((fp8, "fp8_ds_mla"), (plain, "bfloat16")):
+        per_page = page_bytes(cfg, pt, name, with_snapshot=False)  # the MTP layer is SWA-only: no pages
+        assert cache.pool_bytes() == (pages + 1) * per_page  # + the scratch page
+        per_token = cache.pool_bytes() / ((pages + 1) * pt)
+        assert per_token == bytes_per_token(cfg, name)["compressed"]
+        print(f"\n[{cfg.head_dim}-dim {name}] {per_token:.3f} B per token in the pools = accounting")
+    assert all(p.dtype == torch.uint8 for p in [*fp8.comp_pools.values(), *fp8.index_pools.values()])
+
+
+def test_stores_quantize_on_write_and_dequantize_on_read():
+    cache = PagedKVCache(TINY, 6, 128, torch.float32, "cpu", kv_dtype="fp8")
+    layer = TINY.compress_ratios.index(4)
+    g = torch.Generator().manual_seed(3)
+    codec = cache.kv_codec
+    tables = [[0, 2], [1], [3, 4]]
+    stores = [PagedEntries(cache.comp_pools[layer], t, 0, codec) for t in tables]
+    rows = [torch.randn(k, TINY.head_dim, generator=g) for k in (40, 7, 33)]
+    stores[0].append(rows[0][:20])
+    append_rows(stores, torch.cat([rows[0][20:], rows[1], rows[2]]), [20, 7, 33])  # one index op, shared pool
+    for s, r in zip(stores, rows, strict=True):
+        assert torch.equal(s.read(r.shape[0]), codec.qdq(r))
+    padded = read_padded(stores, [40, 7, 33])
+    assert padded.shape == (3, 40, TINY.head_dim) and padded.dtype == torch.float32
+    for i, r in enumerate(rows):
+        assert torch.equal(padded[i, :r.shape[0]], codec.qdq(r))
+
+
+# ---- the engine ----------------------------------------------------------------------------------------
+P = 128
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+_rng = random.Random(5)
+PREFIX = [_rng.randrange(2, 512) for _ in range(6 * P)]  # none mode recomputes 4 pages (4 layers x 127)
+
+
+def _generate(engine: LLMEngine, prompt: list[int]) -> list[int]:
+    rid = engine.add_request(prompt, GREEDY)
+    out: list[int] = []
+    while engine.has_unfinished():
+        for ro in engine.step():
+            assert ro.req_id == rid
+            out += ro.new_token_ids
+    return out
+
+
+@pytest.mark.parametrize("swa", ["full", "none"])
+def test_disk_tier_with_fp8_pages(tiny_ckpt, tmp_path, swa):
+    """A restart hit from disk gives the cold FP8 run's tokens; a page file holds the accounting's bytes."""
+    def engine(disk):
+        return LLMEngine(tiny_ckpt, EngineConfig(max_num_seqs=4, max_num_batched_tokens=256, page_tokens=P,
+                                                 num_pages=32, kv_cache_dtype="fp8", disk_cache=disk))
+
+    prompt_a, prompt_b = PREFIX + [7, 8, 9], PREFIX + [11, 12]
+    cold = _generate(engine(None), prompt_b)
+    cfg = DiskCacheConfig(str(tmp_path / "kv"), capacity_gb=1.0, swa=swa)
+    first = engine(cfg)
+    _generate(first, prompt_a)
+    assert first.stats()["disk"]["pages_written"] == 6
+    again = engine(cfg)
+    assert _generate(again, prompt_b) == cold
+    assert again.stats()["disk"]["hits"] == 1 and again.stats()["disk"]["corrupt"] == 0
+    names = prefix_hashes(PREFIX, P, 6)
+    assert set(names) <= set(first.disk.index)
+    page = decode_page(first.disk._file(names[-1]).read_bytes(), names[-1], 6 * P, "cpu")
+    assert all(t.dtype == torch.uint8 for t in page.entries.values())
+    entries = sum(t.numel() * t.element_size() for t in page.entries.values())
+    assert entries == page_bytes(TINY, P, "fp8_ds_mla", with_snapshot=False)  # packed pages, as in memory

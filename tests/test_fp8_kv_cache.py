@@ -144,3 +144,71 @@ def test_disk_tier_with_fp8_pages(tiny_ckpt, tmp_path, swa):
     assert all(t.dtype == torch.uint8 for t in page.entries.values())
     entries = sum(t.numel() * t.element_size() for t in page.entries.values())
     assert entries == page_bytes(TINY, P, "fp8_ds_mla", with_snapshot=False)  # packed pages, as in memory
+
+
+# ---- greedy agreement over the standard workload ------------------------------------------------------
+def _workload_run(ckpt, kv_dtype: str) -> tuple[list[list[int]], dict[tuple[int, int], torch.Tensor]]:
+    """The standard offline workload (32 prompts x 128 tokens -> 64 greedy tokens) with this cache dtype: the
+    outputs, and the logits of every sampled row by (prompt, step)."""
+    from cluster.loadtest.offline import OfflineWorkload, engine_args, make_prompts
+
+    workload = OfflineWorkload()
+    engine = LLMEngine(ckpt, EngineConfig(**engine_args(workload), kv_cache_dtype=kv_dtype))
+    prompts = make_prompts(engine.model_config.vocab_size, workload)
+    sampler, steps, logits = engine.runner.sampler, {}, {}
+
+    def record(lg, params, gens, *history):
+        for rid, row in zip(engine.runner.last_sampled, lg, strict=True):
+            steps[rid] = steps.get(rid, 0) + 1
+            logits[(int(rid), steps[rid])] = row.float().clone()
+        return sampler(lg, params, gens, *history)
+
+    engine.runner.sampler = record
+    params = SamplingParams(temperature=0, max_tokens=workload.new_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(p, params, str(i))
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for ro in engine.step():
+            out.setdefault(ro.req_id, []).extend(ro.new_token_ids)
+    return [out[str(i)] for i in range(len(prompts))], logits
+
+
+# Thresholds, from the measurement printed below (float32 tiny model, this workload; CPU runs are deterministic):
+# identical 17/32, first divergences at steps 3..55, max |logit diff| 0.82 with median 0.012, and at each divergence
+# the bf16 cache preferred its token over the FP8 cache's by at most 0.22. The same comparison of the bf16 cache
+# with the float32 cache gives 30/32 identical, max 0.42, median 0.0008: the FP8 median is 15x that, as e4m3's
+# 3-bit mantissa (2^-4 relative) is to bfloat16's 7-bit one (2^-8). The tiny random model's logits sit close
+# together (top-2 margins of 1e-4..0.2 where the runs part), so close calls flip; the test requires that only
+# close calls flip and that the typical error is the e4m3 one. A broken layout (wrong scales, RoPE dims in FP8,
+# a misplaced entry) moves logits by whole units and parts sequences at the first tokens.
+IDENTICAL_MIN = 12  # of 32 sequences, all 64 tokens equal
+MEDIAN_DIFF_MAX = 0.05  # median |logit diff| over steps with equal histories (4x the e4m3-sized 0.012)
+DIFF_MAX = 1.0  # largest |logit diff| over those steps (an indexer top-k flip moves a few logits: 0.82 seen)
+FLIP_MARGIN_MAX = 0.5  # at a divergence: bf16 cache's logit of its token - its logit of the FP8 cache's token
+
+
+@pytest.mark.slow
+def test_greedy_agreement_with_the_bf16_cache(tiny_ckpt):
+    """FP8 cache vs bfloat16 cache (both under the float32 tiny model) over the standard 32-prompt workload.
+
+    Stated (printed): sequences identical over all 64 tokens, where the others first differ, and the |logit
+    difference| over the steps whose histories are still equal (the first divergence included)."""
+    ref, ref_logits = _workload_run(tiny_ckpt, "bfloat16")
+    got, got_logits = _workload_run(tiny_ckpt, "fp8")
+    first = [next((j for j, (a, b) in enumerate(zip(r, g, strict=True)) if a != b), None)
+             for r, g in zip(ref, got, strict=True)]
+    diffs = sorted((ref_logits[(i, s)] - got_logits[(i, s)]).abs().max().item()
+                   for i, d in enumerate(first) for s in range(1, (len(ref[i]) if d is None else d + 1) + 1))
+    flips = [(ref_logits[(i, d + 1)][ref[i][d]] - ref_logits[(i, d + 1)][got[i][d]]).item()
+             for i, d in enumerate(first) if d is not None]
+    prefill = max((ref_logits[(i, 1)] - got_logits[(i, 1)]).abs().max().item() for i in range(len(ref)))
+    identical = first.count(None)
+    median = diffs[len(diffs) // 2]
+    print(f"\n[fp8 vs bf16 cache, 32 x (128 -> 64) greedy, tiny] identical {identical}/32; first divergence at "
+          f"{sorted(d for d in first if d is not None)}; |logit diff| on equal histories: max {diffs[-1]:.4f}, "
+          f"median {median:.4f}, after prefill {prefill:.4f}; flip margins {max(flips, default=0):.4f} at most")
+    assert all(g[:1] == r[:1] for g, r in zip(got, ref, strict=True))  # the first token, straight after prefill
+    assert identical >= IDENTICAL_MIN
+    assert median <= MEDIAN_DIFF_MAX and diffs[-1] <= DIFF_MAX
+    assert all(0 <= f <= FLIP_MARGIN_MAX for f in flips)

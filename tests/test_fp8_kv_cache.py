@@ -175,8 +175,9 @@ def _workload_run(ckpt, kv_dtype: str) -> tuple[list[list[int]], dict[tuple[int,
 
 
 # Thresholds, from the measurement printed below (float32 tiny model, this workload; CPU runs are deterministic):
-# identical 17/32, first divergences at steps 3..55, max |logit diff| 0.82 with median 0.012, and at each divergence
-# the bf16 cache preferred its token over the FP8 cache's by at most 0.22. The same comparison of the bf16 cache
+# identical 17/32, first divergences at steps 3..55, max |logit diff| 0.82 with median 0.012 (0.029 after prefill),
+# and at each divergence the bf16 cache preferred its token over the FP8 cache's by at most 0.48 (its top-2 margin
+# there: 1e-4..0.22). The same comparison of the bf16 cache
 # with the float32 cache gives 30/32 identical, max 0.42, median 0.0008: the FP8 median is 15x that, as e4m3's
 # 3-bit mantissa (2^-4 relative) is to bfloat16's 7-bit one (2^-8). The tiny random model's logits sit close
 # together (top-2 margins of 1e-4..0.2 where the runs part), so close calls flip; the test requires that only
@@ -185,7 +186,9 @@ def _workload_run(ckpt, kv_dtype: str) -> tuple[list[list[int]], dict[tuple[int,
 IDENTICAL_MIN = 12  # of 32 sequences, all 64 tokens equal
 MEDIAN_DIFF_MAX = 0.05  # median |logit diff| over steps with equal histories (4x the e4m3-sized 0.012)
 DIFF_MAX = 1.0  # largest |logit diff| over those steps (an indexer top-k flip moves a few logits: 0.82 seen)
-FLIP_MARGIN_MAX = 0.5  # at a divergence: bf16 cache's logit of its token - its logit of the FP8 cache's token
+# at a divergence: the bf16 cache's logit of its token - its logit of the FP8 cache's token (0.48 seen; any flip is
+# below 2 * DIFF_MAX, so this asks for half of that)
+FLIP_MARGIN_MAX = 1.0
 
 
 @pytest.mark.slow

@@ -380,6 +380,20 @@ def test_memory_matches_manifest_and_cache_accounting(example: str):
     assert total_routed_held == routed * (e + red) // e
 
 
+def test_fp8_kv_cache_is_planned_with_the_engines_bytes():
+    """kv_dtype fp8 (issue 15): the plan states the fp8_ds_mla sizes (584 B per entry, 136 B per indexer key) and
+    sizes the KV with them: more tokens fit the same budget than in bfloat16."""
+    nodes = tuple(NodePlan(f"b{i}", 8, "b200") for i in range(2))
+    plans = {kv: make_plan(PlanInput(V4_PRO, "v4-pro", nodes, kv_dtype=kv), isl=4096, osl=1024, concurrency=64)
+             for kv in ("bfloat16", "fp8")}
+    bpt = ca.bytes_per_token(V4_PRO, "fp8_ds_mla")["compressed"]
+    note = f"KV cache fp8 (fp8_ds_mla): 584 B per 512-value entry, 136 B per indexer key, {bpt:.1f} B per context"
+    assert any(n.startswith(note) for n in plans["fp8"].notes), plans["fp8"].notes
+    assert any("KV cache bfloat16 (bfloat16): 1024 B per 512-value entry" in n for n in plans["bfloat16"].notes)
+    fp8, bf16 = plans["fp8"].ranks[0][2], plans["bfloat16"].ranks[0][2]
+    assert fp8.kv_tokens_capacity > bf16.kv_tokens_capacity
+
+
 def test_hopper_plans_fp4_experts_as_fp8():
     inp = PlanInput(V4_PRO, "v4-pro", tuple(NodePlan(f"h{i}", 8, "h200") for i in range(4)), ep_backend="wave")
     plan = make_plan(inp, isl=1024, osl=256, concurrency=64)

@@ -19,6 +19,7 @@ from engine.cache.kv_cache import PagedKVCache
 from engine.cache.seq_state import PagedEntries, append_rows, read_padded
 from engine.core.engine import EngineConfig, LLMEngine
 from engine.model.config import SMALL, TINY, V4_FLASH, V4_PRO
+from tests.test_disk_cache import P, _generate  # one request to its end, greedy, 6 tokens
 
 
 def _reference_qdq(x: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -106,20 +107,8 @@ def test_stores_quantize_on_write_and_dequantize_on_read():
 
 
 # ---- the engine ----------------------------------------------------------------------------------------
-P = 128
-GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 _rng = random.Random(5)
 PREFIX = [_rng.randrange(2, 512) for _ in range(6 * P)]  # none mode recomputes 4 pages (4 layers x 127)
-
-
-def _generate(engine: LLMEngine, prompt: list[int]) -> list[int]:
-    rid = engine.add_request(prompt, GREEDY)
-    out: list[int] = []
-    while engine.has_unfinished():
-        for ro in engine.step():
-            assert ro.req_id == rid
-            out += ro.new_token_ids
-    return out
 
 
 @pytest.mark.parametrize("swa", ["full", "none"])

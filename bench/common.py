@@ -42,9 +42,12 @@ def fastest_hf_model(cfg, sd: dict, dtype: torch.dtype = torch.float32, batch: i
     """transformers' DeepseekV4ForCausalLM on `sd`, with the experts implementation that runs a short probe
     (one `batch` x `prompt_len` prefill, `decode_steps` decode steps, last-position logits) fastest here.
 
-    Returns (model, info): info["experts_implementation"] is the one chosen, info["probe_s"] the probe time of
-    every implementation that loaded (and the error of those that did not). Attention is eager: transformers'
-    DeepseekV4 supports no other attention implementation on CPU (sdpa is refused at construction).
+    Returns (model, info): info["experts_implementation"] is the one fastest over the whole probe (what a single
+    `generate` call runs), info["phase_implementations"] the fastest for the prefill and for the decode steps
+    separately (`hf_generate_steps` switches between them when given it: transformers switches at runtime), and
+    info["probe_s"] the probe's (prefill, decode) seconds of every implementation that loaded (and the error of
+    those that did not). Attention is eager: transformers' DeepseekV4 supports no other attention implementation
+    on CPU (sdpa is refused at construction).
     """
     root = Path(__file__).resolve().parents[1]
     if str(root / "tests") not in sys.path:
@@ -53,37 +56,49 @@ def fastest_hf_model(cfg, sd: dict, dtype: torch.dtype = torch.float32, batch: i
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, cfg.vocab_size, (batch, prompt_len), generator=g)
-    probe: dict[str, float | str] = {}
-    best = None
+    probe: dict[str, list[float] | str] = {}
+    model = None
     for impl in HF_EXPERT_IMPLEMENTATIONS:
         try:
-            model = build_hf_model(cfg, sd, dtype=dtype, experts_implementation=impl)
+            if model is None:
+                model = build_hf_model(cfg, sd, dtype=dtype, experts_implementation=impl)
+            else:
+                model.set_experts_implementation(impl)
         except Exception as e:  # an implementation this transformers version lacks
             probe[impl] = f"unavailable: {type(e).__name__}: {e}"[:200]
             continue
         hf_generate_steps(model, ids[:, :8], 1)  # warm-up
-        t = min(sum(hf_generate_steps(model, ids, decode_steps)) for _ in range(2))
-        probe[impl] = round(t, 4)
-        if best is None or t < best[1]:
-            best = (model, t, impl)
-        else:
-            del model
-    if best is None:
+        runs = [hf_generate_steps(model, ids, decode_steps) for _ in range(2)]
+        probe[impl] = [round(min(r[0] for r in runs), 4), round(min(r[1] for r in runs), 4)]
+    timed = {impl: t for impl, t in probe.items() if isinstance(t, list)}
+    if model is None or not timed:
         raise RuntimeError(f"no transformers experts implementation loaded: {probe}")
-    return best[0], {"experts_implementation": best[2], "attn_implementation": "eager", "probe_s": probe}
+    phases = {"prefill": min(timed, key=lambda i: timed[i][0]), "decode": min(timed, key=lambda i: timed[i][1])}
+    whole = min(timed, key=lambda i: sum(timed[i]))
+    model.set_experts_implementation(whole)
+    return model, {"experts_implementation": whole, "phase_implementations": phases, "attn_implementation": "eager",
+                   "probe_s": probe}
 
 
-def hf_generate_steps(model, prompts: torch.Tensor, steps: int) -> tuple[float, float]:
+def hf_generate_steps(model, prompts: torch.Tensor, steps: int,
+                      phase_implementations: dict[str, str] | None = None) -> tuple[float, float]:
     """transformers: prefill `prompts` [B, S] and `steps` greedy decode steps with its DynamicCache, computing
-    logits for the last position only (`logits_to_keep=1`, as our engine does); returns (prefill s, decode s)."""
+    logits for the last position only (`logits_to_keep=1`, as our engine does); returns (prefill s, decode s).
+    `phase_implementations` ({"prefill": ..., "decode": ...}, from `fastest_hf_model`): the experts
+    implementation of each phase, switched outside the timed parts."""
     from transformers import DynamicCache
 
     with torch.inference_mode():
+        if phase_implementations:
+            model.set_experts_implementation(phase_implementations["prefill"])
         cache = DynamicCache(config=model.config)
         t0 = time.perf_counter()
         out = model(prompts, past_key_values=cache, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         t1 = time.perf_counter()
+        if phase_implementations:
+            model.set_experts_implementation(phase_implementations["decode"])
+            t1 = time.perf_counter()
         for _ in range(steps):
             out = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)

@@ -5,8 +5,8 @@ Two workloads: "batch" = `--batch` prompts of `--prompt-len` random tokens prefi
 tokens, then `--decode-steps` steps. Each measurement is repeated `--repeats` times, alternating the
 two implementations; the JSON reports medians, min/max and the ratio ours / transformers. Both sides compute
 logits for the last position only; transformers runs its fastest routed-expert implementation on this
-machine (`bench.common.fastest_hf_model`: grouped_mm, batched_mm or eager, chosen by a probe, named in the
-JSON).
+machine for each phase (`bench.common.fastest_hf_model`: grouped_mm, batched_mm or eager, chosen by a probe of
+the prefill and of the decode steps, switched between the phases, named in the JSON).
 
     python bench/forward.py --out out/forward.json [--preset small]
 """
@@ -72,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.long_prompt_len:
         workloads["long"] = torch.randint(2, cfg.vocab_size, (1, args.long_prompt_len), generator=g)
 
+    phase_impls = hf_info["phase_implementations"]
+
+    def _theirs(model, prompts: torch.Tensor, steps: int) -> tuple[float, float]:  # each phase its fastest experts
+        return hf_generate_steps(model, prompts, steps, phase_impls)
+
     _ours(ours, workloads["batch"][:, :16], 2)  # warm-up both
-    hf_generate_steps(theirs, workloads["batch"][:, :16], 2)
-    impls = (("ours", _ours, ours), ("transformers", hf_generate_steps, theirs))
+    _theirs(theirs, workloads["batch"][:, :16], 2)
+    impls = (("ours", _ours, ours), ("transformers", _theirs, theirs))
     res = {w: {name: {"prefill": [], "decode": []} for name, _, _ in impls} for w in workloads}
     for _ in range(args.repeats):
         for w, prompts in workloads.items():
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             summary[f"{key}_tok_s_transformers"] = round(statistics.median(b_runs), 1)
             summary[f"{key}_ratio"] = round(statistics.median(ratios), 3)
             summary[f"{key}_ratio_min_max"] = [round(min(ratios), 3), round(max(ratios), 3)]
-    summary["transformers_experts_implementation"] = hf_info["experts_implementation"]
+    summary["transformers_experts_implementation"] = phase_impls
     out["summary"] = summary
     write_result(args.out, out)
     return 0

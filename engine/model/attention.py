@@ -25,6 +25,7 @@ from engine.cache.seq_state import CompressorState, EntryStore, LayerSnapshot, L
 from engine.model.attention_decode import attend_decode
 from engine.model.compressor import Compressor, Indexer, _Batch, _concat_rows, _row_views
 from engine.model.config import ModelConfig
+from engine.model.indexer_topk import chosen_union
 from engine.model.layers import Linear, RMSNorm, rms_normalize
 from engine.model.rope import apply_rope, inv_freq, rope_cos_sin
 
@@ -164,8 +165,9 @@ class Attention(nn.Module):
 
         `proj`: this sequence's rows of the compressor/indexer projections.
 
-        Queries go in blocks of QUERY_BLOCK; a block reads only its window band and the compressed
-        entries visible to it, so prefill costs O(n * (w + entries)), not O(n^2).
+        Queries go in blocks of QUERY_BLOCK; a block reads only its window band and the compressed entries it
+        attends to (HCA: those visible to it; CSA: the union of its queries' top-k, from the streamed indexer), so
+        beyond the indexer's scoring prefill costs O(n * (w + k + entries / 128)).
         """
         n = q.shape[0]
         p0 = st.num_tokens
@@ -185,6 +187,11 @@ class Attention(nn.Module):
             st.snapshots[b] = LayerSnapshot(win[w0 - win_start: b - win_start].clone(),
                                             comp_prev.get(b) if self.ratio == 4 else None, index_prev.get(b))
         o = torch.empty_like(q)
+        if self.indexer is not None:  # CSA: the indexer's top-k of every new token, streamed over the entries
+            iq, iw = proj["iq"]
+            top_idx, top_ok = self.indexer.select_topk(iq, iw, pos, st.index.store)
+        elif self.ratio:  # HCA: every entry visible to the chunk, read once
+            hca = st.comp.store.read((p0 + n) // self.ratio)
         for q0 in range(0, n, QUERY_BLOCK):
             q1 = min(n, q0 + QUERY_BLOCK)
             qpos = pos[q0:q1]
@@ -195,16 +202,15 @@ class Attention(nn.Module):
             visible = (diff >= 0) & (diff < self.window)
             blocks = [(keys[None], visible[None])]
             # ---- compressed entries: entry i is visible to t iff i < (t+1)//m (§2.4)
-            if self.ratio:
+            if self.indexer is not None:  # CSA: only the entries the block's queries chose (their union)
+                ids, chosen = chosen_union(top_idx[q0:q1], top_ok[q0:q1])
+                if ids.shape[0]:
+                    blocks.append((st.comp.store.gather(ids)[None], chosen[None]))
+            elif self.ratio:  # HCA: all of them
                 n_vis = (p0 + q1) // self.ratio
-                entries = st.comp.store.read(n_vis)
-                if self.indexer is not None:  # CSA: the indexer's top-k among the visible entries
-                    iq, iw = proj["iq"]
-                    chosen = self.indexer.select(iq[q0:q1], iw[q0:q1], qpos, st.index.store.read(n_vis))
-                else:  # HCA: all of them
-                    chosen = torch.arange(n_vis, device=q.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
+                chosen = torch.arange(n_vis, device=q.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
                 if n_vis:
-                    blocks.append((entries[None], chosen[None]))
+                    blocks.append((hca[None, :n_vis], chosen[None]))
             o[q0:q1] = self._core(q[None, q0:q1], blocks)[0]
         # ---- advance the window
         st.window = win[-keep:] if keep > 0 else win[:0]

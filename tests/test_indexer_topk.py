@@ -12,7 +12,7 @@ from engine.cache.seq_state import DenseEntries, PagedEntries
 from engine.kernels.cpu.index_topk import default_index_topk
 from engine.model.compressor import Indexer
 from engine.model.config import TINY
-from engine.model.indexer_topk import chosen_union, topk_streamed
+from engine.model.indexer_topk import topk_streamed
 
 NEG = float("-inf")
 
@@ -86,16 +86,6 @@ def test_kernel_equals_torch_path_odd_heads() -> None:
     scores = scores.masked_fill(torch.arange(2000)[None, :] >= nv[:, None], NEG)
     _same_up_to_ties(_as_mask(i1, v1 > NEG, 2000), _as_mask(i2, v2 > NEG, 2000), scores, k)
     assert int((v1[0] > NEG).sum()) == 0 and int((v1[1] > NEG).sum()) == 1 and int((v1[2] > NEG).sum()) == k
-
-
-def test_chosen_union() -> None:
-    idx = torch.tensor([[5, 2, 9], [2, 2, 7], [0, 0, 0]])
-    ok = torch.tensor([[True, True, True], [True, False, True], [False, False, False]])
-    uniq, chosen = chosen_union(idx, ok)
-    assert uniq.tolist() == [2, 5, 7, 9]
-    assert chosen.tolist() == [[True, True, False, True], [True, False, True, False], [False] * 4]
-    uniq, chosen = chosen_union(idx, torch.zeros_like(ok))
-    assert uniq.shape == (0,) and chosen.shape == (3, 0)
 
 
 def test_paged_reads_follow_a_growing_table() -> None:

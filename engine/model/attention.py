@@ -25,7 +25,6 @@ from engine.cache.seq_state import CompressorState, EntryStore, LayerSnapshot, L
 from engine.model.attention_decode import attend_decode
 from engine.model.compressor import Compressor, Indexer, _Batch, _concat_rows, _row_views
 from engine.model.config import ModelConfig
-from engine.model.indexer_topk import chosen_union
 from engine.model.layers import Linear, RMSNorm, rms_normalize
 from engine.model.rope import apply_rope, inv_freq, rope_cos_sin
 
@@ -166,8 +165,8 @@ class Attention(nn.Module):
         `proj`: this sequence's rows of the compressor/indexer projections.
 
         Queries go in blocks of QUERY_BLOCK; a block reads only its window band and the compressed entries it
-        attends to (HCA: those visible to it; CSA: the union of its queries' top-k, from the streamed indexer), so
-        beyond the indexer's scoring prefill costs O(n * (w + k + entries / 128)).
+        attends to (HCA: those visible to it; CSA: each query's top-k, from the streamed indexer), so beyond the
+        indexer's scoring prefill costs O(n * (w + k + entries / 128)).
         """
         n = q.shape[0]
         p0 = st.num_tokens
@@ -202,10 +201,9 @@ class Attention(nn.Module):
             visible = (diff >= 0) & (diff < self.window)
             blocks = [(keys[None], visible[None])]
             # ---- compressed entries: entry i is visible to t iff i < (t+1)//m (§2.4)
-            if self.indexer is not None:  # CSA: only the entries the block's queries chose (their union)
-                ids, chosen = chosen_union(top_idx[q0:q1], top_ok[q0:q1])
-                if ids.shape[0]:
-                    blocks.append((st.comp.store.gather(ids)[None], chosen[None]))
+            if self.indexer is not None:  # CSA: each query's top-k entries, gathered
+                if st.comp.store.n:
+                    blocks.append((st.comp.store.gather(top_idx[q0:q1])[None], top_ok[None, q0:q1]))
             elif self.ratio:  # HCA: all of them
                 n_vis = (p0 + q1) // self.ratio
                 chosen = torch.arange(n_vis, device=q.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
@@ -344,34 +342,45 @@ class Attention(nn.Module):
 
     def _core(self, q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
         """q [B, n, H, hd]; blocks of keys (K = V) with their masks: [(keys [B, L_j, hd], visible [B, n, L_j] or
-        None: all visible)] -> [B, n, H, hd].
+        None: all visible)] -> [B, n, H, hd]. A block may also give every query its own keys: keys [B, n, L_j, hd]
+        (the CSA top-k entries of each query, gathered).
 
         One softmax over the visible keys of all blocks with the per-head sink in the denominator (§2.2).
         Few queries (decode): the blocks' scores are concatenated, not their keys; many: the keys.
         """
         b, n, h, d = q.shape
-        step = max(1, CORE_SCORES // (n * h * sum(k.shape[1] for k, _ in blocks)))
+        step = max(1, CORE_SCORES // (n * h * sum(k.shape[-2] for k, _ in blocks)))
         if step < b:  # keep each piece's scores in cache: the sequences go in groups of `step`
             return torch.cat([self._core(q[i:i + step], [(k[i:i + step], None if v is None else v[i:i + step])
                                                          for k, v in blocks])
                               for i in range(0, b, step)])
         qf = q.float().reshape(b, n * h, d)
+        own = [(k, v) for k, v in blocks if k.dim() == 4]  # per-query keys
+        blocks = [(k, v) for k, v in blocks if k.dim() == 3]
         if len(blocks) > 1 and n * h > d:
             masks = [torch.ones(b, n, k.shape[1], dtype=torch.bool, device=k.device) if v is None else v
                      for k, v in blocks]
             blocks = [(torch.cat([k.float() for k, _ in blocks], dim=1), torch.cat(masks, dim=-1))]
+        blocks += own
         keys = [k.float() for k, _ in blocks]
         scores = []
         for k, (_, v) in zip(keys, blocks, strict=True):
-            s = (torch.bmm(qf, k.transpose(1, 2)).view(b, n, h, -1) * self.scale)  # [B, n, H, L_j]
+            if k.dim() == 4:  # [B*n, H, hd] x [B*n, hd, L_j]
+                s = torch.bmm(qf.view(b * n, h, d), k.flatten(0, 1).transpose(1, 2)).view(b, n, h, -1) * self.scale
+            else:
+                s = (torch.bmm(qf, k.transpose(1, 2)).view(b, n, h, -1) * self.scale)  # [B, n, H, L_j]
             scores.append(s if v is None else s.masked_fill(~v[:, :, None], float("-inf")))
         sink = self.attn_sink.float().view(1, 1, h, 1).expand(b, n, h, 1)
         probs = torch.cat([*scores, sink], dim=-1).softmax(dim=-1).view(b, n * h, -1)
         o, at = None, 0
         for k in keys:
-            part = torch.bmm(probs[..., at:at + k.shape[1]], k)
+            L = k.shape[-2]
+            if k.dim() == 4:
+                part = torch.bmm(probs[..., at:at + L].reshape(b * n, h, L), k.flatten(0, 1)).view(b, n * h, d)
+            else:
+                part = torch.bmm(probs[..., at:at + L], k)
             o = part if o is None else o + part
-            at += k.shape[1]
+            at += L
         return o.view(b, n, h, d).to(q.dtype)
 
 

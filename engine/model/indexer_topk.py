@@ -4,9 +4,8 @@
 quadratic memory. `topk_streamed` computes the same top-k with queries in blocks of `block_q` and entries in
 blocks of `block_e`, read straight from the paged pool through the page table, keeping a running top-k per
 query; nothing larger than [block_q, Hi, block_e] exists at once. `index_topk` runs the CPU kernel
-(engine.kernels.cpu.index_topk) where it applies, else `topk_streamed`. `chosen_union` turns per-query top-k
-indices into the few entries a block of queries reads, so attention over them costs O(queries * k), not
-O(queries * N).
+(engine.kernels.cpu.index_topk) where it applies, else `topk_streamed`. Attention then gathers each query's k
+entries (`Attention._attend`), so beyond the scoring nothing costs O(queries * N).
 """
 
 from __future__ import annotations
@@ -59,15 +58,3 @@ def index_topk(q: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor, pool: 
         if kernel is not None:
             return kernel.run(q.float(), w.float(), pool.contiguous(), table, n_visible, k)
     return topk_streamed(q, w, n_visible, pool, table, k)
-
-
-def chosen_union(idx: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query chosen entries idx [n, k] (valid where ok) -> (the distinct entries, ascending [U], and
-    chosen [n, U]: query t attends to entry uniq[j])."""
-    uniq = torch.unique(idx[ok])
-    pos = torch.searchsorted(uniq, idx).clamp_(max=max(uniq.shape[0] - 1, 0))
-    chosen = torch.zeros(idx.shape[0], uniq.shape[0], dtype=torch.bool, device=idx.device)
-    if uniq.shape[0]:
-        rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
-        chosen[rows[ok], pos[ok]] = True
-    return uniq, chosen

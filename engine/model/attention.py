@@ -32,6 +32,9 @@ QUERY_BLOCK = 256  # queries per attention block in prefill
 BATCH_QUERIES = 4096  # padded queries per batched group of prefill chunks
 PAD_SLACK = 1 << 16  # context tokens a group of prefill pieces may pad beyond twice their own (`_groups`)
 CORE_SCORES = 1 << 18  # attention scores per piece of the core (1 MiB in float32)
+# _attend_batch: CSA layers whose longest sequence holds more entries than this select streamed per sequence
+# (Indexer.select_topk) and gather each query's top-k, instead of scoring and masking every entry padded.
+STREAM_ENTRIES = 2048
 VIEW_AGE = 4  # forward calls a sequence may sit out before its views into a call's tensors are copied out
 
 
@@ -321,6 +324,16 @@ class Attention(nn.Module):
             comps = [st.comp for st in states]
             self.compressor.forward_batch(*proj["comp"], batch, comps, self.freqs)
             counts = [cs.store.n for cs in comps]
+        if self.indexer is not None and max(counts) > STREAM_ENTRIES:  # CSA over a long context: streamed top-k
+            idx_states = [st.index for st in states]
+            self.indexer.compressor.forward_batch(*proj["index"], batch, idx_states, self.freqs)
+            iq, iw = take(proj["iq"][0]), take(proj["iq"][1])
+            tops = [self.indexer.select_topk(iq[i], iw[i], qpos[i], cs.store) for i, cs in enumerate(idx_states)]
+            ents = [cs.store.gather(i) if cs.store.n else None for cs, (i, _) in zip(comps, tops, strict=True)]
+            like = next(e for e in ents if e is not None)  # a sequence with entries (max(counts) > 0)
+            ents = [like.new_zeros(like.shape) if e is None else e for e in ents]
+            blocks.append((torch.stack(ents), torch.stack([ok for _, ok in tops])))  # each query's own entries
+        elif self.ratio:
             entries = _read_entries([cs.store for cs in comps], counts)  # [B, N, hd]
             chosen = torch.arange(entries.shape[1], device=dev) < ((qpos + 1) // self.ratio)[:, :, None]
             if self.indexer is not None:  # CSA: the indexer's top-k among the visible entries

@@ -91,13 +91,13 @@ def sequence_bytes(engine: LLMEngine, req_id: str) -> dict[str, int]:
 def run(tokens: int, out: Path | None, chunk: int = 4096, decode_tokens: int = 4, seed: int = 0,
         ckpt: Path | None = None, log=print) -> dict:
     """Serve one `tokens`-token prompt and `decode_tokens` more; returns the result dict (also written to `out`)."""
-    cfg = long_config(tokens + decode_tokens)
+    cfg = long_config(tokens + decode_tokens + 1)  # the first token comes with the prefill, then one per decode step
     with tempfile.TemporaryDirectory() as tmp:
         path = ckpt or Path(tmp) / "ckpt"
         have = path / "config.json"
         if not have.exists() or ModelConfig.from_json(path) != cfg:
             write_checkpoint(cfg, path, seed=seed)
-        n_pages = -(-(tokens + decode_tokens) // PAGE_TOKENS)
+        n_pages = -(-(tokens + decode_tokens + 1) // PAGE_TOKENS)  # the scheduler caps the request at the pool
         budget = slot_bytes(cfg, "float32") + n_pages * page_bytes(cfg, PAGE_TOKENS, "float32", with_snapshot=False)
         engine = LLMEngine(path, EngineConfig(dtype="float32", max_num_seqs=1, max_num_batched_tokens=chunk,
                                               page_tokens=PAGE_TOKENS, cache_budget_bytes=budget,

@@ -63,7 +63,7 @@ def test_select_topk_equals_materialized_select(n: int, n_entries: int, per_page
     _same_up_to_ties(_as_mask(idx, ok, n_entries), want, scores, k)
     assert not ok[0].any()
     # the torch path, with blocks far smaller than the sizes (every block edge is crossed)
-    pool, table = store.paged_view()
+    pool, table, _ = store.paged_view()
     vals, idx2 = topk_streamed(q, w * d**-0.5, (positions + 1) // 4, pool, table, k, block_q=3, block_e=5)
     _same_up_to_ties(_as_mask(idx2, vals > NEG, n_entries), want, scores, k)
 
@@ -78,7 +78,7 @@ def test_kernel_equals_torch_path_odd_heads() -> None:
     q, w = torch.randn(n, h, d, generator=gen), torch.randn(n, h, generator=gen)
     nv = torch.randint(0, 2001, (n,), generator=gen)
     nv[:3] = torch.tensor([0, 1, k])
-    pool, table = store.paged_view()
+    pool, table, _ = store.paged_view()
     v1, i1 = kernel.run(q, w, pool, table, nv, k)
     v2, i2 = topk_streamed(q, w, nv, pool, table, k, block_q=16, block_e=300)
     torch.testing.assert_close(v1.sort(1).values, v2.sort(1).values, rtol=1e-5, atol=1e-5)
@@ -102,5 +102,26 @@ def test_paged_reads_follow_a_growing_table() -> None:
     dense = DenseEntries(3, "cpu")
     dense.append(store.read(14))
     assert torch.equal(dense.gather(idx), store.gather(idx))
-    p, t = dense.paged_view()
+    p, t, _ = dense.paged_view()
     assert torch.equal(p[t[0]], dense.read(14))
+
+
+def test_select_topk_reads_a_packed_fp8_pool() -> None:
+    """An FP8 cache: the streamed top-k unpacks the indexer keys block by block (the torch path) and picks what
+    `select` picks from the unpacked keys."""
+    from engine.cache.fp8 import FP8EntryCodec
+
+    gen = torch.Generator().manual_seed(5)
+    ix = Indexer(TINY, torch.float32)
+    h, d, n_entries = TINY.index_n_heads, TINY.index_head_dim, 500
+    codec = FP8EntryCodec(d, TINY.qk_rope_head_dim, torch.float32)
+    pool = torch.zeros(10, 64, codec.entry_bytes, dtype=torch.uint8)
+    store = PagedEntries(pool, torch.randperm(10, generator=gen)[:8].tolist(), 0, codec)
+    store.append(torch.randn(n_entries, d, generator=gen))
+    keys = store.read(n_entries)
+    q, w = torch.randn(30, h, d, generator=gen), torch.randn(30, h, generator=gen)
+    positions = torch.randint(0, 4 * n_entries, (30,), generator=gen)
+    idx, ok = ix.select_topk(q, w, positions, store)
+    _same_up_to_ties(_as_mask(idx, ok, n_entries), ix.select(q, w, positions, keys),
+                     _reference_scores(q, w, keys, (positions + 1) // 4, d), TINY.index_topk)
+    assert torch.equal(store.gather(idx), keys[idx])

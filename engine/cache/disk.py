@@ -188,10 +188,10 @@ class SkipEntries(EntryStore):
         return PagedEntries(self.pool, self.page_ids, self.n, self.codec).read(n)
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
-        return PagedEntries(self.pool, self.page_ids, self.n).gather(idx)
+        return PagedEntries(self.pool, self.page_ids, self.n, self.codec).gather(idx)
 
-    def paged_view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return PagedEntries(self.pool, self.page_ids, self.n).paged_view()
+    def paged_view(self) -> tuple[torch.Tensor, torch.Tensor, object]:
+        return PagedEntries(self.pool, self.page_ids, self.n, self.codec).paged_view()
 
 
 class DiskTier:

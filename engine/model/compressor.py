@@ -241,8 +241,8 @@ class Indexer(nn.Module):
         """`select`, streamed (engine.model.indexer_topk): the keys are read from their store block by block and
         no [n, N] score exists. Returns (entry indices [n, topk], chosen [n, topk]: False where fewer than topk
         entries are visible); the same entries as `select` (ties aside)."""
-        pool, table = keys.paged_view()
-        vals, idx = index_topk(q, w * self.head_dim**-0.5, (positions + 1) // 4, pool, table, self.topk)
+        pool, table, codec = keys.paged_view()
+        vals, idx = index_topk(q, w * self.head_dim**-0.5, (positions + 1) // 4, pool, table, self.topk, codec)
         return idx, vals > float("-inf")
 
     def select_padded(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,

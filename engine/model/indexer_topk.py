@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.cache.seq_state import pool_entries
 from engine.kernels.cpu.index_topk import default_index_topk
 
 BLOCK_Q = 64  # queries per block (torch path)
@@ -19,11 +20,13 @@ BLOCK_E = 1024  # entries per block (torch path)
 
 
 def topk_streamed(q: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor, pool: torch.Tensor, table: torch.Tensor,
-                  k: int, block_q: int = BLOCK_Q, block_e: int = BLOCK_E) -> tuple[torch.Tensor, torch.Tensor]:
+                  k: int, block_q: int = BLOCK_Q, block_e: int = BLOCK_E,
+                  codec=None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [n, Hi, di], w [n, Hi] (the di^-0.5 scale folded in), n_visible [n] (entry i is visible to query t iff
     i < n_visible[t]), pool [pages, per_page, di] + table (entry i = pool[table[i // per_page], i % per_page])
     -> (values [n, k], indices [n, k]): the k best of sum_h w[t, h] * relu(q[t, h] . K[i]) among the visible;
-    -inf (index 0) where fewer than k are visible."""
+    -inf (index 0) where fewer than k are visible. `codec`: the pool holds packed rows (an FP8 cache), unpacked
+    block by block."""
     n, h, d = q.shape
     per_page = pool.shape[1]
     vals = torch.full((n, k), float("-inf"), dtype=torch.float32, device=q.device)
@@ -39,7 +42,7 @@ def topk_streamed(q: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor, poo
             e1 = min(vmax, e0 + block_e)
             ids = torch.arange(e0, e1, device=q.device)
             rows = table[ids // per_page] * per_page + ids % per_page
-            keys = pool.view(-1, d)[rows].float()  # [be, di]
+            keys = pool_entries(pool.view(-1, pool.shape[2])[rows], codec).float()  # [be, di]
             heads = (qb @ keys.T).relu_().view(t1 - t0, h, e1 - e0)
             s = torch.bmm(wb, heads)[:, 0]  # [bq, be]
             s = s.masked_fill(ids[None, :] >= nv[:, None], float("-inf"))
@@ -51,10 +54,10 @@ def topk_streamed(q: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor, poo
 
 
 def index_topk(q: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor, pool: torch.Tensor, table: torch.Tensor,
-               k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`topk_streamed`, on the CPU kernel when it applies (CPU, float32 pool, kernel built)."""
-    if q.device.type == "cpu" and pool.dtype == torch.float32 and q.shape[0]:
+               k: int, codec=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`topk_streamed`, on the CPU kernel when it applies (CPU, an unpacked float32 pool, kernel built)."""
+    if q.device.type == "cpu" and codec is None and pool.dtype == torch.float32 and q.shape[0]:
         kernel = default_index_topk()
         if kernel is not None:
             return kernel.run(q.float(), w.float(), pool.contiguous(), table, n_visible, k)
-    return topk_streamed(q, w, n_visible, pool, table, k)
+    return topk_streamed(q, w, n_visible, pool, table, k, codec=codec)

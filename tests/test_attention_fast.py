@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.cache.seq_state import DenseEntries, LayerState, PagedEntries, append_rows, read_padded
+from engine.model import attention
 from engine.model.attention import Attention, SeqSlice, _Batch
 
 TOL = 1e-5
@@ -71,11 +72,15 @@ def _assert_same_states(fast: list[LayerState], slow: list[LayerState]) -> None:
 
 
 @pytest.mark.parametrize("paged", [True, False], ids=["paged", "dense"])
-@pytest.mark.parametrize("layer", [0, 1, 2], ids=["swa", "csa", "hca"])
+@pytest.mark.parametrize("layer", [0, 1, 2, "csa-streamed"], ids=["swa", "csa", "hca", "csa-streamed"])
 @torch.inference_mode()
-def test_batched_attention_equals_per_sequence_attend(tiny_model, layer, paged):
+def test_batched_attention_equals_per_sequence_attend(tiny_model, layer, paged, monkeypatch):
     """Prefill (uneven lengths), then chunks of uneven and of equal lengths, then decode steps; every output and
-    the states after equal the per-sequence path."""
+    the states after equal the per-sequence path. csa-streamed: the batched CSA layer takes its long-context path
+    (streamed top-k per sequence, gathered entries) from the first entry on."""
+    if layer == "csa-streamed":
+        monkeypatch.setattr(attention, "STREAM_ENTRIES", 0)
+        layer = 1
     attn = tiny_model.layers[layer].attn
     assert attn.ratio == (0, 4, 128)[layer]
     d = tiny_model.cfg.hidden_size

@@ -187,6 +187,12 @@ class SkipEntries(EntryStore):
     def read(self, n: int) -> torch.Tensor:
         return PagedEntries(self.pool, self.page_ids, self.n, self.codec).read(n)
 
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        return PagedEntries(self.pool, self.page_ids, self.n, self.codec).gather(idx)
+
+    def paged_view(self) -> tuple[torch.Tensor, torch.Tensor, object]:
+        return PagedEntries(self.pool, self.page_ids, self.n, self.codec).paged_view()
+
 
 class DiskTier:
     """The disk level of one rank's prefix cache: the scheduler's PrefixStore, and the runner's hooks

@@ -25,6 +25,16 @@ class EntryStore:
         """The first n entries: [n, d]."""
         raise NotImplementedError
 
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """The entries at indices `idx` (long, any shape, each < n): [*idx.shape, d]. O(idx.numel())."""
+        raise NotImplementedError
+
+    def paged_view(self) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(pool [pages, per_page, width], page table [>= ceil(n / per_page)] long, codec or None): entry i is
+        pool[table[i // per_page], i % per_page], packed by the codec (`pool_entries` unpacks rows). What
+        streamed readers (the indexer's top-k) walk."""
+        raise NotImplementedError
+
 
 class DenseEntries(EntryStore):
     def __init__(self, d: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
@@ -38,11 +48,17 @@ class DenseEntries(EntryStore):
     def read(self, n: int) -> torch.Tensor:
         return self.data[:n]
 
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.data[idx]
+
+    def paged_view(self) -> tuple[torch.Tensor, torch.Tensor, object]:
+        return self.data[None], torch.zeros(1, dtype=torch.long, device=self.data.device), None
+
 
 class PagedEntries(EntryStore):
     """Entries in `pool: [num_pages, per_page, d]`; entry i sits in page `page_ids[i // per_page]`.
 
-    `page_ids` is the request's page table (shared list, extended by the runner as pages arrive).
+    `page_ids` is the request's page table (shared list, only ever extended: by the runner as pages arrive).
     `n` starts at the number of entries already in the pages (a prefix-cache hit).
     `codec` (an engine.cache.fp8.FP8EntryCodec): the pool holds packed bytes [.., entry_bytes]; entries are
     encoded on write and decoded on read. None: the pool holds the entries in its dtype.
@@ -51,6 +67,25 @@ class PagedEntries(EntryStore):
     def __init__(self, pool: torch.Tensor, page_ids: list[int], n: int = 0, codec=None) -> None:
         self.pool, self.page_ids, self.n, self.codec = pool, page_ids, n, codec
         self.per_page = pool.shape[1]
+        self._table = torch.zeros(0, dtype=torch.long, device=pool.device)  # page_ids as a tensor, so far
+
+    def table(self) -> torch.Tensor:
+        """`page_ids` as a long tensor; only the pages added since the last call are converted (O(new pages))."""
+        have = self._table.shape[0]
+        if len(self.page_ids) < have:  # not extended but replaced: start over
+            self._table, have = self._table[:0], 0
+        if len(self.page_ids) != have:
+            new = torch.tensor(self.page_ids[have:], dtype=torch.long, device=self.pool.device)
+            self._table = torch.cat([self._table, new]) if have else new
+        return self._table
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        pp = self.per_page
+        rows = self.table()[idx // pp] * pp + idx % pp
+        return pool_entries(self.pool.view(-1, self.pool.shape[2])[rows], self.codec)
+
+    def paged_view(self) -> tuple[torch.Tensor, torch.Tensor, object]:
+        return self.pool, self.table(), self.codec
 
     def _slots(self, first: int, k: int) -> list[int]:
         """Flat row indices (into `pool.view(-1, d)`) of entries first .. first+k-1."""
@@ -75,8 +110,7 @@ class PagedEntries(EntryStore):
         n_pages = (n - 1) // self.per_page + 1
         if n_pages > len(self.page_ids):
             raise RuntimeError(f"reading {n} entries needs {n_pages} pages; only {len(self.page_ids)} allocated")
-        pages = torch.tensor(self.page_ids[:n_pages], dtype=torch.long, device=self.pool.device)
-        return pool_entries(self.pool[pages].flatten(0, 1)[:n], self.codec)
+        return pool_entries(self.pool[self.table()[:n_pages]].flatten(0, 1)[:n], self.codec)
 
 
 def pool_rows(entries: torch.Tensor, pool: torch.Tensor, codec=None) -> torch.Tensor:

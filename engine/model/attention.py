@@ -32,6 +32,9 @@ QUERY_BLOCK = 256  # queries per attention block in prefill
 BATCH_QUERIES = 4096  # padded queries per batched group of prefill chunks
 PAD_SLACK = 1 << 16  # context tokens a group of prefill pieces may pad beyond twice their own (`_groups`)
 CORE_SCORES = 1 << 18  # attention scores per piece of the core (1 MiB in float32)
+# _attend_batch: CSA layers whose longest sequence holds more entries than this select streamed per sequence
+# (Indexer.select_topk) and gather each query's top-k, instead of scoring and masking every entry padded.
+STREAM_ENTRIES = 2048
 VIEW_AGE = 4  # forward calls a sequence may sit out before its views into a call's tensors are copied out
 
 
@@ -164,8 +167,9 @@ class Attention(nn.Module):
 
         `proj`: this sequence's rows of the compressor/indexer projections.
 
-        Queries go in blocks of QUERY_BLOCK; a block reads only its window band and the compressed
-        entries visible to it, so prefill costs O(n * (w + entries)), not O(n^2).
+        Queries go in blocks of QUERY_BLOCK; a block reads only its window band and the compressed entries it
+        attends to (HCA: those visible to it; CSA: each query's top-k, from the streamed indexer), so beyond the
+        indexer's scoring prefill costs O(n * (w + k + entries / 128)).
         """
         n = q.shape[0]
         p0 = st.num_tokens
@@ -185,6 +189,11 @@ class Attention(nn.Module):
             st.snapshots[b] = LayerSnapshot(win[w0 - win_start: b - win_start].clone(),
                                             comp_prev.get(b) if self.ratio == 4 else None, index_prev.get(b))
         o = torch.empty_like(q)
+        if self.indexer is not None:  # CSA: the indexer's top-k of every new token, streamed over the entries
+            iq, iw = proj["iq"]
+            top_idx, top_ok = self.indexer.select_topk(iq, iw, pos, st.index.store)
+        elif self.ratio:  # HCA: every entry visible to the chunk, read once
+            hca = st.comp.store.read((p0 + n) // self.ratio)
         for q0 in range(0, n, QUERY_BLOCK):
             q1 = min(n, q0 + QUERY_BLOCK)
             qpos = pos[q0:q1]
@@ -195,16 +204,14 @@ class Attention(nn.Module):
             visible = (diff >= 0) & (diff < self.window)
             blocks = [(keys[None], visible[None])]
             # ---- compressed entries: entry i is visible to t iff i < (t+1)//m (§2.4)
-            if self.ratio:
+            if self.indexer is not None:  # CSA: each query's top-k entries, gathered
+                if st.comp.store.n:
+                    blocks.append((st.comp.store.gather(top_idx[q0:q1])[None], top_ok[None, q0:q1]))
+            elif self.ratio:  # HCA: all of them
                 n_vis = (p0 + q1) // self.ratio
-                entries = st.comp.store.read(n_vis)
-                if self.indexer is not None:  # CSA: the indexer's top-k among the visible entries
-                    iq, iw = proj["iq"]
-                    chosen = self.indexer.select(iq[q0:q1], iw[q0:q1], qpos, st.index.store.read(n_vis))
-                else:  # HCA: all of them
-                    chosen = torch.arange(n_vis, device=q.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
+                chosen = torch.arange(n_vis, device=q.device)[None, :] < ((qpos + 1) // self.ratio)[:, None]
                 if n_vis:
-                    blocks.append((entries[None], chosen[None]))
+                    blocks.append((hca[None, :n_vis], chosen[None]))
             o[q0:q1] = self._core(q[None, q0:q1], blocks)[0]
         # ---- advance the window
         st.window = win[-keep:] if keep > 0 else win[:0]
@@ -317,6 +324,16 @@ class Attention(nn.Module):
             comps = [st.comp for st in states]
             self.compressor.forward_batch(*proj["comp"], batch, comps, self.freqs)
             counts = [cs.store.n for cs in comps]
+        if self.indexer is not None and max(counts) > STREAM_ENTRIES:  # CSA over a long context: streamed top-k
+            idx_states = [st.index for st in states]
+            self.indexer.compressor.forward_batch(*proj["index"], batch, idx_states, self.freqs)
+            iq, iw = take(proj["iq"][0]), take(proj["iq"][1])
+            tops = [self.indexer.select_topk(iq[i], iw[i], qpos[i], cs.store) for i, cs in enumerate(idx_states)]
+            ents = [cs.store.gather(i) if cs.store.n else None for cs, (i, _) in zip(comps, tops, strict=True)]
+            like = next(e for e in ents if e is not None)  # a sequence with entries (max(counts) > 0)
+            ents = [like.new_zeros(like.shape) if e is None else e for e in ents]
+            blocks.append((torch.stack(ents), torch.stack([ok for _, ok in tops])))  # each query's own entries
+        elif self.ratio:
             entries = _read_entries([cs.store for cs in comps], counts)  # [B, N, hd]
             chosen = torch.arange(entries.shape[1], device=dev) < ((qpos + 1) // self.ratio)[:, :, None]
             if self.indexer is not None:  # CSA: the indexer's top-k among the visible entries
@@ -338,34 +355,45 @@ class Attention(nn.Module):
 
     def _core(self, q: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
         """q [B, n, H, hd]; blocks of keys (K = V) with their masks: [(keys [B, L_j, hd], visible [B, n, L_j] or
-        None: all visible)] -> [B, n, H, hd].
+        None: all visible)] -> [B, n, H, hd]. A block may also give every query its own keys: keys [B, n, L_j, hd]
+        (the CSA top-k entries of each query, gathered).
 
         One softmax over the visible keys of all blocks with the per-head sink in the denominator (§2.2).
         Few queries (decode): the blocks' scores are concatenated, not their keys; many: the keys.
         """
         b, n, h, d = q.shape
-        step = max(1, CORE_SCORES // (n * h * sum(k.shape[1] for k, _ in blocks)))
+        step = max(1, CORE_SCORES // (n * h * sum(k.shape[-2] for k, _ in blocks)))
         if step < b:  # keep each piece's scores in cache: the sequences go in groups of `step`
             return torch.cat([self._core(q[i:i + step], [(k[i:i + step], None if v is None else v[i:i + step])
                                                          for k, v in blocks])
                               for i in range(0, b, step)])
         qf = q.float().reshape(b, n * h, d)
+        own = [(k, v) for k, v in blocks if k.dim() == 4]  # per-query keys
+        blocks = [(k, v) for k, v in blocks if k.dim() == 3]
         if len(blocks) > 1 and n * h > d:
             masks = [torch.ones(b, n, k.shape[1], dtype=torch.bool, device=k.device) if v is None else v
                      for k, v in blocks]
             blocks = [(torch.cat([k.float() for k, _ in blocks], dim=1), torch.cat(masks, dim=-1))]
+        blocks += own
         keys = [k.float() for k, _ in blocks]
         scores = []
         for k, (_, v) in zip(keys, blocks, strict=True):
-            s = (torch.bmm(qf, k.transpose(1, 2)).view(b, n, h, -1) * self.scale)  # [B, n, H, L_j]
+            if k.dim() == 4:  # [B*n, H, hd] x [B*n, hd, L_j]
+                s = torch.bmm(qf.view(b * n, h, d), k.flatten(0, 1).transpose(1, 2)).view(b, n, h, -1) * self.scale
+            else:
+                s = (torch.bmm(qf, k.transpose(1, 2)).view(b, n, h, -1) * self.scale)  # [B, n, H, L_j]
             scores.append(s if v is None else s.masked_fill(~v[:, :, None], float("-inf")))
         sink = self.attn_sink.float().view(1, 1, h, 1).expand(b, n, h, 1)
         probs = torch.cat([*scores, sink], dim=-1).softmax(dim=-1).view(b, n * h, -1)
         o, at = None, 0
         for k in keys:
-            part = torch.bmm(probs[..., at:at + k.shape[1]], k)
+            L = k.shape[-2]
+            if k.dim() == 4:
+                part = torch.bmm(probs[..., at:at + L].reshape(b * n, h, L), k.flatten(0, 1)).view(b, n * h, d)
+            else:
+                part = torch.bmm(probs[..., at:at + L], k)
             o = part if o is None else o + part
-            at += k.shape[1]
+            at += L
         return o.view(b, n, h, d).to(q.dtype)
 
 

@@ -1,8 +1,8 @@
 """The compressors (gated pooling into compressed KV entries, v4-model.md §2.4) and the lightning indexer (§2.5).
 
-Per-sequence (`Compressor.forward`, `Indexer.select`: the reference) and batched over sequences
-(`Compressor.forward_batch`, `Indexer.select_padded`); the decode step's versions are in
-engine.model.attention_decode.
+Per-sequence (`Compressor.forward`, `Indexer.select`: the reference; `Indexer.select_topk`: the same top-k
+streamed, for long contexts) and batched over sequences (`Compressor.forward_batch`, `Indexer.select_padded`);
+the decode step's versions are in engine.model.attention_decode.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.cache.seq_state import CompressorState, DenseEntries, append_rows
+from engine.cache.seq_state import CompressorState, DenseEntries, EntryStore, append_rows
 from engine.model.config import ModelConfig
+from engine.model.indexer_topk import index_topk
 from engine.model.layers import Linear, RMSNorm
 from engine.model.rope import apply_rope, rope_cos_sin
 
@@ -234,6 +235,15 @@ class Indexer(nn.Module):
         chosen = torch.zeros(n, N, dtype=torch.bool, device=q.device)
         chosen.scatter_(1, idx, True)
         return chosen & visible
+
+    def select_topk(self, q: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
+                    keys: EntryStore) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select`, streamed (engine.model.indexer_topk): the keys are read from their store block by block and
+        no [n, N] score exists. Returns (entry indices [n, topk], chosen [n, topk]: False where fewer than topk
+        entries are visible); the same entries as `select` (ties aside)."""
+        pool, table, codec = keys.paged_view()
+        vals, idx = index_topk(q, w * self.head_dim**-0.5, (positions + 1) // 4, pool, table, self.topk, codec)
+        return idx, vals > float("-inf")
 
     def select_padded(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor,
                       visible: torch.Tensor) -> torch.Tensor:

@@ -87,9 +87,9 @@ class _Recorder:
         self.fn = fn
         self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def __call__(self, x: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor, **kw) -> torch.Tensor:
         self.calls.append((x, slot, weight))
-        return self.fn(x, slot, weight)
+        return self.fn(x, slot, weight, **kw)
 
     def replay(self) -> None:
         for x, slot, weight in self.calls:

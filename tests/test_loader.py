@@ -20,7 +20,9 @@ def _logits(model, ids):
         return model.compute_logits(model(ids, [model.new_state()], [len(ids)]))
 
 
-def test_transformers_layout_loads_to_the_same_model(tiny_ckpt, tiny_model, tmp_path):
+def test_transformers_layout_loads_to_the_same_model(tiny_ckpt, tmp_path):
+    """The HF-layout export holds the dequantized float32 tensors: it loads to the same model, bit for bit, as the
+    official checkpoint loaded dequantized (native weights compute in other kernels, to fp32 rounding)."""
     sd = open_checkpoint(tiny_ckpt).state_dict(dtype=torch.float32)
     save_file({k: v.contiguous() for k, v in official_to_hf_state_dict(sd, TINY).items()},
               str(tmp_path / "model.safetensors"))
@@ -28,7 +30,8 @@ def test_transformers_layout_loads_to_the_same_model(tiny_ckpt, tiny_model, tmp_
     assert open_checkpoint(tmp_path).layout == "hf"
     hf_layout = load_model(tmp_path)
     ids = torch.arange(2, 200)
-    assert torch.equal(_logits(hf_layout, ids), _logits(tiny_model, ids))
+    official = load_model(tiny_ckpt, weights="dequantized")
+    assert torch.equal(_logits(hf_layout, ids), _logits(official, ids))
     with pytest.raises(ValueError, match="no MTP block"):
         hf_layout.mtp_forward(torch.zeros(1, 4, TINY.hidden_size), ids[:1], [hf_layout.new_state()], [1])
 

@@ -354,13 +354,17 @@ def test_memory_matches_manifest_and_cache_accounting(example: str):
     routed = sum(t.nbytes for t in manifest.tensors if ".ffn.experts." in t.name)
     e, w, red = cfg.n_routed_experts, topo.world_size, topo.parallel.placement.redundant_experts
     slots = (e + red) // w
+    # an EP rank builds no MTP block (engine.weights.resident.rank_builds_mtp): its weights leave those tensors out
+    mtp = sum(t.nbytes for t in manifest.tensors if t.name.startswith("mtp."))
+    mtp_routed = sum(t.nbytes for t in manifest.tensors if t.name.startswith("mtp.") and ".ffn.experts." in t.name)
+    assert w > 1 and mtp > 0
     assert plan.weight_bytes_model == manifest.bytes
     total_routed_held = 0
     for ranks, _node, m in plan.ranks:
         assert m.replicated_bytes == manifest.bytes - routed
         assert m.expert_slots == slots == topo.slots_per_rank()
         assert m.routed_total == routed * slots // e
-        assert m.weight_bytes == manifest.bytes - routed + routed * slots // e
+        assert m.weight_bytes == manifest.bytes - mtp - (routed - mtp_routed) + (routed - mtp_routed) * slots // e
         assert m.redundant_bytes == pytest.approx(routed * red / w / e)
         total_routed_held += len(ranks) * m.routed_total
         # KV: the engine's own plan_cache over the same budget, and sequences of isl + osl tokens
@@ -524,7 +528,7 @@ def test_cli_plan_cpu_topology(capsys):
         and "Memory per rank (MB)" in out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0-1 ", "2-3 "))]
     assert [r[:3] for r in rows] == [["0-1", "a", "cpu"], ["2-3", "b", "cpu"]]
-    assert all(r[6] == "2" and r[8] == "1.7" and r[10] == "67.1" for r in rows)  # slots, weights, KV budget (MB)
+    assert all(r[6] == "2" and r[8] == "1.4" and r[10] == "67.1" for r in rows)  # slots, weights (no MTP), KV (MB)
     assert "Performance: not modelled (the performance model covers the GPU profiles" in out
     assert "shared by the topology's 4 CPU ranks" in out and "in checkpoint precision (weights: native)" in out
     assert "Everything fits." in out
@@ -539,8 +543,10 @@ def test_cpu_rank_memory_is_what_a_cpu_rank_holds(tiny_ckpt):
     from engine.weights.loader import load_model
 
     model = load_model(tiny_ckpt, dtype=torch.float32, experts=[0, 4])
-    held = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for name, b in model.named_buffers() if name.endswith("tid2eid"))
+    # an EP rank (world 4 here) builds no MTP block (engine.weights.resident.rank_builds_mtp)
+    held = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("mtp.")) + sum(
+        b.numel() * b.element_size() for name, b in model.named_buffers()
+        if name.endswith("tid2eid") and not name.startswith("mtp."))
     plan = make_plan(PlanInput(TINY, "tiny", (NodePlan("a", 4, "cpu", 10**9),), weight_dtype="float32",
                                kv_budget_bytes=2**26, kv_dtype="float32"))
     assert plan.ranks[0][2].weight_bytes == held and plan.perf is None

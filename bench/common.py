@@ -35,6 +35,7 @@ def write_result(path: str | Path, result: dict) -> None:
 # transformers' routed-expert implementations, fastest first where the installed version has them; eager (a
 # per-expert Python loop) is the slow fallback and never the baseline while a faster one loads.
 HF_EXPERT_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+GATHER_LIMIT = 1 << 30  # batched_mm's per-token weight gather above this is no prefill candidate (fastest_hf_model)
 
 
 def fastest_hf_model(cfg, sd: dict, dtype: torch.dtype = torch.float32, batch: int = 8, prompt_len: int = 64,
@@ -67,14 +68,24 @@ def fastest_hf_model(cfg, sd: dict, dtype: torch.dtype = torch.float32, batch: i
         except Exception as e:  # an implementation this transformers version lacks
             probe[impl] = f"unavailable: {type(e).__name__}: {e}"[:200]
             continue
-        hf_generate_steps(model, ids[:, :8], 1)  # warm-up
-        runs = [hf_generate_steps(model, ids, decode_steps) for _ in range(2)]
-        probe[impl] = [round(min(r[0] for r in runs), 4), round(min(r[1] for r in runs), 4)]
+        # batched_mm gathers a [I, D] weight copy per (token, expert): over GATHER_LIMIT bytes it is no
+        # candidate for the prefill (GBs, minutes; and the transient allocation slows the whole process after it,
+        # ours included), so its prefill probe runs eager and only its decode steps are timed.
+        gather = 3 * batch * prompt_len * cfg.num_experts_per_tok * cfg.moe_intermediate_size * cfg.hidden_size * 4
+        skip_prefill = impl == "batched_mm" and gather > GATHER_LIMIT
+        phases = {"prefill": "eager" if skip_prefill else impl, "decode": impl}
+        hf_generate_steps(model, ids[:, :8], 1, phases)  # warm-up
+        runs = [hf_generate_steps(model, ids, decode_steps, phases) for _ in range(2)]
+        prefill_s = f"not a candidate: would gather {gather / 1e9:.1f} GB" if skip_prefill \
+            else round(min(r[0] for r in runs), 4)
+        probe[impl] = [prefill_s, round(min(r[1] for r in runs), 4)]
     timed = {impl: t for impl, t in probe.items() if isinstance(t, list)}
     if model is None or not timed:
         raise RuntimeError(f"no transformers experts implementation loaded: {probe}")
-    phases = {"prefill": min(timed, key=lambda i: timed[i][0]), "decode": min(timed, key=lambda i: timed[i][1])}
-    whole = min(timed, key=lambda i: sum(timed[i]))
+    prefill_ok = {i: t for i, t in timed.items() if not isinstance(t[0], str)}
+    phases = {"prefill": min(prefill_ok, key=lambda i: prefill_ok[i][0]),
+              "decode": min(timed, key=lambda i: timed[i][1])}
+    whole = min(prefill_ok, key=lambda i: sum(prefill_ok[i]))
     model.set_experts_implementation(whole)
     return model, {"experts_implementation": whole, "phase_implementations": phases, "attn_implementation": "eager",
                    "probe_s": probe}

@@ -120,18 +120,21 @@ def linear_quantized(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | Non
                      compute_dtype: torch.dtype) -> torch.Tensor:
     """x [.., K] @ W^T for a quantized W [N, K] ("fp8" + block scale, or "bf16"), computed in `compute_dtype`;
     the result in x's dtype."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2.dtype != compute_dtype:
+        x2 = x2.to(compute_dtype)
     path = select_linear_path(x.device.type, fmt, compute_dtype, x2.shape[0], x2.shape[1])
     if path == "kernel":
-        y = quant_kernels().linear(x2.contiguous(), w, scale, fmt)
+        y = quant_kernels().linear(x2 if x2.is_contiguous() else x2.contiguous(), w, scale, fmt)
     elif path == "tiles":
         y = _linear_tiles(x2.contiguous(), w, scale, fmt)
     elif path == "triton":
         y = triton_kernels().fp8_block_linear(x2, w, scale)
     else:
         y = F.linear(x2, dequantize(w, scale, fmt, compute_dtype))
-    return y.reshape(*lead, w.shape[0]).to(x.dtype)
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], w.shape[0])
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _linear_tiles(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:

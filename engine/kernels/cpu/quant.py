@@ -21,6 +21,8 @@ _SCALE_CODES = {torch.float8_e8m0fnu: 0, torch.uint8: 0, torch.float32: 1}
 class QuantKernels:
     """The quantized entry points of a compiled `MoeMlpKernel` library."""
 
+    CHECKED_MAX = 4096  # weights whose check is remembered (cleared whole past it)
+
     def __init__(self, kernel: MoeMlpKernel) -> None:
         lib = kernel.lib
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -33,6 +35,7 @@ class QuantKernels:
         self._dequant = lib.megaserve_dequant
         self._dequant.argtypes = [p, p, i32, i32, p, i64, i64]
         self._dequant.restype = i32
+        self._checked: set[tuple] = set()
 
     def moe_mlp(self, x: torch.Tensor, offsets: torch.Tensor, route_w: torch.Tensor, w1: torch.Tensor,
                 s1: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None, w2: torch.Tensor,
@@ -43,7 +46,7 @@ class QuantKernels:
         i = _logical_rows(w1, fmt)
         _check_x(x, d)
         for name, w, sc, rows, k in (("w1", w1, s1, i, d), ("w3", w3, s3, i, d), ("w2", w2, s2, d, i)):
-            _check_weight(name, w, sc, fmt, (s, rows, k))
+            self._check_weight_once(name, w, sc, fmt, (s, rows, k))
         if offsets.dtype != torch.int64 or route_w.dtype != torch.float32 or route_w.shape != (n,):
             raise ValueError("offsets must be int64 [S+1] and route_w float32 [N]")
         y = torch.empty(n, d, dtype=torch.float32)
@@ -65,7 +68,7 @@ class QuantKernels:
         m, k = x.shape
         n = w.shape[0]
         _check_x(x, k)
-        _check_weight("w", w, scale, fmt, (n, k))
+        self._check_weight_once("w", w, scale, fmt, (n, k))
         y = torch.empty(m, n, dtype=torch.float32)
         threads = torch.get_num_threads() if num_threads is None else num_threads
         rc = self._linear(x.data_ptr(), w.data_ptr(), _ptr(scale), FORMATS[fmt], _scale_code(scale), y.data_ptr(),
@@ -75,6 +78,21 @@ class QuantKernels:
         if rc != 0:
             raise ValueError(f"qlinear failed (rc {rc})")
         return y
+
+    def _check_weight_once(self, name: str, w: torch.Tensor, scale: torch.Tensor | None, fmt: str,
+                           logical: tuple[int, ...]) -> None:
+        """`_check_weight`, remembered by everything the check reads (the tensors' addresses, dtypes, shapes and
+        strides, the format and the logical shape): a decode step calls the same resident weights over and over,
+        and the full check cost as much as a small layer's dot products."""
+        key = (name, fmt, logical, w.data_ptr(), w.dtype, w.shape, w.stride(), w.device.type,
+               None if scale is None else (scale.data_ptr(), scale.dtype, scale.shape, scale.stride(),
+                                           scale.device.type))
+        if key in self._checked:
+            return
+        _check_weight(name, w, scale, fmt, logical)
+        if len(self._checked) >= self.CHECKED_MAX:
+            self._checked.clear()
+        self._checked.add(key)
 
     def dequant(self, w: torch.Tensor, scale: torch.Tensor | None, fmt: str, out: torch.Tensor | None = None
                 ) -> torch.Tensor:

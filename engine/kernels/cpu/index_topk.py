@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from engine.kernels.cpu.build import DEFAULT_FLAGS, KernelBuildError, compile_shared
+from engine.kernels.cpu.build import DEFAULT_FLAGS, KernelBuildError
 from engine.kernels.cpu.index_topk_src import SOURCE
-from engine.kernels.cpu.moe_mlp import OPENMP_FLAGS, openmp_runtimes, torch_uses_libgomp
+from engine.kernels.cpu.moe_mlp import load_library
 
 _SYMBOL = "megaserve_index_topk"
 HEAD_GROUP = 16  # heads per group of accumulators in the kernel: heads are padded (w = 0) to a multiple
@@ -32,15 +32,8 @@ class IndexTopkKernel:
 
     def __init__(self, flags: tuple[str, ...] = DEFAULT_FLAGS, cache: Path | None = None,
                  openmp: bool | None = None) -> None:
-        self.openmp = torch_uses_libgomp() if openmp is None else openmp
-        self.flags = flags + OPENMP_FLAGS if self.openmp else flags
-        self.path = compile_shared("index_topk", SOURCE, self.flags, cache)
-        before = openmp_runtimes()
-        lib = ctypes.CDLL(str(self.path))
-        if self.openmp and len(openmp_runtimes() - before) > 0:
-            raise KernelBuildError(f"loading {self.path.name} brought a second OpenMP runtime; use openmp=False")
-        self.lib = lib
-        self._fn = getattr(lib, _SYMBOL)
+        self.openmp, self.flags, self.path, self.lib = load_library("index_topk", SOURCE, flags, cache, openmp)
+        self._fn = getattr(self.lib, _SYMBOL)
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         self._fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p, p, ctypes.c_int]
         self._fn.restype = ctypes.c_int

@@ -84,6 +84,22 @@ def check_args(x: torch.Tensor, offsets: torch.Tensor, route_w: torch.Tensor, w1
     return n, s, d, i
 
 
+def load_library(name: str, source: str, flags: tuple[str, ...], cache: Path | None,
+                 openmp: bool | None) -> tuple[bool, tuple[str, ...], Path, ctypes.CDLL]:
+    """Compile `source` as shared library `name` and load it: (openmp, flags, path, lib). `openmp`: thread on
+    torch's libgomp (True) or not (False); None picks OpenMP when `torch_uses_libgomp()`. Raises KernelBuildError,
+    also when loading it brought a second OpenMP runtime into the process."""
+    use_omp = torch_uses_libgomp() if openmp is None else openmp
+    flags = flags + OPENMP_FLAGS if use_omp else flags
+    path = compile_shared(name, source, flags, cache)
+    before = openmp_runtimes()
+    lib = ctypes.CDLL(str(path))
+    if use_omp and len(openmp_runtimes() - before) > 0:
+        raise KernelBuildError(f"loading {path.name} brought a second OpenMP runtime "
+                               f"({sorted(openmp_runtimes() - before)}); use openmp=False")
+    return use_omp, flags, path, lib
+
+
 class MoeMlpKernel:
     """The compiled kernel (one shared library); `run` is `moe_mlp` on it.
 
@@ -93,14 +109,7 @@ class MoeMlpKernel:
 
     def __init__(self, flags: tuple[str, ...] = DEFAULT_FLAGS, cache: Path | None = None,
                  openmp: bool | None = None) -> None:
-        self.openmp = torch_uses_libgomp() if openmp is None else openmp
-        self.flags = flags + OPENMP_FLAGS if self.openmp else flags
-        self.path = compile_shared("moe_mlp", SOURCE, self.flags, cache)
-        before = openmp_runtimes()
-        lib = ctypes.CDLL(str(self.path))
-        if self.openmp and len(openmp_runtimes() - before) > 0:
-            raise KernelBuildError(f"loading {self.path.name} brought a second OpenMP runtime "
-                                   f"({sorted(openmp_runtimes() - before)}); use openmp=False")
+        self.openmp, self.flags, self.path, lib = load_library("moe_mlp", SOURCE, flags, cache, openmp)
         self.lib = lib  # also holds the quantized entry points (engine.kernels.cpu.quant)
         self._fn = getattr(lib, _SYMBOL)
         p = ctypes.c_void_p

@@ -450,6 +450,11 @@ def test_client_disconnect_aborts_on_the_rank(server, stream, runner):
             while server.worker._stats.get("live_requests", 0) == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert server.worker._stats.get("live_requests") == 1
+    # The rank's stats snapshot can read idle before the service has counted the abort (or be a snapshot
+    # taken before the request reached the rank): wait for the count itself, then for the rank to be idle.
+    deadline = time.monotonic() + 30
+    while server.service.metrics.finished["abort"] == aborted_before and time.monotonic() < deadline:
+        time.sleep(0.02)
     _wait_rank_idle(server)
     assert server.service.metrics.finished["abort"] == aborted_before + 1
 

@@ -165,10 +165,11 @@ def test_forward_slots_replicated_equals_loop_on_every_path(monkeypatch, fmt, pa
 def test_host_reads_are_seen(monkeypatch):
     """The host-read check of these tests fails on the host-sync paths (it can fail)."""
     m = _build("dense", list(range(8)))
-    x = torch.randn(4, m.w2.shape[1])
-    idx = torch.tensor([[0, 1, 2, 3, 4, 5]] * 4)
+    t = KERNEL_MAX_ROWS  # from KERNEL_MAX_ROWS tokens on, the assignments are sorted and the counts read
+    x = torch.randn(t, m.w2.shape[1])
+    idx = torch.tensor([[0, 1, 2, 3, 4, 5]] * t)
     with _HostReads(monkeypatch) as rec:
-        m(x, torch.rand(4, 6), idx)
+        m(x, torch.rand(t, 6), idx)
     assert "tolist" in rec.bad
 
 
@@ -188,3 +189,60 @@ def test_path_table_sync_free():
         == "grouped_mm"
     assert select.select_expert_path("cuda", "fp8", torch.bfloat16, None, None, 32, cpu_kernel=False) == "padded"
     assert select.select_expert_path("cpu", "fp8", f32, 40, 30, 32, cpu_kernel=False, grouped_mm=True) == "sorted"
+
+
+@pytest.mark.parametrize("fmt", ["dense", "fp4", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 5, KERNEL_MAX_ROWS - 1])
+def test_decode_sizes_take_one_topk_kernel_call(monkeypatch, fmt, tokens):
+    """Under KERNEL_MAX_ROWS tokens the assignments go to the C kernel unsorted ("kernel_topk": grouped by slot
+    in C): equal to the reference and to the sorted start, with assignments not held here, a token naming one
+    slot twice, and nothing read on the host; forward_slots (k = 1) likewise."""
+    if not moe_mlp_available():
+        pytest.skip("the CPU moe_mlp kernel did not build here")
+    from engine.kernels import select
+
+    m = _build(fmt, list(range(8)))
+    cfg = get_preset("small")
+    g = torch.Generator().manual_seed(tokens)
+    k = cfg.num_experts_per_tok
+    idx = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:k] for _ in range(tokens)])
+    idx[0, 1] = idx[0, 0] = 3  # one token names expert 3 twice (its weight counts twice, as in the reference)
+    w = torch.rand(tokens, k, generator=g)
+    x = torch.randn(tokens, cfg.hidden_size, generator=g)
+    local = m.g2l[idx].flatten()
+    assert (local < 0).any()
+    ref = m._forward_loop(x, w, local, torch.bincount(local[local >= 0], minlength=8))
+    calls = []
+    real = select.select_assigned_path
+    monkeypatch.setattr(engine.model.experts, "select_assigned_path",
+                        lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
+    with _HostReads(monkeypatch) as rec:
+        got = m(x, w, idx, sync_free=True)
+    assert rec.bad == [] and calls == ["kernel_topk"]
+    assert got.dtype == x.dtype and got.shape == x.shape and _close(got, ref)
+    monkeypatch.setattr(engine.model.experts, "select_assigned_path", lambda *a, **kw: "sorted")
+    assert _close(got, m(x, w, idx))
+    monkeypatch.setattr(engine.model.experts, "select_assigned_path", real)
+    slot = local.clamp(min=0)[:tokens]
+    ref1 = m._forward_loop(x, w[:, :1], slot, torch.bincount(slot, minlength=8))
+    assert _close(m.forward_slots(x, slot, w[:, 0]), ref1)
+
+
+def test_topk_kernel_rejects_bad_input():
+    from engine.kernels.cpu import quant_kernels
+
+    if quant_kernels() is None:
+        pytest.skip("the CPU kernel did not build here")
+    m = _build("fp8", list(range(4)))
+    x = torch.randn(2, m.w2.shape[1])
+    slot, w = torch.zeros(2, 6, dtype=torch.int64), torch.rand(2, 6)
+    args = (m.w1, m.w1_scale, m.w3, m.w3_scale, m.w2, m.w2_scale, "fp8", 10.0)
+    with pytest.raises(ValueError, match="slot"):
+        quant_kernels().moe_topk(x, slot.int(), w, *args)
+    with pytest.raises(ValueError, match="route_w"):
+        quant_kernels().moe_topk(x, slot, w[:, :5].contiguous(), *args)
+    with pytest.raises(ValueError, match="w2"):
+        quant_kernels().moe_topk(x, slot, w, m.w1, m.w1_scale, m.w3, m.w3_scale, m.w2[:, :8], m.w2_scale, "fp8", 10.0)
+    dense = _build("dense", list(range(4)))
+    with pytest.raises(ValueError, match="w1"):
+        quant_kernels().moe_topk(x, slot, w, dense.w1.double(), None, dense.w3, None, dense.w2, None, "dense", 10.0)

@@ -26,6 +26,13 @@ on the device are picked.
 
 Quantized weights on "grouped_mm"/"padded" are dequantized whole (torch) into the compute dtype.
 
+Before any sorting (`select_assigned_path`, RoutedExperts.run_assigned): on CPU, with the C kernel taking the
+tensors, no autograd and fewer than KERNEL_MAX_ROWS tokens (decode), "kernel_topk": one C call from the router's
+(slot, weight) pairs to the summed output, the grouping by slot done in C (the sort, counts, gathers and the
+index_add of "kernel" are a dozen tiny ops a layer at decode); else "sorted" (sort, then `select_expert_path`).
+Fewer than KERNEL_MAX_ROWS tokens means fewer rows per slot when a token's slots are distinct, so it is the
+"kernel" row of the table above in one call.
+
 mHC's mixing step (`select_mhc_path`): "kernel" (one C call for the sigmoids, softmax and Sinkhorn of all
 tokens: CPU, C library built, no autograd), "triton" (CUDA, no autograd: engine.kernels.triton's `mhc_gates` for
 those, one launch, and `mhc_post` for the write-back), else "torch" (engine.model.mhc, the reference).
@@ -91,6 +98,13 @@ def select_expert_path(device: str, weight_format: str, act_dtype: torch.dtype, 
         return "grouped_mm" if grouped_mm else "padded"
     if weight_format == "dense" and max_rows < KERNEL_MAX_ROWS and 4 * busy_slots >= 3 * slots:
         return "padded"
+    return "sorted"
+
+
+def select_assigned_path(device: str, cpu_kernel: bool, tokens: int, grad: bool = False) -> str:
+    """How `RoutedExperts.run_assigned` starts (module docstring): "kernel_topk" or "sorted"."""
+    if device == "cpu" and cpu_kernel and not grad and tokens < KERNEL_MAX_ROWS and quant_kernels() is not None:
+        return "kernel_topk"
     return "sorted"
 
 

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels.cpu import moe_mlp, moe_mlp_available, quant_kernels
-from engine.kernels.select import KERNEL_MAX_ROWS, dequantize, select_expert_path, triton_kernels
+from engine.kernels.select import (
+    KERNEL_MAX_ROWS,
+    dequantize,
+    select_assigned_path,
+    select_expert_path,
+    triton_kernels,
+)
 from engine.model import weight_format
 from engine.model.config import ModelConfig
 from engine.model.layers import frozen_parameter
@@ -139,6 +145,12 @@ class RoutedExperts(nn.Module):
         if t == 0 or k == 0:  # e.g. EP: no row came to this rank (a shape, known on the host)
             return torch.zeros_like(x)
         n_slots = self.w1.shape[0]
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
+        if select_assigned_path(x.device.type, self._kernel_usable(x), t, grad) == "kernel_topk":
+            y = quant_kernels().moe_topk(x.contiguous(), local.contiguous(), topk_weights.float().contiguous(),
+                                         self.w1, self._scale("w1"), self.w3, self._scale("w3"), self.w2,
+                                         self._scale("w2"), self.fmt, self.limit)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         flat = local.reshape(-1)
         held = flat >= 0
         key = torch.where(held, flat, n_slots - 1 if sync_free else n_slots)  # not held: last slot, or past it

@@ -32,6 +32,9 @@ class QuantKernels:
         self._linear = lib.megaserve_qlinear
         self._linear.argtypes = [p, p, p, i32, i32, p, i64, i64, i64, i32]
         self._linear.restype = i32
+        self._topk = lib.megaserve_moe_topk
+        self._topk.argtypes = [p] * 9 + [i32, i32, p, i64, i64, i64, i64, i64, ctypes.c_float, i32]
+        self._topk.restype = i32
         self._dequant = lib.megaserve_dequant
         self._dequant.argtypes = [p, p, i32, i32, p, i64, i64]
         self._dequant.restype = i32
@@ -60,6 +63,45 @@ class QuantKernels:
             raise MemoryError(f"moe_mlp: no memory for the split copy of x ({n} x {d} floats)")
         if rc != 0:
             raise ValueError(f"offsets: must start at 0, never decrease and end at N={n} (rc {rc})")
+        return y
+
+    def moe_topk(self, x: torch.Tensor, slot: torch.Tensor, route_w: torch.Tensor, w1: torch.Tensor,
+                 s1: torch.Tensor | None, w3: torch.Tensor, s3: torch.Tensor | None, w2: torch.Tensor,
+                 s2: torch.Tensor | None, fmt: str, limit: float, num_threads: int | None = None) -> torch.Tensor:
+        """The routed experts from the router's output, few tokens (decode): x [T, D], slot int64 [T, k] (the local
+        slot of each assignment, -1: not held here), route_w float32 [T, k] -> y [T, D] float32, the sum over the
+        held assignments of route_w * Expert_slot(x). The C side groups the assignments by slot (what `moe_mlp`
+        takes) and sums the rows back per token. fmt: "dense" (float32 w1/w3 [S, I, D], w2 [S, D, I], no scales)
+        or a quantized format as for `moe_mlp`."""
+        t, d = x.shape
+        _check_x(x, d)
+        if slot.dtype != torch.int64 or slot.dim() != 2 or slot.shape[0] != t or not slot.is_contiguous():
+            raise ValueError(f"slot: expected contiguous int64 [T={t}, k], got {slot.dtype} {tuple(slot.shape)}")
+        k = slot.shape[1]
+        if route_w.dtype != torch.float32 or route_w.shape != slot.shape or not route_w.is_contiguous():
+            raise ValueError(f"route_w: expected contiguous float32 {tuple(slot.shape)}, got {route_w.dtype} "
+                             f"{tuple(route_w.shape)}")
+        s, i = w1.shape[0], w1.shape[1]
+        if fmt == "dense":
+            for name, w, shape in (("w1", w1, (s, i, d)), ("w3", w3, (s, i, d)), ("w2", w2, (s, d, i))):
+                if w.dtype != torch.float32 or tuple(w.shape) != shape or not w.is_contiguous() \
+                        or w.device.type != "cpu":
+                    raise ValueError(f"{name}: expected contiguous float32 CPU {shape}, got {w.dtype} "
+                                     f"{tuple(w.shape)}")
+            code, sfmt = 0, 0
+        else:
+            for name, w, sc, rows, kk in (("w1", w1, s1, i, d), ("w3", w3, s3, i, d), ("w2", w2, s2, d, i)):
+                self._check_weight_once(name, w, sc, fmt, (s, rows, kk))
+            code, sfmt = FORMATS[fmt], _scale_code(s1)
+        y = torch.empty(t, d, dtype=torch.float32)
+        threads = torch.get_num_threads() if num_threads is None else num_threads
+        rc = self._topk(x.data_ptr(), slot.data_ptr(), route_w.data_ptr(), w1.data_ptr(), _ptr(s1), w3.data_ptr(),
+                        _ptr(s3), w2.data_ptr(), _ptr(s2), code, sfmt, y.data_ptr(), t, k, s, d, i, float(limit),
+                        int(threads))
+        if rc == -3:
+            raise MemoryError(f"moe_topk: no memory for the grouped copy of x ({t * k} x {d} floats)")
+        if rc != 0:
+            raise ValueError(f"moe_topk failed (rc {rc})")
         return y
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str,

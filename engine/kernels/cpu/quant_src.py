@@ -418,6 +418,54 @@ int megaserve_moe_mlp_q(const float *x, const int64_t *off, const float *route_w
     return 0;
 }
 
+/* The routed experts straight from the router, for few tokens (decode): x [T, D], slot [T*k] (the local slot of
+   each assignment; < 0 or >= S: not held here, skipped), route_w [T*k] -> y [T, D] = the sum over the held
+   assignments of route_w * Expert_slot(x_t). The assignments are grouped by slot here (a stable counting sort),
+   run through the same MLP as megaserve_moe_mlp(_q) and summed back per token in grouped order (what sorting,
+   the MLP and an index_add would give). fmt FMT_F32: float32 weights (no scales). Returns -2 on a bad format,
+   -3 when out of memory. */
+int megaserve_moe_topk(const float *x, const int64_t *slot, const float *route_w, const void *w1, const uint8_t *s1,
+                       const void *w3, const uint8_t *s3, const void *w2, const uint8_t *s2, int fmt, int sfmt,
+                       float *y, int64_t T, int64_t k, int64_t S, int64_t D, int64_t I, float limit, int nthreads) {
+    if (fmt != FMT_F32 && fmt != FMT_FP4 && fmt != FMT_FP8 && fmt != FMT_BF16) return -2;
+    const int64_t A = T * k;
+    int64_t *off = calloc((size_t)(S + 2), sizeof(int64_t));
+    if (!off) return -3;
+    for (int64_t r = 0; r < A; r++)
+        if (slot[r] >= 0 && slot[r] < S) off[slot[r] + 2]++;
+    for (int64_t s = 0; s < S; s++) off[s + 2] += off[s + 1];  /* off[s + 1]: first row of slot s */
+    const int64_t N = off[S + 1];
+    memset(y, 0, (size_t)(T * D) * sizeof(float));
+    if (N == 0) { free(off); return 0; }
+    int64_t *tok = malloc((size_t)N * sizeof(int64_t));
+    float *rw = malloc((size_t)N * sizeof(float)), *xs = malloc((size_t)(N * D) * sizeof(float));
+    float *a = malloc((size_t)(N * I) * sizeof(float)), *ys = malloc((size_t)(N * D) * sizeof(float));
+    int rc = (tok && rw && xs && a && ys) ? 0 : -3;
+    if (rc == 0) {
+        for (int64_t r = 0; r < A; r++) {  /* stable: assignments of a slot keep their order */
+            const int64_t s = slot[r];
+            if (s < 0 || s >= S) continue;
+            const int64_t row = off[s + 1]++;
+            tok[row] = r / k;
+            rw[row] = route_w[r];
+            memcpy(xs + row * D, x + (r / k) * D, (size_t)D * sizeof(float));
+        }
+        /* off[s + 1] now ends slot s: off[0..S] are the offsets */
+        rc = fmt == FMT_F32
+                 ? megaserve_moe_mlp(xs, off, rw, w1, w3, w2, a, ys, N, S, D, I, limit, nthreads)
+                 : megaserve_moe_mlp_q(xs, off, rw, w1, s1, w3, s3, w2, s2, fmt, sfmt, a, ys, N, S, D, I, limit,
+                                       nthreads);
+        if (rc == 0)
+            for (int64_t row = 0; row < N; row++) {
+                float *dst = y + tok[row] * D;
+                const float *src = ys + row * D;
+                for (int64_t d = 0; d < D; d++) dst[d] += src[d];
+            }
+    }
+    free(off), free(tok), free(rw), free(xs), free(a), free(ys);
+    return rc;
+}
+
 /* y [M, N] = x [M, K] @ W^T, W [N, K] quantized; returns -2 on a bad format. */
 int megaserve_qlinear(const float *x, const uint8_t *w, const uint8_t *s, int fmt, int sfmt, float *y, int64_t M,
                       int64_t N, int64_t K, int nthreads) {

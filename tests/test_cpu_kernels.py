@@ -281,3 +281,48 @@ def test_forked_child_gets_its_own_workers(pthread_kernel):
             p.kill()
     assert p.exitcode == 0
     assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("wdtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 768), (3, 8, 128), (5, 64)])
+def test_rmsnorm_kernel_matches_the_torch_reference(monkeypatch, wdtype, shape):
+    """The C RMSNorm (picked for few float32 CPU rows) against the torch ops of engine.model.layers. Both round
+    the factor alike, but accumulate the squares differently (double vs torch's float norm): the factor may differ
+    by an ulp, and the two products each round once, so 3 ulp relative bound every value."""
+    import engine.model.layers as layers
+
+    if ck.norm_kernel() is None:
+        pytest.skip("the CPU kernel did not build here")
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=g) * 3
+    if wdtype is None:
+        got = layers.rms_normalize(x, 1e-6)
+        monkeypatch.setattr(layers, "select_norm_path", lambda *a, **k: "torch")
+        ref = layers.rms_normalize(x, 1e-6)
+    else:
+        norm = layers.RMSNorm(shape[-1], 1e-6)
+        norm.weight.data = torch.randn(shape[-1], generator=g).to(wdtype)
+        with torch.inference_mode():
+            got = norm(x)
+            monkeypatch.setattr(layers, "select_norm_path", lambda *a, **k: "torch")
+            ref = norm(x)
+    assert got.dtype == ref.dtype == torch.float32 and got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=3 * 2.0**-23, atol=0)
+
+
+def test_rmsnorm_path_and_bad_input():
+    from engine.kernels.select import NORM_KERNEL_MAX_ELEMENTS, select_norm_path
+
+    k = ck.norm_kernel()
+    if k is None:
+        pytest.skip("the CPU kernel did not build here")
+    x = torch.randn(2, 64)
+    assert select_norm_path(x) == "kernel" and select_norm_path(x, grad=True) == "torch"
+    assert select_norm_path(x.double()) == "torch"
+    assert select_norm_path(torch.randn(NORM_KERNEL_MAX_ELEMENTS // 64 + 1, 64)) == "torch"
+    with pytest.raises(ValueError, match="x must be"):
+        k.rmsnorm(x.double(), None, 1e-6)
+    with pytest.raises(ValueError, match="weight must be"):
+        k.rmsnorm(x, torch.ones(63), 1e-6)
+    with pytest.raises(ValueError, match="weight must be"):
+        k.rmsnorm(x, torch.ones(64, dtype=torch.float16), 1e-6)

@@ -37,6 +37,9 @@ mHC's mixing step (`select_mhc_path`): "kernel" (one C call for the sigmoids, so
 tokens: CPU, C library built, no autograd), "triton" (CUDA, no autograd: engine.kernels.triton's `mhc_gates` for
 those, one launch, and `mhc_post` for the write-back), else "torch" (engine.model.mhc, the reference).
 
+RMSNorm (`select_norm_path`): "kernel" (one C call for all rows: CPU float32, C library built, no autograd, up
+to NORM_KERNEL_MAX_ELEMENTS values), else "torch" (engine.model.layers, the reference).
+
 Linear layers with quantized weights (`select_linear_path`): "kernel" (C, reads the bytes; up to
 LINEAR_KERNEL_MAX_ROWS rows), "tiles" (C dequantizes TILE_ROWS weight rows at a time into scratch, then the
 BLAS), "triton" (CUDA, FP8 block-scaled GEMM when engine.kernels.triton has it), "torch" (dequantize whole,
@@ -52,11 +55,12 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.cpu import mhc_kernel, quant_kernels
+from engine.kernels.cpu import mhc_kernel, norm_kernel, quant_kernels
 from engine.weights.formats import dequantize_fp4, dequantize_fp8_block
 
 KERNEL_MAX_ROWS = 32  # crossover of the C expert kernel vs MKL (engine.model.experts.RoutedExperts)
 LINEAR_KERNEL_MAX_ROWS = 32  # the same crossover for the quantized linear
+NORM_KERNEL_MAX_ELEMENTS = 1 << 16  # RMSNorm: up to here one C call (decode sizes), above it torch's threaded ops
 TILE_ROWS = 1024  # weight rows dequantized at a time for the BLAS (a multiple of the FP8 block, 128)
 
 
@@ -173,4 +177,12 @@ def select_mhc_path(device: str, grad: bool = False) -> str:
         return "kernel"
     if device == "cuda" and triton_has("mhc_gates") and triton_has("mhc_post"):
         return "triton"
+    return "torch"
+
+
+def select_norm_path(x: torch.Tensor, grad: bool = False) -> str:
+    """The RMSNorm path (module docstring)."""
+    if not grad and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= NORM_KERNEL_MAX_ELEMENTS \
+            and norm_kernel() is not None:
+        return "kernel"
     return "torch"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.kernels.select import dequantize, linear_quantized
+from engine.kernels.cpu import norm_kernel
+from engine.kernels.select import dequantize, linear_quantized, select_norm_path
 from engine.model import weight_format
 
 
@@ -22,9 +23,13 @@ class RMSNorm(nn.Module):
             self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The torch ops below are the reference; few float32 CPU rows take one C call (`select_norm_path`)."""
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if select_norm_path(x, grad) == "kernel":
+            return norm_kernel().rmsnorm(x if x.is_contiguous() else x.contiguous(), self.weight, self.eps)
         xf = x.float()
         y = xf * rsqrt_mean_square(xf, self.eps)
-        if torch.is_grad_enabled() and (y.requires_grad or self.weight.requires_grad):
+        if grad:
             return (y * self.weight).to(x.dtype)  # autograd: mul_ would overwrite what the weight's grad needs
         return y.mul_(self.weight).to(x.dtype)
 
@@ -37,7 +42,9 @@ def rsqrt_mean_square(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without a weight (the per-head query norm of §2.1)."""
+    """RMSNorm without a weight (the per-head query norm of §2.1); one C call on the `RMSNorm` conditions."""
+    if select_norm_path(x, torch.is_grad_enabled() and x.requires_grad) == "kernel":
+        return norm_kernel().rmsnorm(x if x.is_contiguous() else x.contiguous(), None, eps)
     return x * rsqrt_mean_square(x, eps).to(x.dtype)
 
 

@@ -6,7 +6,8 @@ False when env MEGASERVE_CPU_KERNELS=0, or there is no compiler, or compiling/lo
 says why); callers then use their torch path.
 
 `quant_kernels()`: the same library's entry points over FP4/FP8/BF16 weight bytes (`engine.kernels.cpu.quant`),
-None when the kernel is unavailable. `mhc_kernel()`: its mHC mixing step (`engine.kernels.cpu.mhc`), likewise.
+None when the kernel is unavailable. `mhc_kernel()`: its mHC mixing step (`engine.kernels.cpu.mhc`), likewise;
+`norm_kernel()`: its RMSNorm (`engine.kernels.cpu.norm`), likewise.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 from engine.kernels.cpu.build import KernelBuildError
 from engine.kernels.cpu.mhc import MhcKernel
 from engine.kernels.cpu.moe_mlp import MoeMlpKernel, check_args
+from engine.kernels.cpu.norm import NormKernel
 from engine.kernels.cpu.quant import QuantKernels
 
-__all__ = ["moe_mlp", "moe_mlp_available", "quant_kernels", "mhc_kernel", "MoeMlpKernel", "QuantKernels",
-           "MhcKernel", "KernelBuildError", "check_args"]
+__all__ = ["moe_mlp", "moe_mlp_available", "quant_kernels", "mhc_kernel", "norm_kernel", "MoeMlpKernel",
+           "QuantKernels", "MhcKernel", "NormKernel", "KernelBuildError", "check_args"]
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +80,10 @@ def mhc_kernel() -> MhcKernel | None:
     """The mHC mixing step (`engine.kernels.cpu.mhc`), or None without the kernel."""
     kernel = _default_kernel()
     return None if kernel is None else MhcKernel(kernel)
+
+
+@functools.cache
+def norm_kernel() -> NormKernel | None:
+    """The RMSNorm (`engine.kernels.cpu.norm`), or None without the kernel."""
+    kernel = _default_kernel()
+    return None if kernel is None else NormKernel(kernel)

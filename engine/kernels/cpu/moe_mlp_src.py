@@ -16,6 +16,7 @@ Quantized weights (FP4, FP8, BF16) go through the same stages and threads with t
 """
 
 from engine.kernels.cpu.mhc_src import MHC_SOURCE
+from engine.kernels.cpu.norm_src import NORM_SOURCE
 from engine.kernels.cpu.quant_src import QUANT_ENTRIES, QUANT_SOURCE
 
 _HEAD = r"""
@@ -378,4 +379,4 @@ int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, 
 }
 """
 
-SOURCE = _HEAD + QUANT_SOURCE + _TAIL + QUANT_ENTRIES + MHC_SOURCE
+SOURCE = _HEAD + QUANT_SOURCE + _TAIL + QUANT_ENTRIES + MHC_SOURCE + NORM_SOURCE

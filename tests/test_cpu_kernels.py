@@ -326,3 +326,25 @@ def test_rmsnorm_path_and_bad_input():
         k.rmsnorm(x, torch.ones(63), 1e-6)
     with pytest.raises(ValueError, match="weight must be"):
         k.rmsnorm(x, torch.ones(64, dtype=torch.float16), 1e-6)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("shape", [(1, 8, 128), (3, 128), (7, 3, 96), (2, 768)])
+def test_rope_kernel_equals_the_torch_reference(monkeypatch, inverse, shape):
+    """The C rotary embedding (picked for few float32 CPU rows) rounds as the torch mul + addcmul_ do: bit-equal."""
+    import engine.model.rope as rope
+
+    if ck.norm_kernel() is None:
+        pytest.skip("the CPU kernel did not build here")
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g) * 5
+    cos, sin = rope.rope_cos_sin(torch.rand(16, generator=g), torch.arange(shape[0]) * 37)
+    got = rope.apply_rope(x, cos, sin, inverse)
+    monkeypatch.setattr(rope, "select_norm_path", lambda *a, **k: "torch")
+    assert torch.equal(got, rope.apply_rope(x, cos, sin, inverse))
+    with pytest.raises(ValueError, match="sin must be"):
+        ck.norm_kernel().rope(x, cos, sin[:, :8].contiguous(), inverse)
+    with pytest.raises(ValueError, match="cos must be"):
+        ck.norm_kernel().rope(x, torch.cat([cos, cos]), sin, inverse)
+    with pytest.raises(ValueError, match="x must be"):
+        ck.norm_kernel().rope(x.double(), cos, sin, inverse)

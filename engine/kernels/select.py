@@ -37,8 +37,9 @@ mHC's mixing step (`select_mhc_path`): "kernel" (one C call for the sigmoids, so
 tokens: CPU, C library built, no autograd), "triton" (CUDA, no autograd: engine.kernels.triton's `mhc_gates` for
 those, one launch, and `mhc_post` for the write-back), else "torch" (engine.model.mhc, the reference).
 
-RMSNorm (`select_norm_path`): "kernel" (one C call for all rows: CPU float32, C library built, no autograd, up
-to NORM_KERNEL_MAX_ELEMENTS values), else "torch" (engine.model.layers, the reference).
+RMSNorm and the rotary embedding (`select_norm_path`): "kernel" (one C call for all rows: CPU float32, C library
+built, no autograd, up to NORM_KERNEL_MAX_ELEMENTS values), else "torch" (engine.model.layers and
+engine.model.rope, the references).
 
 Linear layers with quantized weights (`select_linear_path`): "kernel" (C, reads the bytes; up to
 LINEAR_KERNEL_MAX_ROWS rows), "tiles" (C dequantizes TILE_ROWS weight rows at a time into scratch, then the

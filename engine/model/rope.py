@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from engine.kernels.cpu import norm_kernel
+from engine.kernels.select import select_norm_path
 from engine.model.config import ModelConfig
 
 
@@ -47,7 +49,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     cos/sin are [T, r/2]; `inverse` applies the conjugate rotation (the output de-rotation of §2.2).
     even' = even*cos - odd*sin, odd' = odd*cos + even*sin (sin negated for `inverse`), in float32; a float32
     result is written straight into the output's strided halves, other dtypes are rounded once at the end.
+    These torch ops are the reference; few float32 CPU rows take one C call (`select_norm_path`, same roundings).
     """
+    if cos.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous() \
+            and select_norm_path(x, torch.is_grad_enabled() and x.requires_grad) == "kernel":
+        return norm_kernel().rope(x if x.is_contiguous() else x.contiguous(), cos, sin, inverse)
     r = cos.shape[-1] * 2
     extra = x.dim() - 2
     cos = cos.view(cos.shape[0], *([1] * extra), cos.shape[1])

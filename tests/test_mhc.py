@@ -318,3 +318,46 @@ def test_mhc_kernel_rejects_bad_input():
         k.mix(torch.zeros(2, 23), torch.zeros(24), torch.zeros(3), 4, 20, 1e-6)
     with pytest.raises(ValueError, match="hc = 20"):
         k.mix(torch.zeros(1, 440), torch.zeros(440), torch.zeros(3), 20, 20, 1e-6)
+
+
+def _fused_kernel():
+    from engine.kernels.cpu import mhc_kernel
+
+    k = mhc_kernel()
+    if k is None:
+        pytest.skip("the CPU kernel library is not built here")
+    return k
+
+
+def test_fused_hc_kernels_reject_bad_input():
+    k = _fused_kernel()
+    h, fn, base, scale = torch.zeros(2, HC, 8), torch.zeros(24, HC * 8), torch.zeros(24), torch.zeros(3)
+    out, post, comb = torch.zeros(2, 8), torch.zeros(2, HC), torch.zeros(2, HC, HC)
+    hfn, hbase, hscale = torch.zeros(HC, HC * 8), torch.zeros(HC), torch.zeros(1)
+    eps = (HC_EPS, NORM_EPS)
+    with pytest.raises(ValueError, match="hc_pre: h must be float32"):
+        k.pre(h.double(), fn, base, scale, *eps, ITERS)
+    with pytest.raises(ValueError, match="hc_pre: fn must be float32 CPU \\[24, 32\\]"):
+        k.pre(h, fn[:, :16], base, scale, *eps, ITERS)
+    with pytest.raises(ValueError, match="hc_pre: base must be"):
+        k.pre(h, fn, base.view(6, 4), scale, *eps, ITERS)
+    with pytest.raises(ValueError, match="hc_pre: scale must be"):
+        k.pre(h, fn, base, scale.half(), *eps, ITERS)
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        k.pre(h, fn, base, scale, *eps, 0)
+    with pytest.raises(ValueError, match="hc in \\[1, 16\\]"):
+        k.pre(torch.zeros(1, 20, 8), torch.zeros(440, 160), torch.zeros(440), scale, *eps, ITERS)
+    with pytest.raises(ValueError, match="hc_post: h must be \\[T, hc, D\\]"):
+        k.post(h.flatten(1), out, post, comb)
+    with pytest.raises(ValueError, match="hc_post: out must be float32 CPU \\[2, 8\\]"):
+        k.post(h, out[:1], post, comb)
+    with pytest.raises(ValueError, match="hc_post: post must be float32"):
+        k.post(h, out, post.bfloat16(), comb)
+    with pytest.raises(ValueError, match="hc_post: comb must be"):
+        k.post(h, out, post, comb[:, :2])
+    with pytest.raises(ValueError, match="hc_head: fn must be float32 CPU \\[4, 32\\]"):
+        k.head(h, fn, hbase, hscale, *eps)
+    with pytest.raises(ValueError, match="hc_head: scale must be"):
+        k.head(h, hfn, hbase, scale, *eps)
+    with pytest.raises(ValueError, match="hc_head: h must be float32"):
+        k.head(h.bfloat16(), hfn, hbase, hscale, *eps)

@@ -329,6 +329,44 @@ def _fused_kernel():
     return k
 
 
+@pytest.mark.parametrize("hc", [4, 2])
+@pytest.mark.parametrize("d", [64, 768])
+@pytest.mark.parametrize("t", [0, 1, 3, 16])
+def test_fused_hc_kernels_match_torch_path(t, d, hc, monkeypatch):
+    """hc_pre / hc_post / hc_head at decode sizes on CPU (one C call each, engine.kernels.cpu.mhc) against their
+    own torch path on the same inputs (different summation order of the hc*D-long dot products: rounding only)."""
+    import engine.model.mhc as mhc
+
+    k = _fused_kernel()
+    assert t <= mhc.MHC_FUSED_MAX_TOKENS
+    gen = torch.Generator().manual_seed(1000 * hc + 10 * t + d)
+    n_mix = (2 + hc) * hc
+    fn = torch.randn(n_mix, hc * d, generator=gen) * 0.05
+    base, scale = torch.randn(n_mix, generator=gen) * 0.5, torch.rand(3, generator=gen) + 0.5
+    head_fn, head_base = torch.randn(hc, hc * d, generator=gen) * 0.05, torch.randn(hc, generator=gen)
+    head_scale = torch.rand(1, generator=gen) + 0.5
+    h = torch.randn(t, hc, d, generator=gen)
+    out = torch.randn(d, t, generator=gen).t()  # not contiguous: the wrapper copies it
+    post = 2 * torch.rand(t, hc, generator=gen)
+    comb = ref_sinkhorn(torch.rand(t, hc, hc, generator=gen) + 0.01, ITERS, HC_EPS)
+
+    def run():
+        return (*hc_pre(h, fn, base, scale, HC_EPS, NORM_EPS, ITERS), hc_post(h, out, post, comb),
+                hc_head(h, head_fn, head_base, head_scale, HC_EPS, NORM_EPS))
+
+    with torch.inference_mode():
+        fast = run()
+        # the fused path ran: the kernel's own outputs, bit for bit
+        for a, b in zip(fast, (*k.pre(h, fn, base, scale, HC_EPS, NORM_EPS, ITERS), k.post(h, out, post, comb),
+                               k.head(h, head_fn, head_base, head_scale, HC_EPS, NORM_EPS)), strict=True):
+            assert torch.equal(a, b)
+        monkeypatch.setattr(mhc, "select_mhc_path", lambda device, grad=False: "torch")
+        plain = run()
+    for name, a, b in zip(("y", "post", "comb", "hc_post", "hc_head"), fast, plain, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_fused_hc_kernels_reject_bad_input():
     k = _fused_kernel()
     h, fn, base, scale = torch.zeros(2, HC, 8), torch.zeros(24, HC * 8), torch.zeros(24), torch.zeros(3)

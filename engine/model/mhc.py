@@ -29,10 +29,10 @@ from engine.model.layers import rsqrt_mean_square
 MHC_FUSED_MAX_TOKENS = 16
 
 
-def _fused(h: torch.Tensor, others: tuple[torch.Tensor, ...], grad: bool) -> bool:
-    """True when the one-call C kernel applies: a CPU h of at most MHC_FUSED_MAX_TOKENS tokens, h and `others`
-    float32, and `select_mhc_path` picks the CPU kernel (no autograd, the library built)."""
-    return (h.is_cpu and h.dtype is torch.float32 and all(t.dtype is torch.float32 for t in others)
+def _fused(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, grad: bool) -> bool:
+    """True when the one-call C kernel applies: a CPU h of at most MHC_FUSED_MAX_TOKENS tokens, h and the other
+    three arguments float32, and `select_mhc_path` picks the CPU kernel (no autograd, the library built)."""
+    return (h.is_cpu and h.dtype is a.dtype is b.dtype is c.dtype is torch.float32
             and h.shape[0] <= MHC_FUSED_MAX_TOKENS and select_mhc_path("cpu", grad) == "kernel")
 
 
@@ -117,7 +117,7 @@ def hc_pre(
     `select_mhc_path` picks (the CPU gates kernel, one Triton launch on CUDA, or torch), then the collapse."""
     hc = h.shape[1]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, fn, base, scale))
-    if _fused(h, (fn, base, scale), grad):
+    if _fused(h, fn, base, scale, grad):
         return mhc_kernel().pre(h, fn, base, scale, hc_eps, norm_eps, sinkhorn_iters)
     mixes, hf = _mixes(h, fn, norm_eps)  # [T, (2+hc)*hc]: hc pre, hc post, hc*hc comb logits
     path = select_mhc_path(mixes.device.type, grad)
@@ -138,7 +138,7 @@ def hc_post(h: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.
     torch ops, the reference."""
     dtype = h.dtype
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, out, post, comb))
-    if _fused(h, (out, post, comb), grad):
+    if _fused(h, out, post, comb, grad):
         return mhc_kernel().post(h, out, post, comb)
     if out.dtype == dtype and post.dtype == comb.dtype == torch.float32 \
             and select_mhc_path(h.device.type, grad) == "triton":
@@ -154,7 +154,7 @@ def hc_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
             hc_eps: float, norm_eps: float) -> torch.Tensor:
     """Final collapse (no Sinkhorn): h [T, hc, D] -> [T, D]. Decode sizes on CPU (`_fused`): one C call."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, fn, base, scale))
-    if _fused(h, (fn, base, scale), grad):
+    if _fused(h, fn, base, scale, grad):
         return mhc_kernel().head(h, fn, base, scale, hc_eps, norm_eps)
     mixes, hf = _mixes(h, fn, norm_eps)  # [T, hc]
     pre = torch.sigmoid(torch.addcmul(base.float(), mixes, scale.float())) + hc_eps  # not add_ (autograd)

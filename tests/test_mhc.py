@@ -318,3 +318,84 @@ def test_mhc_kernel_rejects_bad_input():
         k.mix(torch.zeros(2, 23), torch.zeros(24), torch.zeros(3), 4, 20, 1e-6)
     with pytest.raises(ValueError, match="hc = 20"):
         k.mix(torch.zeros(1, 440), torch.zeros(440), torch.zeros(3), 20, 20, 1e-6)
+
+
+def _fused_kernel():
+    from engine.kernels.cpu import mhc_kernel
+
+    k = mhc_kernel()
+    if k is None:
+        pytest.skip("the CPU kernel library is not built here")
+    return k
+
+
+@pytest.mark.parametrize("hc", [4, 2])
+@pytest.mark.parametrize("d", [64, 768])
+@pytest.mark.parametrize("t", [0, 1, 3, 16])
+def test_fused_hc_kernels_match_torch_path(t, d, hc, monkeypatch):
+    """hc_pre / hc_post / hc_head at decode sizes on CPU (one C call each, engine.kernels.cpu.mhc) against their
+    own torch path on the same inputs (different summation order of the hc*D-long dot products: rounding only)."""
+    import engine.model.mhc as mhc
+
+    k = _fused_kernel()
+    assert t <= mhc.MHC_FUSED_MAX_TOKENS
+    gen = torch.Generator().manual_seed(1000 * hc + 10 * t + d)
+    n_mix = (2 + hc) * hc
+    fn = torch.randn(n_mix, hc * d, generator=gen) * 0.05
+    base, scale = torch.randn(n_mix, generator=gen) * 0.5, torch.rand(3, generator=gen) + 0.5
+    head_fn, head_base = torch.randn(hc, hc * d, generator=gen) * 0.05, torch.randn(hc, generator=gen)
+    head_scale = torch.rand(1, generator=gen) + 0.5
+    h = torch.randn(t, hc, d, generator=gen)
+    out = torch.randn(d, t, generator=gen).t()  # not contiguous: the wrapper copies it
+    post = 2 * torch.rand(t, hc, generator=gen)
+    comb = ref_sinkhorn(torch.rand(t, hc, hc, generator=gen) + 0.01, ITERS, HC_EPS)
+
+    def run():
+        return (*hc_pre(h, fn, base, scale, HC_EPS, NORM_EPS, ITERS), hc_post(h, out, post, comb),
+                hc_head(h, head_fn, head_base, head_scale, HC_EPS, NORM_EPS))
+
+    with torch.inference_mode():
+        fast = run()
+        # the fused path ran: the kernel's own outputs, bit for bit
+        for a, b in zip(fast, (*k.pre(h, fn, base, scale, HC_EPS, NORM_EPS, ITERS), k.post(h, out, post, comb),
+                               k.head(h, head_fn, head_base, head_scale, HC_EPS, NORM_EPS)), strict=True):
+            assert torch.equal(a, b)
+        monkeypatch.setattr(mhc, "select_mhc_path", lambda device, grad=False: "torch")
+        plain = run()
+    for name, a, b in zip(("y", "post", "comb", "hc_post", "hc_head"), fast, plain, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fused_hc_kernels_reject_bad_input():
+    k = _fused_kernel()
+    h, fn, base, scale = torch.zeros(2, HC, 8), torch.zeros(24, HC * 8), torch.zeros(24), torch.zeros(3)
+    out, post, comb = torch.zeros(2, 8), torch.zeros(2, HC), torch.zeros(2, HC, HC)
+    hfn, hbase, hscale = torch.zeros(HC, HC * 8), torch.zeros(HC), torch.zeros(1)
+    eps = (HC_EPS, NORM_EPS)
+    with pytest.raises(ValueError, match="hc_pre: h must be float32"):
+        k.pre(h.double(), fn, base, scale, *eps, ITERS)
+    with pytest.raises(ValueError, match="hc_pre: fn must be float32 CPU \\[24, 32\\]"):
+        k.pre(h, fn[:, :16], base, scale, *eps, ITERS)
+    with pytest.raises(ValueError, match="hc_pre: base must be"):
+        k.pre(h, fn, base.view(6, 4), scale, *eps, ITERS)
+    with pytest.raises(ValueError, match="hc_pre: scale must be"):
+        k.pre(h, fn, base, scale.half(), *eps, ITERS)
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        k.pre(h, fn, base, scale, *eps, 0)
+    with pytest.raises(ValueError, match="hc in \\[1, 16\\]"):
+        k.pre(torch.zeros(1, 20, 8), torch.zeros(440, 160), torch.zeros(440), scale, *eps, ITERS)
+    with pytest.raises(ValueError, match="hc_post: h must be \\[T, hc, D\\]"):
+        k.post(h.flatten(1), out, post, comb)
+    with pytest.raises(ValueError, match="hc_post: out must be float32 CPU \\[2, 8\\]"):
+        k.post(h, out[:1], post, comb)
+    with pytest.raises(ValueError, match="hc_post: post must be float32"):
+        k.post(h, out, post.bfloat16(), comb)
+    with pytest.raises(ValueError, match="hc_post: comb must be"):
+        k.post(h, out, post, comb[:, :2])
+    with pytest.raises(ValueError, match="hc_head: fn must be float32 CPU \\[4, 32\\]"):
+        k.head(h, fn, hbase, hscale, *eps)
+    with pytest.raises(ValueError, match="hc_head: scale must be"):
+        k.head(h, hfn, hbase, scale, *eps)
+    with pytest.raises(ValueError, match="hc_head: h must be float32"):
+        k.head(h.bfloat16(), hfn, hbase, hscale, *eps)

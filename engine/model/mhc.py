@@ -4,6 +4,10 @@ The state is `h: [T, hc, D]` everywhere. Each sub-layer collapses the streams wi
 runs, and writes back as `h'_j = post_j * f(y) + sum_i comb[i, j] * h_i` where `comb` is
 projected onto the doubly-stochastic matrices by Sinkhorn iterations.
 
+At decode sizes on CPU (float32, no autograd, at most MHC_FUSED_MAX_TOKENS tokens) each of `hc_pre`, `hc_post`,
+`hc_head` is one single-threaded C call (`engine.kernels.cpu.mhc_kernel`: the same math in the same order,
+instead of ~10-80 tiny torch ops each); the torch code below is the reference and runs everywhere else.
+
 Written for few, cheap passes over `h` (the [T, hc, D] tensors are the big ones and every fresh one costs
 page faults): no normalised copy of h, one batched matmul per collapse / write-back, and a Sinkhorn loop
 of two vectorised ops per pass with no allocation in the loop.
@@ -19,6 +23,17 @@ import torch.nn.functional as F
 from engine.kernels.cpu import mhc_kernel
 from engine.kernels.select import select_mhc_path, triton_kernels
 from engine.model.layers import rsqrt_mean_square
+
+# Up to this many tokens, float32 CPU calls without autograd take the one-call C kernels; above, the torch path
+# (whose F.linear of the mixes is an MKL GEMM over all tokens) stays.
+MHC_FUSED_MAX_TOKENS = 16
+
+
+def _fused(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, grad: bool) -> bool:
+    """True when the one-call C kernel applies: a CPU h of at most MHC_FUSED_MAX_TOKENS tokens, h and the other
+    three arguments float32, and `select_mhc_path` picks the CPU kernel (no autograd, the library built)."""
+    return (h.is_cpu and h.dtype is a.dtype is b.dtype is c.dtype is torch.float32
+            and h.shape[0] <= MHC_FUSED_MAX_TOKENS and select_mhc_path("cpu", grad) == "kernel")
 
 
 def _mixes(h: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,10 +111,15 @@ def hc_pre(
     h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
     hc_eps: float, norm_eps: float, sinkhorn_iters: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h [T, hc, D] -> (y [T, D] sub-layer input, post [T, hc] f32, comb [T, hc, hc] f32)."""
+    """h [T, hc, D] -> (y [T, D] sub-layer input, post [T, hc] f32, comb [T, hc, hc] f32).
+
+    Decode sizes on CPU (`_fused`): one C call for all of it. Else the mixes by torch, then the gates by the path
+    `select_mhc_path` picks (the CPU gates kernel, one Triton launch on CUDA, or torch), then the collapse."""
     hc = h.shape[1]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, fn, base, scale))
+    if _fused(h, fn, base, scale, grad):
+        return mhc_kernel().pre(h, fn, base, scale, hc_eps, norm_eps, sinkhorn_iters)
     mixes, hf = _mixes(h, fn, norm_eps)  # [T, (2+hc)*hc]: hc pre, hc post, hc*hc comb logits
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (mixes, base, scale))
     path = select_mhc_path(mixes.device.type, grad)
     if path == "kernel":  # CPU: the same math, one C call
         pre, post, comb = mhc_kernel().mix(mixes, base.float().reshape(-1), scale.float(), hc, sinkhorn_iters, hc_eps)
@@ -113,10 +133,13 @@ def hc_pre(
 def hc_post(h: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """h [T, hc, D], out [T, D] -> [T, hc, D]: post_j * out + sum_i comb[i, j] * h_i.
 
-    On CUDA without autograd (`select_mhc_path`), `out` in h's dtype and float32 post/comb (as hc_pre gives):
-    one Triton launch (fp32 math, one rounding); else these torch ops, the reference."""
+    Decode sizes on CPU, all float32 (`_fused`): one C call. On CUDA without autograd (`select_mhc_path`), `out` in
+    h's dtype and float32 post/comb (as hc_pre gives): one Triton launch (fp32 math, one rounding); else these
+    torch ops, the reference."""
     dtype = h.dtype
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, out, post, comb))
+    if _fused(h, out, post, comb, grad):
+        return mhc_kernel().post(h, out, post, comb)
     if out.dtype == dtype and post.dtype == comb.dtype == torch.float32 \
             and select_mhc_path(h.device.type, grad) == "triton":
         return triton_kernels().mhc_post(h, out, post, comb)
@@ -129,7 +152,10 @@ def hc_post(h: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.
 
 def hc_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
             hc_eps: float, norm_eps: float) -> torch.Tensor:
-    """Final collapse (no Sinkhorn): h [T, hc, D] -> [T, D]."""
+    """Final collapse (no Sinkhorn): h [T, hc, D] -> [T, D]. Decode sizes on CPU (`_fused`): one C call."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, fn, base, scale))
+    if _fused(h, fn, base, scale, grad):
+        return mhc_kernel().head(h, fn, base, scale, hc_eps, norm_eps)
     mixes, hf = _mixes(h, fn, norm_eps)  # [T, hc]
     pre = torch.sigmoid(torch.addcmul(base.float(), mixes, scale.float())) + hc_eps  # not add_ (autograd)
     return _collapse(pre, hf, h.dtype)

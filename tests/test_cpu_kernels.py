@@ -348,3 +348,53 @@ def test_rope_kernel_equals_the_torch_reference(monkeypatch, inverse, shape):
         ck.norm_kernel().rope(x, torch.cat([cos, cos]), sin, inverse)
     with pytest.raises(ValueError, match="x must be"):
         ck.norm_kernel().rope(x.double(), cos, sin, inverse)
+
+
+@pytest.mark.parametrize("layer_id", [0, 1])  # SWA only (one block), CSA (window + top-k entries: two blocks)
+def test_decode_attention_core_kernel_matches_the_torch_reference(monkeypatch, layer_id):
+    """Attention._core for one query per sequence: the C call against the torch ops, with masked keys, a sequence
+    seeing no key of a block, and a sequence whose every key is hidden (its output is 0: only the sink)."""
+    import engine.model.attention as attention
+    from engine.kernels.select import select_attn_core_path
+    from engine.model.config import get_preset
+
+    if ck.attn_kernel() is None:
+        pytest.skip("the CPU kernel did not build here")
+    cfg = get_preset("small")
+    attn = attention.Attention(cfg, layer_id, torch.float32)
+    g = torch.Generator().manual_seed(layer_id)
+    with torch.no_grad():
+        attn.attn_sink.copy_(torch.randn(cfg.num_attention_heads, generator=g))
+    b, h, d = 4, cfg.num_attention_heads, cfg.head_dim
+    q = torch.randn(b, 1, h, d, generator=g) * 3
+    window = torch.randn(b, 20, d, generator=g)
+    seen = torch.rand(b, 1, 20, generator=g) > 0.3
+    seen[3] = False
+    blocks = [(window, seen)]
+    if layer_id:
+        chosen = torch.rand(b, 1, 9, generator=g) > 0.5
+        chosen[1] = chosen[3] = False
+        blocks.append((torch.randn(b, 9, d, generator=g), chosen))
+    def exact(blocks):  # the formula in float64
+        keys = torch.cat([k for k, _ in blocks], dim=1).double()
+        vis = torch.cat([torch.ones(b, 1, k.shape[1], dtype=torch.bool) if v is None else v for k, v in blocks], -1)
+        s = torch.einsum("bhd,bld->bhl", q[:, 0].double(), keys) * attn.scale
+        s = torch.cat([s.masked_fill(~vis, float("-inf")), attn.attn_sink.double().view(1, h, 1).expand(b, h, 1)], -1)
+        return torch.einsum("bhl,bld->bhd", s.softmax(-1)[..., :-1], keys)[:, None]
+
+    with torch.no_grad():
+        for case in (blocks, [(window, None)]):
+            monkeypatch.setattr(attention, "select_attn_core_path", select_attn_core_path)
+            got = attn._core(q, case)
+            monkeypatch.setattr(attention, "select_attn_core_path", lambda *a, **k: "torch")
+            ref, want = attn._core(q, case), exact(case)
+            # the sums run in another order than torch's: as close to the float64 value as torch is (float32
+            # rounding of 128-long dot products and of the weighted sums: a few 1e-6 at these magnitudes)
+            err, ref_err = (got.double() - want).abs().max().item(), (ref.double() - want).abs().max().item()
+            assert err <= 2 * ref_err + 1e-7, (err, ref_err)
+        monkeypatch.setattr(attention, "select_attn_core_path", select_attn_core_path)
+        assert torch.equal(attn._core(q, blocks)[3], torch.zeros(1, h, d))  # every key hidden: only the sink
+    with pytest.raises(ValueError, match="sink must be"):
+        ck.attn_kernel().decode(q.view(b, h, d), [(window, None)], torch.zeros(h + 1), 1.0)
+    with pytest.raises(ValueError, match="visible"):
+        ck.attn_kernel().decode(q.view(b, h, d), [(window, seen.view(b, -1).float())], torch.zeros(h), 1.0)

@@ -41,6 +41,9 @@ RMSNorm and the rotary embedding (`select_norm_path`): "kernel" (one C call for 
 built, no autograd, up to NORM_KERNEL_MAX_ELEMENTS values), else "torch" (engine.model.layers and
 engine.model.rope, the references).
 
+The attention core (`select_attn_core_path`, Attention._core): "kernel" (one C call: CPU float32, C library built,
+no autograd, one query per sequence, one or two blocks of keys shared by the sequence's queries), else "torch".
+
 Linear layers with quantized weights (`select_linear_path`): "kernel" (C, reads the bytes; up to
 LINEAR_KERNEL_MAX_ROWS rows), "tiles" (C dequantizes TILE_ROWS weight rows at a time into scratch, then the
 BLAS), "triton" (CUDA, FP8 block-scaled GEMM when engine.kernels.triton has it), "torch" (dequantize whole,
@@ -56,7 +59,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from engine.kernels.cpu import mhc_kernel, norm_kernel, quant_kernels
+from engine.kernels.cpu import attn_kernel, mhc_kernel, norm_kernel, quant_kernels
 from engine.weights.formats import dequantize_fp4, dequantize_fp8_block
 
 KERNEL_MAX_ROWS = 32  # crossover of the C expert kernel vs MKL (engine.model.experts.RoutedExperts)
@@ -185,5 +188,13 @@ def select_norm_path(x: torch.Tensor, grad: bool = False) -> str:
     """The RMSNorm path (module docstring)."""
     if not grad and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= NORM_KERNEL_MAX_ELEMENTS \
             and norm_kernel() is not None:
+        return "kernel"
+    return "torch"
+
+
+def select_attn_core_path(q: torch.Tensor, queries: int, key_dims: list[int], grad: bool = False) -> str:
+    """The attention core's path (module docstring); key_dims: each block's keys.dim() (3: shared, 4: per query)."""
+    if not grad and queries == 1 and q.dtype == torch.float32 and q.device.type == "cpu" \
+            and 1 <= len(key_dims) <= 2 and all(k == 3 for k in key_dims) and attn_kernel() is not None:
         return "kernel"
     return "torch"

@@ -22,6 +22,8 @@ from torch import nn
 
 from engine.cache.decode_slots import DecodeBatch, LayerSlots
 from engine.cache.seq_state import CompressorState, EntryStore, LayerSnapshot, LayerState, read_padded
+from engine.kernels.cpu import attn_kernel
+from engine.kernels.select import select_attn_core_path
 from engine.model.attention_decode import attend_decode
 from engine.model.compressor import Compressor, Indexer, _Batch, _concat_rows, _row_views
 from engine.model.config import ModelConfig
@@ -359,9 +361,16 @@ class Attention(nn.Module):
         (the CSA top-k entries of each query, gathered).
 
         One softmax over the visible keys of all blocks with the per-head sink in the denominator (§2.2).
-        Few queries (decode): the blocks' scores are concatenated, not their keys; many: the keys.
+        Few queries (decode): the blocks' scores are concatenated, not their keys; many: the keys. One query per
+        sequence on CPU: one C call (`select_attn_core_path`); these torch ops are its reference.
         """
         b, n, h, d = q.shape
+        grad = torch.is_grad_enabled() and (q.requires_grad or self.attn_sink.requires_grad)
+        if select_attn_core_path(q, n, [k.dim() for k, _ in blocks], grad) == "kernel":  # decode: one C call
+            o = attn_kernel().decode(q.view(b, h, d).contiguous(),
+                                     [(k.float().contiguous(), None if v is None else v.view(b, -1).contiguous())
+                                      for k, v in blocks], self.attn_sink.float(), self.scale)
+            return o.view(b, n, h, d)
         step = max(1, CORE_SCORES // (n * h * sum(k.shape[-2] for k, _ in blocks)))
         if step < b:  # keep each piece's scores in cache: the sequences go in groups of `step`
             return torch.cat([self._core(q[i:i + step], [(k[i:i + step], None if v is None else v[i:i + step])

@@ -7,7 +7,8 @@ says why); callers then use their torch path.
 
 `quant_kernels()`: the same library's entry points over FP4/FP8/BF16 weight bytes (`engine.kernels.cpu.quant`),
 None when the kernel is unavailable. `mhc_kernel()`: its mHC mixing step (`engine.kernels.cpu.mhc`), likewise;
-`norm_kernel()`: its RMSNorm (`engine.kernels.cpu.norm`), likewise.
+`norm_kernel()`: its RMSNorm and rotary embedding (`engine.kernels.cpu.norm`), likewise; `attn_kernel()`: its
+attention core for one query per sequence (`engine.kernels.cpu.attn`), likewise.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import os
 
 import torch
 
+from engine.kernels.cpu.attn import AttnKernel
 from engine.kernels.cpu.build import KernelBuildError
 from engine.kernels.cpu.mhc import MhcKernel
 from engine.kernels.cpu.moe_mlp import MoeMlpKernel, check_args
 from engine.kernels.cpu.norm import NormKernel
 from engine.kernels.cpu.quant import QuantKernels
 
-__all__ = ["moe_mlp", "moe_mlp_available", "quant_kernels", "mhc_kernel", "norm_kernel", "MoeMlpKernel",
-           "QuantKernels", "MhcKernel", "NormKernel", "KernelBuildError", "check_args"]
+__all__ = ["moe_mlp", "moe_mlp_available", "quant_kernels", "mhc_kernel", "norm_kernel", "attn_kernel",
+           "MoeMlpKernel", "QuantKernels", "MhcKernel", "NormKernel", "AttnKernel", "KernelBuildError", "check_args"]
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +89,10 @@ def norm_kernel() -> NormKernel | None:
     """The RMSNorm (`engine.kernels.cpu.norm`), or None without the kernel."""
     kernel = _default_kernel()
     return None if kernel is None else NormKernel(kernel)
+
+
+@functools.cache
+def attn_kernel() -> AttnKernel | None:
+    """The decode attention core (`engine.kernels.cpu.attn`), or None without the kernel."""
+    kernel = _default_kernel()
+    return None if kernel is None else AttnKernel(kernel)

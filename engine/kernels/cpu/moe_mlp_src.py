@@ -15,6 +15,7 @@ Quantized weights (FP4, FP8, BF16) go through the same stages and threads with t
 (`engine.kernels.cpu.quant_src`): each weight vector is decoded from its bytes and scale in registers.
 """
 
+from engine.kernels.cpu.attn_src import ATTN_SOURCE
 from engine.kernels.cpu.mhc_src import MHC_SOURCE
 from engine.kernels.cpu.norm_src import NORM_SOURCE
 from engine.kernels.cpu.quant_src import QUANT_ENTRIES, QUANT_SOURCE
@@ -380,4 +381,4 @@ int megaserve_moe_mlp(const float *x, const int64_t *off, const float *route_w, 
 }
 """
 
-SOURCE = _HEAD + QUANT_SOURCE + _TAIL + QUANT_ENTRIES + MHC_SOURCE + NORM_SOURCE + ROPE_SOURCE
+SOURCE = _HEAD + QUANT_SOURCE + _TAIL + QUANT_ENTRIES + MHC_SOURCE + NORM_SOURCE + ROPE_SOURCE + ATTN_SOURCE

@@ -309,3 +309,15 @@ def test_unquantized_expert_dtype_loads_when_the_tensors_agree(tmp_path):
         load_model(packed)
     with pytest.raises(ConfigError, match="expert_dtype"):
         dataclasses.replace(TINY, expert_dtype="int3")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_dequant_split_over_threads_is_exact(qk, threads):
+    """The dequantizer splits rows over OpenMP threads from 65536 values on: every split decodes the same."""
+    g = torch.Generator().manual_seed(threads)
+    w = torch.randn(301, 512, generator=g)
+    q4, s4 = quantize_fp4(w)
+    q8, s8 = quantize_fp8_block(w)
+    assert torch.equal(qk.dequant(q4, s4, "fp4", num_threads=threads), dequantize_fp4(q4, s4, torch.float32))
+    assert torch.equal(qk.dequant(q8, s8, "fp8", num_threads=threads), dequantize_fp8_block(q8, s8, torch.float32))
+    assert torch.equal(qk.dequant(w.bfloat16(), None, "bf16", num_threads=threads), w.bfloat16().float())

@@ -36,7 +36,7 @@ class QuantKernels:
         self._topk.argtypes = [p] * 9 + [i32, i32, p, i64, i64, i64, i64, i64, ctypes.c_float, i32]
         self._topk.restype = i32
         self._dequant = lib.megaserve_dequant
-        self._dequant.argtypes = [p, p, i32, i32, p, i64, i64]
+        self._dequant.argtypes = [p, p, i32, i32, p, i64, i64, i32]
         self._dequant.restype = i32
         self._checked: set[tuple] = set()
 
@@ -136,8 +136,8 @@ class QuantKernels:
             self._checked.clear()
         self._checked.add(key)
 
-    def dequant(self, w: torch.Tensor, scale: torch.Tensor | None, fmt: str, out: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def dequant(self, w: torch.Tensor, scale: torch.Tensor | None, fmt: str, out: torch.Tensor | None = None,
+                num_threads: int | None = None) -> torch.Tensor:
         """W [R, K] in `fmt` -> float32 [R, K] (into `out` when given: float32 contiguous [R, K])."""
         r = w.shape[0]
         k = w.shape[1] * (2 if fmt == "fp4" else 1)
@@ -146,7 +146,8 @@ class QuantKernels:
             out = torch.empty(r, k, dtype=torch.float32)
         elif out.dtype != torch.float32 or tuple(out.shape) != (r, k) or not out.is_contiguous():
             raise ValueError(f"out: expected float32 contiguous [{r}, {k}], got {out.dtype} {tuple(out.shape)}")
-        self._dequant(w.data_ptr(), _ptr(scale), FORMATS[fmt], _scale_code(scale), out.data_ptr(), r, k)
+        threads = torch.get_num_threads() if num_threads is None else num_threads
+        self._dequant(w.data_ptr(), _ptr(scale), FORMATS[fmt], _scale_code(scale), out.data_ptr(), r, k, int(threads))
         return out
 
 

@@ -70,29 +70,31 @@ def moe_mlp(x: torch.Tensor, offsets: torch.Tensor, route_w: torch.Tensor, w1: t
     return kernel.run(x, offsets, route_w, w1, w3, w2, limit)
 
 
+def _entry_points(cls):
+    """`cls` (QuantKernels, MhcKernel, ...) over the one compiled library, or None without it."""
+    kernel = _default_kernel()
+    return None if kernel is None else cls(kernel)
+
+
 @functools.cache
 def quant_kernels() -> QuantKernels | None:
     """The quantized-weight entry points (expert MLP, linear, dequantize), or None without the kernel."""
-    kernel = _default_kernel()
-    return None if kernel is None else QuantKernels(kernel)
+    return _entry_points(QuantKernels)
 
 
 @functools.cache
 def mhc_kernel() -> MhcKernel | None:
     """The mHC mixing step (`engine.kernels.cpu.mhc`), or None without the kernel."""
-    kernel = _default_kernel()
-    return None if kernel is None else MhcKernel(kernel)
+    return _entry_points(MhcKernel)
 
 
 @functools.cache
 def norm_kernel() -> NormKernel | None:
-    """The RMSNorm (`engine.kernels.cpu.norm`), or None without the kernel."""
-    kernel = _default_kernel()
-    return None if kernel is None else NormKernel(kernel)
+    """The RMSNorm and rotary embedding (`engine.kernels.cpu.norm`), or None without the kernel."""
+    return _entry_points(NormKernel)
 
 
 @functools.cache
 def attn_kernel() -> AttnKernel | None:
     """The decode attention core (`engine.kernels.cpu.attn`), or None without the kernel."""
-    kernel = _default_kernel()
-    return None if kernel is None else AttnKernel(kernel)
+    return _entry_points(AttnKernel)
